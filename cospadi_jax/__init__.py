@@ -1,0 +1,5 @@
+"""cospadi-jax: CoSpaDi LLM compression (sparse dictionary learning) in JAX/Flax NNX."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
