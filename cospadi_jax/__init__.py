@@ -3,3 +3,7 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+from .models import load_model  # noqa: E402
+
+__all__ = ["load_model", "__version__"]

