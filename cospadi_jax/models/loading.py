@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ..errors import HubUnavailableError
 from .config import UnsupportedModelError, decoder_config_from_hf
 from .convert import assign_tensors
 from .transformer import CausalLM
@@ -31,10 +32,6 @@ EMBEDDED_MODELS = {
     ),
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class HubUnavailableError(ConnectionError):
-    """A hub id was given but the Hugging Face hub cannot be reached."""
 
 
 def resolve_dtype(dtype: Any) -> Any:

@@ -1,0 +1,118 @@
+"""Perplexity under one written-down protocol (docs/perplexity.md).
+
+Non-overlapping ``seqlen`` windows over the joined, tokenised text (remainder dropped); every window is scored
+on its last ``seqlen - 1`` tokens (the first has no context); PPL = exp(token-weighted mean NLL). No BOS is
+inserted by default, for every family (SparseGPT protocol: windows are raw slices of one token stream);
+``add_bos=True`` prepends the tokenizer's BOS to ``seqlen - 1`` text tokens and scores all of them.
+Non-finite log-probabilities raise instead of being skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..data.calibration import tokenize
+from ..models.transformer import CausalLM, token_logprobs
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    perplexity: float
+    mean_nll: float  # nats per scored token
+    n_tokens: int  # scored tokens
+    n_windows: int
+    seqlen: int
+    add_bos: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_windows(
+    tokenizer: Any, text: str, seqlen: int, *, max_windows: int | None = None, add_bos: bool = False
+) -> np.ndarray:
+    """Evaluation windows [n_windows, seqlen] int32 under the protocol above."""
+    ids = tokenize(tokenizer, text)
+    body = seqlen - 1 if add_bos else seqlen
+    n = len(ids) // body
+    if n == 0:
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than one window of {body}; use a longer text.")
+    if max_windows is not None:
+        if max_windows < 1:
+            raise ValueError(f"max_windows must be >= 1, got {max_windows}")
+        n = min(n, max_windows)
+    windows = ids[: n * body].reshape(n, body)
+    if add_bos:
+        bos = tokenizer.bos_token_id
+        if bos is None:
+            raise ValueError("add_bos=True but the tokenizer has no BOS token (e.g. Qwen); use add_bos=False.")
+        windows = np.concatenate([np.full((n, 1), bos, np.int32), windows], axis=1)
+    return windows
+
+
+def windows_perplexity(
+    model: CausalLM, windows: np.ndarray, *, batch_size: int = 1, add_bos: bool = False, progress: bool = True
+) -> PerplexityResult:
+    """Perplexity of pre-built windows [n, seqlen] (see :func:`make_windows`).
+
+    Batches have a fixed shape [batch_size, seqlen] (the last one is padded with masked rows), so the forward
+    pass compiles exactly once.
+    """
+    windows = np.asarray(windows, np.int32)
+    if windows.ndim != 2 or windows.shape[0] == 0:
+        raise ValueError(f"windows must be a non-empty [n, seqlen] array, got shape {windows.shape}")
+    n, seqlen = windows.shape
+    if seqlen > model.config.max_position_embeddings:
+        raise ValueError(
+            f"seqlen {seqlen} exceeds the model's max_position_embeddings "
+            f"{model.config.max_position_embeddings}; use a shorter seqlen."
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    total_nll, total_tokens = 0.0, 0
+    starts = range(0, n, batch_size)
+    for start in tqdm(starts, desc=f"perplexity ({n} x {seqlen})", disable=not progress, unit="batch"):
+        batch = windows[start : start + batch_size]
+        real = len(batch)
+        if real < batch_size:  # pad with copies, dropped below: keeps one compiled shape
+            batch = np.concatenate([batch, np.repeat(batch[:1], batch_size - real, axis=0)])
+        logp = np.asarray(token_logprobs(model, jnp.asarray(batch)), dtype=np.float64)[:real]
+        if not np.all(np.isfinite(logp)):
+            bad = start + int(np.argwhere(~np.isfinite(logp))[0, 0])
+            raise FloatingPointError(
+                f"non-finite log-probabilities in window {bad}; the model produces NaN/inf logits "
+                "(a diverged compression, or bf16 overflow: evaluate in float32)."
+            )
+        total_nll -= float(logp.sum())
+        total_tokens += logp.size
+    mean_nll = total_nll / total_tokens
+    return PerplexityResult(math.exp(mean_nll), mean_nll, total_tokens, n, seqlen, add_bos)
+
+
+def perplexity(
+    model: CausalLM,
+    tokenizer: Any,
+    text: str,
+    *,
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    add_bos: bool = False,
+    progress: bool = True,
+) -> PerplexityResult:
+    """Token-weighted perplexity of ``text`` under the protocol in the module docstring."""
+    if not text or not text.strip():
+        raise ValueError("empty text: perplexity needs at least one window of tokens.")
+    if seqlen > model.config.max_position_embeddings:
+        raise ValueError(
+            f"seqlen {seqlen} exceeds the model's max_position_embeddings "
+            f"{model.config.max_position_embeddings}; use a shorter seqlen."
+        )
+    windows = make_windows(tokenizer, text, seqlen, max_windows=max_windows, add_bos=add_bos)
+    return windows_perplexity(model, windows, batch_size=batch_size, add_bos=add_bos, progress=progress)

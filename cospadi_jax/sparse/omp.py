@@ -1,0 +1,320 @@
+"""Batch-OMP (Rubinstein, Zibulevsky & Elad 2008) in JAX.
+
+Sparse-codes every column y_j of a target Y [d, n] over a dictionary D [d, k]
+with unit-norm atoms, using only the Gram GD = DᵀD [k, k] and the
+correlations DᵀY [k, n]. The sparsity s is static; each column gets exactly s
+non-zeros unless the next atom is numerically dependent on the selected ones,
+in which case the column stops early with the *same rule as scikit-learn's
+``_gram_omp``* (so that results are comparable with ``orthogonal_mp_gram``):
+
+* the atom with the largest |alpha| is already active, or alpha[atom]² < eps;
+* the new Cholesky pivot Lkk = GD[a, a] − ‖L⁻¹ GD[I, a]‖² is ≤ eps,
+
+with eps the machine epsilon of the working dtype (sklearn uses the epsilon of
+the Gram's dtype). A stopped column keeps its coefficients; nothing becomes NaN.
+
+Formulation ("progressive Cholesky, B-form"). Per column we keep
+    B = GD[:, I] L⁻ᵀ   [s, k] (row t = b_t, stored row-major for contiguous axpys)
+    z = L⁻¹ α⁰_I       [s]
+where L is the Cholesky factor of GD[I, I]. A new atom a gives
+    w   = B[:, a]            (the new row of L, gathered, no triangular solve)
+    Lkk = GD[a, a] − w·w
+    b_t = (GD[a, :] − wᵀB) / √Lkk   (one GEMV of size t·k, the only O(t·k) work)
+    z_t = (α⁰[a] − w·z) / √Lkk
+    α  ← α − z_t · b_t      (rank-1, O(k))
+and at the end γ = L⁻ᵀ z (one triangular solve per column). This is the same
+FLOP count as Batch-OMP (≈ k·t per step) with no per-step triangular solves.
+The s steps are split into static blocks so that step t only touches the first
+⌈t/block⌉·block rows of B (about half the work of a fixed [s, k] GEMV).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+__all__ = [
+    "SparseCodes",
+    "batch_omp",
+    "omp",
+    "omp_chunk_size",
+    "resolve_float_dtype",
+]
+
+# Default working-memory budget of one OMP chunk (per-column state ≈ s·k values).
+DEFAULT_MEMORY_BUDGET_BYTES = 64 * 1024 * 1024
+# Steps per static block of the triangular schedule (see module docstring).
+DEFAULT_STEP_BLOCK = 32
+
+
+class SparseCodes(NamedTuple):
+    """Column-sparse coefficients S [k, n] stored per column.
+
+    indices: [n, s] int32, atom index of each slot. Slots at or beyond
+        ``n_nonzero[j]`` hold index 0 and value 0 (harmless for gathers and
+        scatter-adds).
+    values: [n, s] coefficient of each slot (working dtype).
+    n_nonzero: [n] int32, number of selected atoms per column (== s unless the
+        column stopped early on a dependent atom).
+    n_early_stopped: [] int32, number of columns with n_nonzero < s.
+    """
+
+    indices: jax.Array
+    values: jax.Array
+    n_nonzero: jax.Array
+    n_early_stopped: jax.Array
+
+    def to_dense(self, k: int) -> jax.Array:
+        """Dense coefficient matrix S: [k, n] (column j has the codes of column j)."""
+        n, s = self.indices.shape
+        cols = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, s))
+        dense = jnp.zeros((k, n), dtype=self.values.dtype)
+        return dense.at[self.indices, cols].add(self.values)
+
+
+def resolve_float_dtype(dtype, *arrays) -> jnp.dtype:
+    """Working dtype: ``dtype`` if given, else the widest float dtype of ``arrays``.
+
+    Only float32 and float64 are accepted (Cholesky / triangular solves are not
+    provided for bf16/f16 and would be meaningless at that precision). float64
+    requires ``jax.config.update("jax_enable_x64", True)``; on TPUs f64 is
+    emulated and slow, use float32 there (see docs/benchmarks.md).
+    """
+    if dtype is None:
+        kinds = [np.dtype(getattr(a, "dtype", np.float64)) for a in arrays]
+        dtype = np.float64 if any(k == np.float64 for k in kinds) else np.float32
+        if dtype == np.float64 and not jax.config.jax_enable_x64:
+            dtype = np.float32  # inputs were f64 numpy but x64 is off: compute in f32
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError as exc:  # e.g. a non-dtype object
+        raise TypeError(f"dtype={dtype!r} is not a NumPy/JAX dtype; use jnp.float32 or jnp.float64.") from exc
+    if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(
+            f"dtype {dtype} is not supported by the sparse engine: use float32 or float64 "
+            "(bf16/f16 have no Cholesky/triangular solve and too little precision for OMP)."
+        )
+    if dtype == np.float64 and not jax.config.jax_enable_x64:
+        raise TypeError(
+            "float64 was requested but JAX x64 is disabled, so JAX would silently compute in "
+            'float32. Enable it with jax.config.update("jax_enable_x64", True) (or the env '
+            "var JAX_ENABLE_X64=1) before creating arrays, or pass dtype=jnp.float32."
+        )
+    return dtype
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_finite(name: str, x) -> None:
+    """Raise FloatingPointError if a concrete array holds NaN/Inf (no-op under jit)."""
+    if _is_concrete(x) and not bool(np.all(np.isfinite(np.asarray(x)))):
+        raise FloatingPointError(
+            f"{name} contains NaN or Inf; the sparse engine needs finite inputs "
+            "(check the Gram accumulation / whitening upstream)."
+        )
+
+
+def omp_chunk_size(k: int, sparsity: int, itemsize: int, memory_budget_bytes: int) -> int:
+    """Columns per chunk so that the per-column OMP state fits the budget.
+
+    Per column: B [s, k], L [s, s], alpha/alpha0/active [k], z/indices [s].
+    """
+    per_column = itemsize * (sparsity * k + sparsity * sparsity + 3 * k + 3 * sparsity)
+    return int(max(1, min(4096, memory_budget_bytes // max(per_column, 1))))
+
+
+class _ColumnState(NamedTuple):
+    B: jax.Array  # [rows, k] rows b_t of GD[:, I] L⁻ᵀ (only first t are non-zero)
+    L: jax.Array  # [s, s] lower Cholesky factor of GD[I, I]; identity beyond n_active
+    z: jax.Array  # [s] L⁻¹ α⁰_I
+    alpha: jax.Array  # [k] current correlations DᵀR
+    active: jax.Array  # [k] bool, atom already selected
+    indices: jax.Array  # [s] int32
+    n_active: jax.Array  # [] int32
+    stopped: jax.Array  # [] bool
+
+
+def _omp_step(t, state: _ColumnState, gram, alpha0, eps, n_rows):
+    """One greedy step for one column (vmapped). ``t`` is the step index."""
+    B, L, z, alpha, active, indices, n_active, stopped = state
+    dtype = alpha.dtype
+    atom = jnp.argmax(jnp.abs(alpha)).astype(jnp.int32)
+    alpha_atom = alpha[atom]
+    w = B[:, atom]  # [rows]; = L⁻¹ GD[I, atom], zero beyond t
+    pivot_sq = gram[atom, atom] - jnp.dot(w, w)
+    # sklearn's stopping rule, see module docstring.
+    stop_now = active[atom] | (alpha_atom * alpha_atom < eps) | (pivot_sq <= eps)
+    stop = stopped | stop_now
+    pivot = jnp.sqrt(jnp.where(stop, jnp.ones((), dtype), pivot_sq))
+    b_new = (gram[atom] - w @ B) / pivot  # [k]
+    z_new = (alpha0[atom] - jnp.dot(w, z[: w.shape[0]])) / pivot
+
+    keep = ~stop
+    B = B.at[t].set(jnp.where(keep, b_new, B[t]))
+    s = L.shape[0]
+    l_row = _pad(w, s).at[t].set(pivot)
+    L = L.at[t].set(jnp.where(keep, l_row, L[t]))
+    z = z.at[t].set(jnp.where(keep, z_new, z[t]))
+    alpha = jnp.where(keep, alpha - z_new * b_new, alpha)
+    active = active.at[atom].set(active[atom] | keep)
+    indices = indices.at[t].set(jnp.where(keep, atom, indices[t]))
+    n_active = n_active + keep.astype(jnp.int32)
+    return _ColumnState(B, L, z, alpha, active, indices, n_active, stop)
+
+
+def _pad(v, size):
+    if v.shape[0] == size:
+        return v
+    if v.shape[0] > size:
+        return v[:size]
+    return jnp.concatenate([v, jnp.zeros((size - v.shape[0],), v.dtype)])
+
+
+@partial(jax.jit, static_argnames=("sparsity", "step_block"))
+def _omp_chunk(gram, alpha0, eps, *, sparsity: int, step_block: int):
+    """OMP for a chunk of columns. gram: [k, k]; alpha0: [m, k] (DᵀY, transposed).
+
+    Returns indices [m, s] int32, values [m, s], n_active [m] int32.
+    """
+    m, k = alpha0.shape
+    s = sparsity
+    dtype = alpha0.dtype
+    eye = jnp.eye(s, dtype=dtype)
+    state = _ColumnState(
+        B=jnp.zeros((m, 0, k), dtype),
+        L=jnp.broadcast_to(eye, (m, s, s)),
+        z=jnp.zeros((m, s), dtype),
+        alpha=alpha0,
+        active=jnp.zeros((m, k), bool),
+        indices=jnp.zeros((m, s), jnp.int32),
+        n_active=jnp.zeros((m,), jnp.int32),
+        stopped=jnp.zeros((m,), bool),
+    )
+    # Static blocks of steps: step t only reads rows [0, block_end) of B.
+    for start in range(0, s, step_block):
+        end = min(s, start + step_block)
+        grow = end - state.B.shape[1]
+        B = jnp.concatenate([state.B, jnp.zeros((m, grow, k), dtype)], axis=1)
+        state = state._replace(B=B)
+        step = jax.vmap(partial(_omp_step, n_rows=end), in_axes=(None, 0, None, 0, None))
+        state = lax.fori_loop(start, end, lambda t, st: step(t, st, gram, alpha0, eps), state)
+    # γ = L⁻ᵀ z; rows beyond n_active are identity with z = 0, so γ = 0 there.
+    gamma = jax.lax.linalg.triangular_solve(
+        state.L, state.z[..., None], left_side=True, lower=True, transpose_a=True
+    )[..., 0]
+    return state.indices, gamma, state.n_active
+
+
+def batch_omp(
+    gram: jax.Array,
+    correlations: jax.Array,
+    sparsity: int,
+    *,
+    dtype=None,
+    chunk_size: int | None = None,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    step_block: int = DEFAULT_STEP_BLOCK,
+    eps: float | None = None,
+) -> SparseCodes:
+    """Batch-OMP over all columns.
+
+    Args:
+        gram: GD = DᵀD, [k, k], for a dictionary with unit-norm atoms.
+        correlations: DᵀY, [k, n].
+        sparsity: s (static), 1 ≤ s ≤ k; non-zeros per column.
+        dtype: working dtype (float32/float64); default: that of the inputs.
+        chunk_size: columns per vmapped chunk; default from ``memory_budget_bytes``.
+        memory_budget_bytes: bound on the per-chunk OMP state (≈ chunk·s·k·itemsize).
+        step_block: steps per static block of the triangular schedule.
+        eps: stopping threshold (default: machine epsilon of ``dtype``, as sklearn).
+
+    Returns:
+        SparseCodes with indices/values [n, s], n_nonzero [n], n_early_stopped [].
+    """
+    sparsity = _check_sparsity(sparsity, gram, correlations)
+    dtype = resolve_float_dtype(dtype, gram, correlations)
+    check_finite("gram", gram)
+    check_finite("correlations", correlations)
+    k, n = correlations.shape
+    if chunk_size is None:
+        chunk_size = omp_chunk_size(k, sparsity, dtype.itemsize, memory_budget_bytes)
+    if int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    if int(step_block) < 1:
+        raise ValueError(f"step_block must be >= 1, got {step_block}.")
+    chunk_size = int(min(chunk_size, max(n, 1)))
+    eps_value = float(np.finfo(dtype).eps) if eps is None else float(eps)
+
+    gram = jnp.asarray(gram, dtype)
+    alpha0 = jnp.asarray(correlations, dtype).T  # [n, k]
+    n_chunks = max(1, math.ceil(n / chunk_size))
+    padded = n_chunks * chunk_size
+    if padded != n:  # zero columns stop at step 0 (alpha² < eps) and are cut off below
+        alpha0 = jnp.concatenate([alpha0, jnp.zeros((padded - n, k), dtype)], axis=0)
+    eps_arr = jnp.asarray(eps_value, dtype)
+    idx_parts, val_parts, cnt_parts = [], [], []
+    for c in range(n_chunks):
+        idx, val, cnt = _omp_chunk(
+            gram,
+            alpha0[c * chunk_size : (c + 1) * chunk_size],
+            eps_arr,
+            sparsity=sparsity,
+            step_block=int(min(step_block, sparsity)),
+        )
+        idx_parts.append(idx)
+        val_parts.append(val)
+        cnt_parts.append(cnt)
+    indices = jnp.concatenate(idx_parts)[:n]
+    values = jnp.concatenate(val_parts)[:n]
+    n_nonzero = jnp.concatenate(cnt_parts)[:n]
+    n_early = jnp.sum(n_nonzero < sparsity).astype(jnp.int32)
+    return SparseCodes(indices, values, n_nonzero, n_early)
+
+
+def omp(
+    dictionary: jax.Array,
+    targets: jax.Array,
+    sparsity: int,
+    **kwargs,
+) -> SparseCodes:
+    """Convenience wrapper: OMP of targets Y [d, n] over dictionary D [d, k] (unit-norm atoms).
+
+    Computes GD = DᵀD and DᵀY at HIGHEST precision, then calls :func:`batch_omp`.
+    """
+    if dictionary.ndim != 2 or targets.ndim != 2 or dictionary.shape[0] != targets.shape[0]:
+        raise ValueError(
+            f"dictionary [d, k] and targets [d, n] must share d; got {dictionary.shape} and {targets.shape}."
+        )
+    dtype = resolve_float_dtype(kwargs.pop("dtype", None), dictionary, targets)
+    D = jnp.asarray(dictionary, dtype)
+    Y = jnp.asarray(targets, dtype)
+    hi = lax.Precision.HIGHEST
+    return batch_omp(jnp.matmul(D.T, D, precision=hi), jnp.matmul(D.T, Y, precision=hi), sparsity, dtype=dtype, **kwargs)
+
+
+def _check_sparsity(sparsity, gram, correlations) -> int:
+    if not isinstance(sparsity, (int, np.integer)) or isinstance(sparsity, bool):
+        raise TypeError(f"sparsity must be a Python int (static), got {type(sparsity).__name__}.")
+    if np.ndim(gram) != 2 or gram.shape[0] != gram.shape[1]:
+        raise ValueError(f"gram must be a square [k, k] matrix DᵀD, got shape {np.shape(gram)}.")
+    if np.ndim(correlations) != 2 or correlations.shape[0] != gram.shape[0]:
+        raise ValueError(
+            f"correlations must be DᵀY with shape [k, n] = [{gram.shape[0]}, n], got {np.shape(correlations)}; "
+            "pass DᵀY (not YᵀD) and a Gram of the same dictionary."
+        )
+    k = gram.shape[0]
+    if k < 1:
+        raise ValueError("the dictionary has no atoms (k = 0); use k >= 1.")
+    if sparsity < 1:
+        raise ValueError(f"sparsity s must be >= 1, got {sparsity}.")
+    if sparsity > k:
+        raise ValueError(f"sparsity s = {sparsity} exceeds the number of atoms k = {k}; use s <= k.")
+    return int(sparsity)
