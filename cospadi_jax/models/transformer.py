@@ -163,6 +163,11 @@ def causal_mask(attention_mask: Array) -> Array:
     return causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
 
 
+def layer_rotary(cfg: DecoderConfig, batch: int, seqlen: int, dtype: Any) -> tuple[Array, Array]:
+    """cos, sin [B, T, head_dim] for positions 0..T-1, as in a plain HF forward (right padding keeps positions)."""
+    return rotary_cos_sin(cfg, jnp.broadcast_to(jnp.arange(seqlen), (batch, seqlen)), dtype)
+
+
 class CausalLM(nnx.Module):
     """Decoder-only LM with HF parameter paths (``model.*`` and, when untied, ``lm_head``)."""
 
@@ -179,9 +184,7 @@ class CausalLM(nnx.Module):
         b, t = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)
-        # Positions 0..T-1 as in a plain HF forward (right padding keeps every real token's position).
-        positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-        cos, sin = rotary_cos_sin(self.config, positions, self.dtype)
+        cos, sin = layer_rotary(self.config, b, t, self.dtype)
         h = self.model.embed_tokens(input_ids).astype(self.dtype)
         return h, cos, sin, causal_mask(attention_mask)
 

@@ -1,0 +1,111 @@
+"""Calibration Grams G = Σ xᵀx of every distinct projection input, streamed layer by layer.
+
+One forward pass of the original model over the calibration windows: hidden states of all windows are kept on
+the host between layers, and each layer is run batch by batch through one jit-compiled step (all layers share
+a shape, so it compiles once). Memory is O(tokens × hidden + d²) per layer, never O(layers × d²) unless the
+caller keeps every layer's Grams. Batches sum in float32 on the device; batches are summed in float64 on the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from ..models.paths import GRAM_SOURCE, parse_projection_path, projection_path
+from ..models.transformer import CausalLM, DecoderLayer, causal_mask, layer_rotary
+
+# DecoderLayer.return_projection_inputs key -> projection type whose Gram it is.
+_INPUT_TO_TYPE = {"self_attn.q_proj": "q_proj", "self_attn.o_proj": "o_proj",
+                  "mlp.gate_proj": "gate_proj", "mlp.down_proj": "down_proj"}
+
+
+@dataclass
+class Grams:
+    """Grams keyed by projection path of the Gram's source projection (q_proj, o_proj, gate_proj, down_proj)."""
+
+    n_tokens: int
+    by_path: dict[str, np.ndarray] = field(default_factory=dict)  # path -> [d_in, d_in] float64
+
+    def gram(self, path: str) -> np.ndarray:
+        """G = Σ xᵀx [d_in, d_in] float64 for any projection path (k/v -> q's input, up -> gate's input)."""
+        layer, proj = parse_projection_path(path)
+        key = projection_path(layer, GRAM_SOURCE[proj])
+        if key not in self.by_path:
+            raise KeyError(f"no calibration Gram for {path} (layer {layer} was not collected)")
+        return self.by_path[key]
+
+
+@nnx.jit
+def _embed(model: CausalLM, ids: jax.Array) -> jax.Array:
+    return model.model.embed_tokens(ids).astype(model.dtype)
+
+
+@nnx.jit
+def _layer_step(layer: DecoderLayer, h: jax.Array):
+    b, t, _ = h.shape
+    cos, sin = layer_rotary(layer.self_attn.cfg, b, t, h.dtype)
+    mask = causal_mask(jnp.ones((b, t), jnp.int32))
+    h_out, inputs = layer(h, cos, sin, mask, return_projection_inputs=True)
+    grams = {}
+    for name, x in inputs.items():
+        x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+        grams[name] = jnp.matmul(x2.T, x2, precision=jax.lax.Precision.HIGHEST)
+    return h_out, grams
+
+
+def iter_layer_grams(
+    model: CausalLM, windows: np.ndarray, *, batch_size: int = 8, layers: list[int] | None = None,
+    progress: bool = True,
+) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """Yield (layer index, {source projection path: Gram float64}) for layers 0..max(layers), in order.
+
+    windows: [n, seqlen] int32 token ids (full windows, no padding).
+    """
+    windows = np.asarray(windows, np.int32)
+    if windows.ndim != 2:
+        raise ValueError(f"windows must be [n, seqlen], got shape {windows.shape}")
+    n_layers = model.config.num_hidden_layers
+    wanted = set(range(n_layers)) if layers is None else set(layers)
+    bad = [i for i in wanted if not 0 <= i < n_layers]
+    if bad:
+        raise ValueError(f"layer index {bad} out of range: the model has {n_layers} layers")
+    starts = list(range(0, len(windows), batch_size))
+    hidden = [np.asarray(_embed(model, jnp.asarray(windows[s : s + batch_size]))) for s in starts]
+    last = max(wanted)
+    bar = tqdm(total=(last + 1) * len(starts), desc="calibration Grams", unit="batch", disable=not progress)
+    for i in range(last + 1):
+        layer = model.model.layers[i]
+        acc: dict[str, np.ndarray] = {}
+        for b, h in enumerate(hidden):
+            h_out, grams = _layer_step(layer, jnp.asarray(h))
+            hidden[b] = np.asarray(h_out)
+            if i in wanted:
+                for name, g in grams.items():
+                    g64 = np.asarray(g, dtype=np.float64)
+                    acc[name] = acc[name] + g64 if name in acc else g64
+            bar.update(1)
+        if i in wanted:
+            out = {}
+            for name, g in acc.items():
+                if not np.all(np.isfinite(g)):
+                    raise FloatingPointError(f"non-finite calibration Gram at layer {i} ({name})")
+                out[projection_path(i, _INPUT_TO_TYPE[name])] = g
+            yield i, out
+    bar.close()
+
+
+def collect_grams(
+    model: CausalLM, windows: np.ndarray, *, batch_size: int = 8, layers: list[int] | None = None,
+    progress: bool = True,
+) -> Grams:
+    """All requested layers' Grams in memory (see :func:`iter_layer_grams` for the streaming form)."""
+    grams = Grams(n_tokens=int(np.asarray(windows).size))
+    for _, by_path in iter_layer_grams(model, windows, batch_size=batch_size, layers=layers, progress=progress):
+        grams.by_path.update(by_path)
+    return grams
