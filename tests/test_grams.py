@@ -21,11 +21,13 @@ def test_grams_match_pytorch_hooks(tmp_path):
     windows = np.random.default_rng(0).integers(3, 96, size=(5, 24)).astype(np.int32)
 
     captured: dict[str, np.ndarray] = {}
+    abs_sums: dict[str, np.ndarray] = {}
 
     def hook(name):
         def fn(module, args):
             x = args[0].reshape(-1, args[0].shape[-1]).double()
             captured[name] = captured.get(name, 0) + (x.T @ x).numpy()
+            abs_sums[name] = abs_sums.get(name, 0) + x.abs().sum(0).numpy()
         return fn
 
     for name, module in ref.named_modules():
@@ -40,6 +42,7 @@ def test_grams_match_pytorch_hooks(tmp_path):
         got = grams.gram(name)  # k_proj resolves to q_proj's input, up_proj to gate_proj's
         assert got.dtype == np.float64
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max(), err_msg=name)
+        np.testing.assert_allclose(grams.mean_abs(name), abs_sums[name] / windows.size, rtol=1e-4, err_msg=name)
 
 
 def test_grams_bad_input(tmp_path):

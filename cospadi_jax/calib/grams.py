@@ -31,14 +31,22 @@ class Grams:
 
     n_tokens: int
     by_path: dict[str, np.ndarray] = field(default_factory=dict)  # path -> [d_in, d_in] float64
+    abs_sums: dict[str, np.ndarray] = field(default_factory=dict)  # path -> Σ|x| [d_in] float64 (for ASVD)
 
-    def gram(self, path: str) -> np.ndarray:
-        """G = Σ xᵀx [d_in, d_in] float64 for any projection path (k/v -> q's input, up -> gate's input)."""
+    def _key(self, path: str) -> str:
         layer, proj = parse_projection_path(path)
         key = projection_path(layer, GRAM_SOURCE[proj])
         if key not in self.by_path:
             raise KeyError(f"no calibration Gram for {path} (layer {layer} was not collected)")
-        return self.by_path[key]
+        return key
+
+    def gram(self, path: str) -> np.ndarray:
+        """G = Σ xᵀx [d_in, d_in] float64 for any projection path (k/v -> q's input, up -> gate's input)."""
+        return self.by_path[self._key(path)]
+
+    def mean_abs(self, path: str) -> np.ndarray:
+        """Mean absolute activation per input channel [d_in] (ASVD's scaling statistic)."""
+        return self.abs_sums[self._key(path)] / self.n_tokens
 
 
 @nnx.jit
@@ -55,7 +63,7 @@ def _layer_step(layer: DecoderLayer, h: jax.Array):
     grams = {}
     for name, x in inputs.items():
         x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-        grams[name] = jnp.matmul(x2.T, x2, precision=jax.lax.Precision.HIGHEST)
+        grams[name] = (jnp.matmul(x2.T, x2, precision=jax.lax.Precision.HIGHEST), jnp.abs(x2).sum(axis=0))
     return h_out, grams
 
 
@@ -63,7 +71,7 @@ def iter_layer_grams(
     model: CausalLM, windows: np.ndarray, *, batch_size: int = 8, layers: list[int] | None = None,
     progress: bool = True,
 ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """Yield (layer index, {source projection path: Gram float64}) for layers 0..max(layers), in order.
+    """Yield (layer index, {source path: (Gram [d,d], Σ|x| [d]) float64}) for the requested layers, in order.
 
     windows: [n, seqlen] int32 token ids (full windows, no padding).
     """
@@ -86,14 +94,14 @@ def iter_layer_grams(
             h_out, grams = _layer_step(layer, jnp.asarray(h))
             hidden[b] = np.asarray(h_out)
             if i in wanted:
-                for name, g in grams.items():
-                    g64 = np.asarray(g, dtype=np.float64)
-                    acc[name] = acc[name] + g64 if name in acc else g64
+                for name, stats in grams.items():
+                    g64 = tuple(np.asarray(v, dtype=np.float64) for v in stats)
+                    acc[name] = tuple(a + b for a, b in zip(acc[name], g64)) if name in acc else g64
             bar.update(1)
         if i in wanted:
             out = {}
             for name, g in acc.items():
-                if not np.all(np.isfinite(g)):
+                if not all(np.all(np.isfinite(v)) for v in g):
                     raise FloatingPointError(f"non-finite calibration Gram at layer {i} ({name})")
                 out[projection_path(i, _INPUT_TO_TYPE[name])] = g
             yield i, out
@@ -107,5 +115,6 @@ def collect_grams(
     """All requested layers' Grams in memory (see :func:`iter_layer_grams` for the streaming form)."""
     grams = Grams(n_tokens=int(np.asarray(windows).size))
     for _, by_path in iter_layer_grams(model, windows, batch_size=batch_size, layers=layers, progress=progress):
-        grams.by_path.update(by_path)
+        for path, (gram, abs_sum) in by_path.items():
+            grams.by_path[path], grams.abs_sums[path] = gram, abs_sum
     return grams

@@ -1,0 +1,106 @@
+"""What every compression method returns, and the one interface they share.
+
+Orientation (paper §3, used everywhere in cospadi-jax): W = HF ``weight.T`` with shape [d_in, d_out]; columns are
+output neurons. A low-rank method returns W ≈ A·B with A: [d_in, r], B: [r, d_out]. CoSpaDi returns W ≈ D·S with
+the dictionary D: [d_in, k] and a column-sparse S: [k, d_out] stored per output column as ``indices``
+[d_out, s] (atom ids) and ``values`` [d_out, s].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+
+@dataclass
+class LowRankFactors:
+    """W ≈ A @ B.  A: [d_in, r], B: [r, d_out]."""
+
+    A: np.ndarray
+    B: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.A.shape[0], self.B.shape[1]
+
+    def dense(self) -> np.ndarray:
+        """Reconstructed W̃ [d_in, d_out] (float64)."""
+        return np.asarray(self.A, np.float64) @ np.asarray(self.B, np.float64)
+
+    def n_params(self) -> int:
+        return int(self.A.size + self.B.size)
+
+
+@dataclass
+class DictFactors:
+    """W ≈ D @ S.  D: [d_in, k]; S column-sparse, column j = Σ_t values[j, t] · e_{indices[j, t]}.
+
+    indices: [d_out, s] int32 (a padded slot of an early-stopped column has value 0), values: [d_out, s].
+    """
+
+    D: np.ndarray
+    indices: np.ndarray
+    values: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def k(self) -> int:
+        return int(self.D.shape[1])
+
+    @property
+    def s(self) -> int:
+        return int(self.indices.shape[1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.D.shape[0], self.indices.shape[0]
+
+    def coefficients(self) -> np.ndarray:
+        """Dense S [k, d_out] (float64)."""
+        d_out = self.indices.shape[0]
+        S = np.zeros((self.k, d_out), np.float64)
+        cols = np.broadcast_to(np.arange(d_out)[:, None], self.indices.shape)
+        np.add.at(S, (self.indices, cols), np.asarray(self.values, np.float64))
+        return S
+
+    def dense(self) -> np.ndarray:
+        """Reconstructed W̃ [d_in, d_out] (float64)."""
+        return np.asarray(self.D, np.float64) @ self.coefficients()
+
+    def n_params(self) -> int:
+        """Dictionary entries plus stored non-zeros (indices are counted in bytes by the budget, not here)."""
+        return int(self.D.size + self.values.size)
+
+
+Factors = LowRankFactors | DictFactors
+
+
+class Method(Protocol):
+    """A compression method: one matrix (or one group of matrices sharing a basis) at a time.
+
+    ``fit(W, gram, budget, key)``: W [d_in, d_out] float; gram Σxᵀx [d_in, d_in] float64 of the layer input (or
+    None for data-free methods); budget from :mod:`cospadi_jax.budget`; key a jax PRNG key. Returns Factors.
+    """
+
+    name: str
+    data_aware: bool
+
+    def fit(self, W: np.ndarray, gram: np.ndarray | None, budget: Any, key: Any) -> Factors: ...
+
+
+def functional_error(W: np.ndarray, W_hat: np.ndarray, gram: np.ndarray) -> float:
+    """Relative output error ‖X(W − W̃)‖_F / ‖XW‖_F from the Gram G = XᵀX alone: sqrt(tr(ΔᵀGΔ) / tr(WᵀGW))."""
+    W = np.asarray(W, np.float64)
+    delta = W - np.asarray(W_hat, np.float64)
+    num = np.einsum("ij,ij->", delta, gram @ delta)
+    den = np.einsum("ij,ij->", W, gram @ W)
+    return float(np.sqrt(max(num, 0.0) / den))
+
+
+def weight_error(W: np.ndarray, W_hat: np.ndarray) -> float:
+    """Relative weight error ‖W − W̃‖_F / ‖W‖_F."""
+    W = np.asarray(W, np.float64)
+    return float(np.linalg.norm(W - W_hat) / np.linalg.norm(W))
