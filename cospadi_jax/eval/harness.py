@@ -1,0 +1,175 @@
+"""Zero-shot evaluation through lm-evaluation-harness with our Flax model.
+
+``FlaxLM`` implements lm-eval's ``LM`` interface (``loglikelihood``, ``loglikelihood_rolling``, and a plain
+greedy ``generate_until``). Requests are packed into batches of one fixed shape per call, [batch_size, length]
+with length the smallest power of two that holds the longest request, so the scoring function compiles once.
+Tokenisation follows lm-eval's HF model: no special tokens, trailing context spaces move to the continuation,
+context + continuation are encoded together and split, and an empty context is replaced by the prefix token.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from lm_eval.api.model import LM
+from tqdm.auto import tqdm
+
+from ..models.transformer import CausalLM
+
+# The paper's tasks and its headline rule: acc_norm where the task reports it, acc otherwise (method.md §5).
+PAPER_TASKS = ("piqa", "hellaswag", "lambada_openai", "arc_easy", "arc_challenge", "sciq", "race", "mmlu")
+HEADLINE_RULE = "acc_norm where the task reports it, acc otherwise (the paper's 'normalized when available')"
+
+
+@nnx.jit
+def _score(model: CausalLM, ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """ids, mask [B, T] -> (log p(ids[:, 1:]) [B, T-1] float32, is-greedy [B, T-1] bool)."""
+    logits = model(ids, mask)[:, :-1]
+    target = ids[:, 1:]
+    logp = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
+    return logp, jnp.argmax(logits, axis=-1) == target
+
+
+def _bucket(n: int, cap: int) -> int:
+    return min(cap, 1 << max(4, (n - 1).bit_length()))
+
+
+class FlaxLM(LM):
+    """lm-eval ``LM`` over a cospadi-jax model."""
+
+    def __init__(self, model: CausalLM, tokenizer: Any, *, batch_size: int = 8, max_length: int | None = None,
+                 progress: bool = True):
+        super().__init__()
+        self.model, self.tokenizer = model, tokenizer
+        self.batch_size = batch_size
+        self.max_length = max_length or min(model.config.max_position_embeddings, 2048)
+        self.progress = progress
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if prefix is None:
+            raise ValueError("the tokenizer has neither BOS nor EOS; lm-eval needs a prefix token for empty contexts")
+        self.prefix_token_id = prefix
+
+    # ---------------------------------------------------------------- tokenisation (as lm-eval's HFLM)
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            continuation, context = context[-n_spaces:] + continuation, context[:-n_spaces]
+        if not context:
+            return [self.prefix_token_id], self._encode(continuation)
+        whole, ctx = self._encode(context + continuation), self._encode(context)
+        return ctx, whole[len(ctx):]
+
+    # ---------------------------------------------------------------- scoring
+    def _score_pairs(self, pairs: list[tuple[list[int], list[int]]], desc: str) -> list[tuple[float, bool]]:
+        """Sum of continuation log-probs and whether every continuation token is the greedy choice."""
+        seqs = []
+        for ctx, cont in pairs:
+            if not cont:
+                raise ValueError("empty continuation: lm-eval requests must score at least one token")
+            tokens = (ctx + cont)[-self.max_length:]  # left-truncate long contexts, as lm-eval does
+            seqs.append((tokens, min(len(cont), len(tokens) - 1)))
+        length = _bucket(max(len(t) for t, _ in seqs), self.max_length)
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(seqs)
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        for batch in tqdm(batches, desc=desc, disable=not self.progress, unit="batch"):
+            ids = np.zeros((self.batch_size, length), np.int32)
+            mask = np.zeros((self.batch_size, length), np.int32)
+            for row, i in enumerate(batch):
+                tokens = seqs[i][0]
+                ids[row, : len(tokens)], mask[row, : len(tokens)] = tokens, 1
+            logp, greedy = (np.asarray(x) for x in _score(self.model, jnp.asarray(ids), jnp.asarray(mask)))
+            for row, i in enumerate(batch):
+                tokens, n_cont = seqs[i]
+                end = len(tokens) - 1  # logp index j scores token j + 1
+                lp = logp[row, end - n_cont : end].astype(np.float64)
+                if not np.all(np.isfinite(lp)):
+                    raise FloatingPointError(f"non-finite log-probability in an lm-eval request ({desc})")
+                results[i] = (float(lp.sum()), bool(greedy[row, end - n_cont : end].all()))
+        return results
+
+    def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
+        pairs = [self._encode_pair(*req.args) for req in requests]
+        return self._score_pairs(pairs, "loglikelihood")
+
+    def loglikelihood_rolling(self, requests: list[Any]) -> list[float]:
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        pairs, owner = [], []
+        for i, req in enumerate(requests):
+            windows = get_rolling_token_windows(
+                token_list=self._encode(req.args[0]), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1,
+            )
+            for window in map(make_disjoint_window, windows):
+                pairs.append(window)
+                owner.append(i)
+        totals = [0.0] * len(requests)
+        for i, (lp, _) in zip(owner, self._score_pairs(pairs, "loglikelihood_rolling")):
+            totals[i] += lp
+        return totals
+
+    def generate_until(self, requests: list[Any]) -> list[str]:
+        """Greedy decoding without a KV cache (the paper's tasks do not generate; kept for completeness)."""
+        outputs = []
+        for req in tqdm(requests, desc="generate_until", disable=not self.progress):
+            context, kwargs = req.args
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            tokens = self._encode(context) or [self.prefix_token_id]
+            generated: list[int] = []
+            for _ in range(int(kwargs.get("max_gen_toks", 256))):
+                window = (tokens + generated)[-self.max_length:]
+                logits = self.model(jnp.asarray([window], jnp.int32))[0, -1]
+                nxt = int(jnp.argmax(logits))
+                if nxt == self.tokenizer.eos_token_id:
+                    break
+                generated.append(nxt)
+                text = self.tokenizer.decode(generated)
+                if any(stop in text for stop in until):
+                    break
+            text = self.tokenizer.decode(generated)
+            for stop in until:
+                text = text.split(stop)[0]
+            outputs.append(text)
+        return outputs
+
+
+def headline_scores(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per task acc and acc_norm (with stderr), and the paper's headline average."""
+    per_task, headline = {}, []
+    for task, metrics in results.items():
+        entry = {m: metrics.get(f"{m},none") for m in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr")}
+        entry = {m: v for m, v in entry.items() if v is not None}
+        if not entry:
+            continue
+        entry["headline"] = "acc_norm" if "acc_norm" in entry else "acc"
+        per_task[task] = entry
+        headline.append(entry[entry["headline"]])
+    return {"tasks": per_task, "average": float(np.mean(headline)) if headline else None, "rule": HEADLINE_RULE}
+
+
+def evaluate_zero_shot(model: CausalLM, tokenizer: Any, tasks: list[str] | tuple[str, ...] = PAPER_TASKS, *,
+                       batch_size: int = 8, limit: int | float | None = None, include_path: str | None = None,
+                       max_length: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run lm-eval zero-shot on ``tasks``; returns {'tasks': {task: {acc, acc_norm, ...}}, 'average', 'rule',
+    'lm_eval_version', 'raw'}."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    lm = FlaxLM(model, tokenizer, batch_size=batch_size, max_length=max_length, progress=progress)
+    out = lm_eval.simple_evaluate(
+        model=lm, tasks=list(tasks), num_fewshot=0, limit=limit, log_samples=False, bootstrap_iters=0,
+        task_manager=TaskManager(include_path=include_path) if include_path else None,
+    )
+    summary = headline_scores(out["results"])
+    summary["lm_eval_version"] = lm_eval.__version__ if hasattr(lm_eval, "__version__") else "unknown"
+    summary["raw"] = out["results"]
+    return summary

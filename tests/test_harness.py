@@ -1,0 +1,81 @@
+"""lm-eval zero-shot through our LM subclass, offline, on a local task YAML over local data files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from helpers import requires_embedded
+
+pytestmark = [requires_embedded, pytest.mark.real_weights]
+
+DOCS = [
+    {"goal": "In the beginning God created", "sol1": "the heaven and the earth.", "sol2": "a small red bicycle.",
+     "label": 0},
+    {"goal": "To boil water, you should", "sol1": "put it in a freezer.", "sol2": "heat it on a stove.", "label": 1},
+    {"goal": "The capital of France is", "sol1": "Paris.", "sol2": "a banana.", "label": 0},
+    {"goal": "When it rains, people often carry", "sol1": "a tractor.", "sol2": "an umbrella.", "label": 1},
+]
+
+
+def _write_task(tmp_path):
+    data = tmp_path / "tiny_mc.jsonl"
+    data.write_text("\n".join(json.dumps(d) for d in DOCS) + "\n")
+    (tmp_path / "tiny_mc.yaml").write_text(f"""task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{goal}}}}\\nAnswer:"
+doc_to_target: label
+doc_to_choice: "{{{{[sol1, sol2]}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+""")
+    return tmp_path
+
+
+def test_local_task_through_lm_eval(smollm2, tmp_path):
+    from cospadi_jax.eval.harness import evaluate_zero_shot
+
+    model, tok = smollm2
+    out = evaluate_zero_shot(model, tok, ["tiny_mc"], include_path=str(_write_task(tmp_path)), batch_size=4,
+                             progress=False)
+    task = out["tasks"]["tiny_mc"]
+    assert set(task) >= {"acc", "acc_norm", "headline"} and task["headline"] == "acc_norm"
+    assert task["acc"] >= 0.75  # a real 135M model gets these easy ones right
+    assert out["average"] == task["acc_norm"] and "acc_norm" in out["rule"]
+
+
+def test_loglikelihood_equals_direct_scoring(smollm2):
+    from types import SimpleNamespace
+
+    from cospadi_jax.eval.harness import FlaxLM
+    from cospadi_jax.models import token_logprobs
+
+    model, tok = smollm2
+    lm = FlaxLM(model, tok, batch_size=2, progress=False)
+    reqs = [SimpleNamespace(args=("Question: In the beginning God created\nAnswer:", " the heaven")),
+            SimpleNamespace(args=("The capital of France is ", "Paris")),  # trailing space moves to continuation
+            SimpleNamespace(args=("Hello", " world"))]
+    got = lm.loglikelihood(reqs)
+    for req, (lp, _) in zip(reqs, got):
+        ctx, cont = lm._encode_pair(*req.args)
+        ids = np.asarray([ctx + cont], np.int32)
+        expected = float(np.asarray(token_logprobs(model, ids))[0, -len(cont):].sum())
+        assert math.isclose(lp, expected, rel_tol=1e-4, abs_tol=1e-4)
+    assert got[1][1] in (True, False)
+
+    text = "And God said, Let there be light: and there was light."
+    rolling = lm.loglikelihood_rolling([SimpleNamespace(args=(text,))])[0]
+    ids = np.asarray([[lm.prefix_token_id] + lm._encode(text)], np.int32)
+    assert math.isclose(rolling, float(np.asarray(token_logprobs(model, ids)).sum()), rel_tol=1e-4)
