@@ -11,7 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import jax
 import numpy as np
+
+from ..sparse.whitening import unwhiten_dictionary, whiten
 
 
 @dataclass
@@ -104,3 +107,22 @@ def weight_error(W: np.ndarray, W_hat: np.ndarray) -> float:
     """Relative weight error ‖W − W̃‖_F / ‖W‖_F."""
     W = np.asarray(W, np.float64)
     return float(np.linalg.norm(W - W_hat) / np.linalg.norm(W))
+
+
+def whitening_factor(gram: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+    """Upper-triangular L [d_in, d_in] with LᵀL = G (+ damping if needed), in float64, and the damping report.
+
+    Whitening always runs in float64 (x64 enabled for this call only): calibration Grams of LLM activations
+    have condition numbers far beyond float32's reach.
+    """
+    with jax.enable_x64(True):
+        result = whiten(np.asarray(gram, np.float64), dtype=np.float64)
+        L = np.asarray(result.L, np.float64)
+    info = {"jitter": result.jitter, "lambda_min": result.lambda_min, "condition_number": result.condition_number}
+    return L, info
+
+
+def unwhiten(L: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """L⁻¹·X [d_in, m] by a float64 triangular solve (never an explicit inverse)."""
+    with jax.enable_x64(True):
+        return np.asarray(unwhiten_dictionary(np.asarray(L, np.float64), np.asarray(X, np.float64)), np.float64)

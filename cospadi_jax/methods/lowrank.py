@@ -1,0 +1,104 @@
+"""The SVD-family baselines: truncated SVD, SVD-LLM (whitening step), ASVD and Basis Sharing.
+
+All work in float64 on the host (one SVD per matrix or group, no iteration), in the paper's orientation
+W: [d_in, d_out], and return ``LowRankFactors`` W ≈ A·B. Whitening is the shared Cholesky factor with escalating
+damping from :mod:`cospadi_jax.sparse.whitening`, mapped back with triangular solves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .base import LowRankFactors, unwhiten, whitening_factor
+
+
+def _truncated_svd(Y: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-``rank`` SVD of Y [m, n] in float64: U_r [m, r], σ_r [r], V_rᵀ [r, n]."""
+    if not 1 <= rank <= min(Y.shape):
+        raise ValueError(f"rank {rank} is outside [1, {min(Y.shape)}] for a {Y.shape} matrix")
+    U, sigma, Vt = np.linalg.svd(np.asarray(Y, np.float64), full_matrices=False)
+    return U[:, :rank], sigma[:rank], Vt[:rank]
+
+
+def _split_sqrt(U: np.ndarray, sigma: np.ndarray, Vt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Balance √σ into both factors, as SVD-LLM does."""
+    root = np.sqrt(sigma)
+    return U * root, root[:, None] * Vt
+
+
+class TruncatedSVD:
+    """Data-free baseline: W ≈ U_r Σ_r V_rᵀ (Eckart-Young in weight space)."""
+
+    name = "svd"
+    data_aware = False
+
+    def fit(self, W: np.ndarray, gram: np.ndarray | None, budget: Any, key: Any = None) -> LowRankFactors:
+        A, B = _split_sqrt(*_truncated_svd(W, budget.rank))
+        return LowRankFactors(A, B, {"rank": budget.rank})
+
+
+class SVDLLM:
+    """SVD-LLM's truncation-aware whitening step only (no parameter update), as in its repository.
+
+    L = chol(G)ᵀ (upper), SVD of L·W, keep r, A = L⁻¹·U_r·√Σ_r, B = √Σ_r·V_rᵀ.
+    """
+
+    name = "svd_llm"
+    data_aware = True
+
+    def fit(self, W: np.ndarray, gram: np.ndarray, budget: Any, key: Any = None) -> LowRankFactors:
+        L, info = whitening_factor(gram)
+        A_l, B = _split_sqrt(*_truncated_svd(L @ np.asarray(W, np.float64), budget.rank))
+        return LowRankFactors(unwhiten(L, A_l), B, {"rank": budget.rank, **info})
+
+
+class ASVD:
+    """ASVD with a uniform rank: diagonal scaling S_ii = (mean |x_i|)^α, SVD of S·W, W̃ = S⁻¹·trunc(S·W).
+
+    ASVD's sensitivity-based per-layer rank search is not used: every matrix gets the budget's rank, so the
+    comparison with the other methods is at equal per-matrix budget.
+    """
+
+    name = "asvd"
+    data_aware = True
+    needs_mean_abs = True
+
+    def __init__(self, alpha: float = 0.5):
+        self.alpha = alpha
+
+    def fit(self, W: np.ndarray, gram: np.ndarray | None, budget: Any, key: Any = None, *,
+            mean_abs: np.ndarray) -> LowRankFactors:
+        scale = np.asarray(mean_abs, np.float64) ** self.alpha
+        # Dead input channels would make S singular; give them the smallest positive scale instead.
+        positive = scale[scale > 0]
+        if positive.size == 0:
+            raise ValueError("ASVD: every input channel has zero mean |x|; the calibration data never reached it")
+        scale = np.where(scale > 0, scale, positive.min())
+        A_s, B = _split_sqrt(*_truncated_svd(scale[:, None] * np.asarray(W, np.float64), budget.rank))
+        return LowRankFactors(A_s / scale[:, None], B, {"rank": budget.rank, "alpha": self.alpha})
+
+
+class BasisSharing:
+    """Basis Sharing: one whitened-SVD basis for a group of same-type projections of consecutive layers.
+
+    Ḡ = mean of the group's Grams = L̄ᵀL̄; SVD of L̄·[W_1 … W_m] (d_in × m·d_out); shared basis L̄⁻¹·U_r·Σ_r,
+    per-layer coefficients = the layer's columns of V_rᵀ (as in TUDa-HWAI/Basis_Sharing ``group.py``).
+    """
+
+    name = "basis_sharing"
+    data_aware = True
+
+    def fit(self, W: np.ndarray, gram: np.ndarray, budget: Any, key: Any = None) -> LowRankFactors:
+        return self.fit_group([W], [gram], budget, key)[0]
+
+    def fit_group(self, Ws: list[np.ndarray], grams: list[np.ndarray], budget: Any, key: Any = None
+                  ) -> list[LowRankFactors]:
+        L, info = whitening_factor(np.mean([np.asarray(g, np.float64) for g in grams], axis=0))
+        widths = [w.shape[1] for w in Ws]
+        U, sigma, Vt = _truncated_svd(L @ np.concatenate(Ws, axis=1).astype(np.float64), budget.rank)
+        basis = unwhiten(L, U * sigma)
+        cuts = np.cumsum([0, *widths])
+        return [LowRankFactors(basis, Vt[:, a:b], {"rank": budget.rank, "group_size": len(Ws), **info})
+                for a, b in zip(cuts[:-1], cuts[1:])]
