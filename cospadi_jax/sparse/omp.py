@@ -47,8 +47,9 @@ __all__ = [
     "resolve_float_dtype",
 ]
 
-# Default working-memory budget of one OMP chunk (per-column state ≈ s·k values).
-DEFAULT_MEMORY_BUDGET_BYTES = 64 * 1024 * 1024
+# Working-memory budget of one OMP chunk (per-column state ≈ s·k values). 16 MiB keeps
+# the chunk in a typical L3 cache: the B-form GEMV is bandwidth-bound (docs/benchmarks.md).
+DEFAULT_MEMORY_BUDGET_BYTES = 16 * 1024 * 1024
 # Steps per static block of the triangular schedule (see module docstring).
 DEFAULT_STEP_BLOCK = 32
 
@@ -132,8 +133,7 @@ def omp_chunk_size(k: int, sparsity: int, itemsize: int, memory_budget_bytes: in
 
 
 class _ColumnState(NamedTuple):
-    B: jax.Array  # [rows, k] rows b_t of GD[:, I] L⁻ᵀ (only first t are non-zero)
-    L: jax.Array  # [s, s] lower Cholesky factor of GD[I, I]; identity beyond n_active
+    B: jax.Array  # [rows, k] rows b_t of GD[:, I] L⁻ᵀ (only the first n_active are non-zero)
     z: jax.Array  # [s] L⁻¹ α⁰_I
     alpha: jax.Array  # [k] current correlations DᵀR
     active: jax.Array  # [k] bool, atom already selected
@@ -142,40 +142,42 @@ class _ColumnState(NamedTuple):
     stopped: jax.Array  # [] bool
 
 
-def _omp_step(t, state: _ColumnState, gram, alpha0, eps, n_rows):
-    """One greedy step for one column (vmapped). ``t`` is the step index."""
-    B, L, z, alpha, active, indices, n_active, stopped = state
-    dtype = alpha.dtype
+def _omp_step(t, state: _ColumnState, gram, alpha0, eps):
+    """One greedy step for one column (vmapped over the chunk). ``t``: step index."""
+    B, z, alpha, active, indices, n_active, stopped = state
     atom = jnp.argmax(jnp.abs(alpha)).astype(jnp.int32)
     alpha_atom = alpha[atom]
-    w = B[:, atom]  # [rows]; = L⁻¹ GD[I, atom], zero beyond t
+    w = B[:, atom]  # = L⁻¹ GD[I, atom] (the new row of L), zero beyond t
     pivot_sq = gram[atom, atom] - jnp.dot(w, w)
-    # sklearn's stopping rule, see module docstring.
-    stop_now = active[atom] | (alpha_atom * alpha_atom < eps) | (pivot_sq <= eps)
-    stop = stopped | stop_now
-    pivot = jnp.sqrt(jnp.where(stop, jnp.ones((), dtype), pivot_sq))
-    b_new = (gram[atom] - w @ B) / pivot  # [k]
-    z_new = (alpha0[atom] - jnp.dot(w, z[: w.shape[0]])) / pivot
-
+    # sklearn's stopping rule (see module docstring); a stopped column never changes again.
+    stop = stopped | active[atom] | (alpha_atom * alpha_atom < eps) | (pivot_sq <= eps)
     keep = ~stop
-    B = B.at[t].set(jnp.where(keep, b_new, B[t]))
-    s = L.shape[0]
-    l_row = _pad(w, s).at[t].set(pivot)
-    L = L.at[t].set(jnp.where(keep, l_row, L[t]))
-    z = z.at[t].set(jnp.where(keep, z_new, z[t]))
-    alpha = jnp.where(keep, alpha - z_new * b_new, alpha)
-    active = active.at[atom].set(active[atom] | keep)
-    indices = indices.at[t].set(jnp.where(keep, atom, indices[t]))
-    n_active = n_active + keep.astype(jnp.int32)
-    return _ColumnState(B, L, z, alpha, active, indices, n_active, stop)
+    pivot = jnp.sqrt(jnp.where(stop, jnp.ones((), pivot_sq.dtype), pivot_sq))
+    b_new = (gram[atom] - w @ B) / pivot  # [k]; the only O(t·k) operation
+    z_new = (alpha0[atom] - jnp.dot(w, z[: w.shape[0]])) / pivot
+    b_new = jnp.where(keep, b_new, 0)
+    z_new = jnp.where(keep, z_new, 0)
+    return _ColumnState(
+        B=B.at[t].set(b_new),
+        z=z.at[t].set(z_new),
+        alpha=alpha - z_new * b_new,
+        active=active.at[atom].set(active[atom] | keep),
+        indices=indices.at[t].set(jnp.where(keep, atom, 0)),
+        n_active=n_active + keep.astype(jnp.int32),
+        stopped=stop,
+    )
 
 
-def _pad(v, size):
-    if v.shape[0] == size:
-        return v
-    if v.shape[0] > size:
-        return v[:size]
-    return jnp.concatenate([v, jnp.zeros((size - v.shape[0],), v.dtype)])
+def _cholesky_from_b(B, indices, n_active):
+    """L [s, s] from B: B[i, a_j] = L[j, i] (exactly, in exact arithmetic).
+
+    Rows at or beyond n_active are set to the identity so that L⁻ᵀz stays finite.
+    """
+    s = indices.shape[0]
+    L = B[:, indices].T  # [s, s]; L[j, i] = B[i, a_j]
+    valid = jnp.arange(s) < n_active
+    mask = jnp.tril(jnp.ones((s, s), bool)) & valid[:, None] & valid[None, :]
+    return jnp.where(mask, L, jnp.eye(s, dtype=B.dtype))
 
 
 @partial(jax.jit, static_argnames=("sparsity", "step_block"))
@@ -187,10 +189,8 @@ def _omp_chunk(gram, alpha0, eps, *, sparsity: int, step_block: int):
     m, k = alpha0.shape
     s = sparsity
     dtype = alpha0.dtype
-    eye = jnp.eye(s, dtype=dtype)
     state = _ColumnState(
         B=jnp.zeros((m, 0, k), dtype),
-        L=jnp.broadcast_to(eye, (m, s, s)),
         z=jnp.zeros((m, s), dtype),
         alpha=alpha0,
         active=jnp.zeros((m, k), bool),
@@ -198,18 +198,26 @@ def _omp_chunk(gram, alpha0, eps, *, sparsity: int, step_block: int):
         n_active=jnp.zeros((m,), jnp.int32),
         stopped=jnp.zeros((m,), bool),
     )
-    # Static blocks of steps: step t only reads rows [0, block_end) of B.
+    step = jax.vmap(_omp_step, in_axes=(None, 0, None, 0, None))
+    # Static blocks of steps: a step in block [start, end) only reads rows [0, end) of B.
+    # Each block is a while_loop that exits as soon as every column of the chunk stopped.
     for start in range(0, s, step_block):
         end = min(s, start + step_block)
-        grow = end - state.B.shape[1]
-        B = jnp.concatenate([state.B, jnp.zeros((m, grow, k), dtype)], axis=1)
-        state = state._replace(B=B)
-        step = jax.vmap(partial(_omp_step, n_rows=end), in_axes=(None, 0, None, 0, None))
-        state = lax.fori_loop(start, end, lambda t, st: step(t, st, gram, alpha0, eps), state)
-    # γ = L⁻ᵀ z; rows beyond n_active are identity with z = 0, so γ = 0 there.
-    gamma = jax.lax.linalg.triangular_solve(
-        state.L, state.z[..., None], left_side=True, lower=True, transpose_a=True
-    )[..., 0]
+        B = jnp.concatenate([state.B, jnp.zeros((m, end - state.B.shape[1], k), dtype)], axis=1)
+
+        def cond(carry, end=end):
+            t, st = carry
+            return (t < end) & ~jnp.all(st.stopped)
+
+        def body(carry):
+            t, st = carry
+            return t + 1, step(t, st, gram, alpha0, eps)
+
+        _, state = lax.while_loop(cond, body, (jnp.int32(start), state._replace(B=B)))
+    B = jnp.concatenate([state.B, jnp.zeros((m, s - state.B.shape[1], k), dtype)], axis=1)
+    L = jax.vmap(_cholesky_from_b)(B, state.indices, state.n_active)
+    # γ = L⁻ᵀ z; z = 0 beyond n_active, so γ = 0 there.
+    gamma = lax.linalg.triangular_solve(L, state.z[..., None], left_side=True, lower=True, transpose_a=True)[..., 0]
     return state.indices, gamma, state.n_active
 
 

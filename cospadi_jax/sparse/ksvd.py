@@ -1,0 +1,274 @@
+"""K-SVD dictionary learning (Aharon, Elad & Bruckstein 2006) on a target Y [d, n].
+
+T alternations of Batch-OMP (:mod:`cospadi_jax.sparse.omp`) and a dictionary
+update. Update variants:
+
+* ``power`` (paper default): sequential rank-1 atom updates, each by warm-started
+  power iteration (default 8 iterations) on the residual restricted to the
+  columns that use the atom;
+* ``exact``: the same sequential updates with the rank-1 term from an SVD;
+* ``mod``: all atoms at once by least squares, D = Y Sᵀ (S Sᵀ)⁻¹ (Engan 1999),
+  then atoms renormalised (the norms move into S).
+
+Inside K-SVD the coefficients are stored densely, S [k, n] (k·n is small next to
+the OMP state), so that "the columns using atom i" is a mask and the masked
+rank-1 updates are GEMVs over the global residual E = Y − D S, which is kept
+up to date. All data-dependent control flow is masks inside ``lax.fori_loop``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from cospadi_jax.sparse.omp import (
+    DEFAULT_MEMORY_BUDGET_BYTES,
+    SparseCodes,
+    batch_omp,
+    check_finite,
+    resolve_float_dtype,
+)
+
+__all__ = ["KSVDResult", "ksvd", "init_dictionary", "update_dictionary", "relative_error"]
+
+_UPDATES = ("power", "exact", "mod")
+_UNUSED = ("skip", "reseed")
+_HI = lax.Precision.HIGHEST
+
+
+class KSVDResult(NamedTuple):
+    """Result of :func:`ksvd`.
+
+    dictionary: [d, k] unit-norm atoms (whitened space if Y was whitened).
+    coefficients: [k, n] dense S after the last dictionary update (≤ s non-zeros per column).
+    codes: SparseCodes of the last OMP pass (supports of ``coefficients``; its values
+        are the OMP values before the last update, use ``coefficients`` for D·S).
+    objective: [T+1] ‖Y − D S‖_F / ‖Y‖_F; [0] after the first OMP on the initial
+        dictionary, [t] after the dictionary update of iteration t.
+    objective_after_coding: [T] the same error right after the OMP of iteration t.
+    n_unused_atoms: [T] int, atoms with no column in iteration t (skipped or re-seeded).
+    n_early_stopped: [T] int, OMP columns that stopped before s non-zeros.
+    """
+
+    dictionary: jax.Array
+    coefficients: jax.Array
+    codes: SparseCodes
+    objective: np.ndarray
+    objective_after_coding: np.ndarray
+    n_unused_atoms: np.ndarray
+    n_early_stopped: np.ndarray
+
+
+def relative_error(Y: jax.Array, D: jax.Array, S: jax.Array) -> jax.Array:
+    """‖Y − D S‖_F / ‖Y‖_F. Y: [d, n], D: [d, k], S: [k, n]."""
+    return jnp.linalg.norm(Y - jnp.matmul(D, S, precision=_HI)) / jnp.linalg.norm(Y)
+
+
+def init_dictionary(Y: jax.Array, n_atoms: int, key: jax.Array) -> jax.Array:
+    """k distinct random columns of Y [d, n] (seeded permutation), ℓ2-normalised. Returns [d, k]."""
+    n = Y.shape[1]
+    if n_atoms > n:
+        raise ValueError(
+            f"k = {n_atoms} atoms need k distinct columns of the target for initialisation, "
+            f"but it has only n = {n}; use k <= {n}."
+        )
+    cols = jax.random.permutation(key, n)[:n_atoms]
+    D = Y[:, cols]
+    norms = jnp.linalg.norm(D, axis=0)
+    if not isinstance(norms, jax.core.Tracer) and bool(jnp.any(norms == 0)):
+        raise ValueError("the initialisation drew an all-zero column of the target; remove zero columns first.")
+    return D / norms
+
+
+def _rank1_power(R_v_fn, R_t_u_fn, u0, n_iter: int):
+    """Warm-started power iteration for the top singular triplet of a masked residual.
+
+    R_v_fn(v) = R v, R_t_u_fn(u) = Rᵀ u. Returns (u [d], g = Rᵀu [n]) with ‖u‖ = 1.
+    """
+    tiny = jnp.finfo(u0.dtype).tiny
+
+    def body(_, u):
+        v = R_t_u_fn(u)
+        v = v / jnp.maximum(jnp.linalg.norm(v), tiny)
+        u_new = R_v_fn(v)
+        return u_new / jnp.maximum(jnp.linalg.norm(u_new), tiny)
+
+    u = lax.fori_loop(0, n_iter, body, u0)
+    return u, R_t_u_fn(u)
+
+
+@partial(jax.jit, static_argnames=("method", "power_iterations", "unused"))
+def update_dictionary(Y, D, S, *, method: str = "power", power_iterations: int = 8, unused: str = "skip"):
+    """One dictionary update with the supports of S fixed.
+
+    Y: [d, n]; D: [d, k] unit-norm; S: [k, n] dense coefficients.
+    Returns (D [d, k], S [k, n], n_unused []) with unit-norm atoms (re-seeded atoms
+    get a zero coefficient row; the next OMP pass uses them).
+    """
+    k = D.shape[1]
+    usage = jnp.sum(S != 0, axis=1)  # [k]
+    n_unused = jnp.sum(usage == 0).astype(jnp.int32)
+    if method == "mod":
+        return (*_mod_update(Y, D, S, usage), n_unused)
+
+    E = Y - jnp.matmul(D, S, precision=_HI)
+    tiny = jnp.finfo(D.dtype).tiny
+
+    def atom_update(i, carry):
+        D, S, E, taken = carry
+        d_i, s_i = D[:, i], S[i]
+        mask = s_i != 0  # Ω_i as a mask over the n columns
+        used = jnp.any(mask)
+        fmask = mask.astype(D.dtype)
+        # Residual without atom i, restricted to Ω_i: R = (E + d_i s_iᵀ) ⊙ mask (never materialised).
+        if method == "power":
+            R_v = lambda v: jnp.matmul(E, v * fmask, precision=_HI) + d_i * jnp.dot(s_i, v, precision=_HI)
+            R_t_u = lambda u: (jnp.matmul(u, E, precision=_HI) + s_i * jnp.dot(d_i, u, precision=_HI)) * fmask
+            u, g = _rank1_power(R_v, R_t_u, d_i, power_iterations)
+        else:  # exact rank-1 by SVD
+            R = (E + jnp.outer(d_i, s_i)) * fmask
+            U, sv, Vt = jnp.linalg.svd(R, full_matrices=False)
+            u = U[:, 0]
+            g = sv[0] * Vt[0]
+        new_d = jnp.where(used, u, d_i)
+        new_s = jnp.where(used, g, s_i)
+        if unused == "reseed":
+            # Re-seed with the worst-represented column not taken yet in this update.
+            col_err = jnp.where(taken, -jnp.inf, jnp.sum(E * E, axis=0))
+            worst = jnp.argmax(col_err)
+            seed = Y[:, worst] / jnp.maximum(jnp.linalg.norm(Y[:, worst]), tiny)
+            new_d = jnp.where(used, new_d, seed)
+            taken = taken.at[worst].set(taken[worst] | ~used)
+        # E changes only on Ω_i: E_new = R − d_new s_newᵀ = E + d_i s_iᵀ − d_new s_newᵀ.
+        E = E + jnp.outer(d_i, s_i) - jnp.outer(new_d, new_s)
+        return D.at[:, i].set(new_d), S.at[i].set(new_s), E, taken
+
+    taken = jnp.zeros((Y.shape[1],), bool)
+    D, S, _, _ = lax.fori_loop(0, k, atom_update, (D, S, E, taken))
+    return D, S, n_unused
+
+
+def _mod_update(Y, D, S, usage):
+    """MOD: D = Y Sᵀ (S Sᵀ)⁻¹ by Cholesky solves; unused atoms keep their old value."""
+    k = D.shape[1]
+    used = usage > 0
+    SSt = jnp.matmul(S, S.T, precision=_HI)
+    rhs = jnp.matmul(Y, S.T, precision=_HI)  # [d, k]
+    # Unused atoms: identity row/column with the old atom as right-hand side => unchanged.
+    SSt = jnp.where(used[:, None] & used[None, :], SSt, jnp.diag(jnp.where(used, 0.0, 1.0).astype(S.dtype)))
+    rhs = jnp.where(used[None, :], rhs, D)
+    # Ridge at roundoff level keeps the factorisation defined when used atoms are collinear in S.
+    ridge = jnp.finfo(S.dtype).eps * jnp.trace(SSt) / k
+    chol = jax.scipy.linalg.cho_factor(SSt + ridge * jnp.eye(k, dtype=S.dtype), lower=True)
+    D_new = jax.scipy.linalg.cho_solve(chol, rhs.T).T  # solves (S Sᵀ) Dᵀ = S Yᵀ
+    norms = jnp.linalg.norm(D_new, axis=0)
+    ok = norms > 0
+    D_new = jnp.where(ok[None, :], D_new / jnp.where(ok, norms, 1.0)[None, :], D)
+    S_new = S * jnp.where(ok, norms, 1.0)[:, None]  # keep D·S: the atom norms move into S
+    return D_new, S_new
+
+
+def ksvd(
+    Y: jax.Array,
+    n_atoms: int,
+    sparsity: int,
+    n_iterations: int,
+    *,
+    key: jax.Array | int = 0,
+    method: str = "power",
+    power_iterations: int = 8,
+    unused: str = "skip",
+    init: jax.Array | None = None,
+    dtype=None,
+    omp_chunk_size: int | None = None,
+    omp_memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    progress: bool = False,
+) -> KSVDResult:
+    """Learn D [d, k] and column-sparse S [k, n] with Y ≈ D S.
+
+    Args:
+        Y: target [d, n] (e.g. whitened weights L·W, d = d_in, n = d_out).
+        n_atoms: k >= 1, k <= n (initialisation draws k distinct columns of Y).
+        sparsity: s, 1 <= s <= k, non-zeros per column.
+        n_iterations: T >= 0 alternations (T = 0: initial dictionary + one OMP pass).
+        key: jax.random key or int seed for the initialisation.
+        method: "power" | "exact" | "mod".
+        power_iterations: power steps per atom (``power`` only), >= 1.
+        unused: "skip" (paper) or "reseed" (worst-represented column of Y).
+        init: optional initial dictionary [d, k] (normalised here) instead of random columns.
+        dtype: float32 / float64 (default: float64 if x64 is on and Y is f64, else float32).
+        omp_chunk_size, omp_memory_budget_bytes: passed to :func:`batch_omp`.
+        progress: show a tqdm bar with ETA over the iterations.
+    """
+    if not isinstance(n_iterations, (int, np.integer)) or n_iterations < 0:
+        raise ValueError(f"n_iterations must be an int >= 0, got {n_iterations!r}.")
+    if method not in _UPDATES:
+        raise ValueError(f"method must be one of {_UPDATES}, got {method!r}.")
+    if unused not in _UNUSED:
+        raise ValueError(f"unused must be one of {_UNUSED}, got {unused!r}.")
+    if not isinstance(power_iterations, (int, np.integer)) or power_iterations < 1:
+        raise ValueError(f"power_iterations must be an int >= 1, got {power_iterations!r}.")
+    if np.ndim(Y) != 2:
+        raise ValueError(f"Y must be a [d, n] matrix, got shape {np.shape(Y)}.")
+    if not isinstance(n_atoms, (int, np.integer)) or n_atoms < 1:
+        raise ValueError(f"n_atoms k must be an int >= 1, got {n_atoms!r}.")
+    if not isinstance(sparsity, (int, np.integer)) or not 1 <= sparsity <= n_atoms:
+        raise ValueError(f"sparsity s must be an int with 1 <= s <= k = {n_atoms}, got {sparsity!r}.")
+    dtype = resolve_float_dtype(dtype, Y)
+    check_finite("Y", Y)
+    Y = jnp.asarray(Y, dtype)
+    if init is None:
+        if isinstance(key, (int, np.integer)):
+            key = jax.random.key(int(key))
+        D = init_dictionary(Y, int(n_atoms), key)
+    else:
+        if np.shape(init) != (Y.shape[0], n_atoms):
+            raise ValueError(f"init must be [d, k] = [{Y.shape[0]}, {n_atoms}], got {np.shape(init)}.")
+        check_finite("init", init)
+        D = jnp.asarray(init, dtype)
+        D = D / jnp.linalg.norm(D, axis=0)
+
+    def code(D):
+        gram = jnp.matmul(D.T, D, precision=_HI)
+        corr = jnp.matmul(D.T, Y, precision=_HI)
+        return batch_omp(
+            gram, corr, int(sparsity), dtype=dtype, chunk_size=omp_chunk_size, memory_budget_bytes=omp_memory_budget_bytes
+        )
+
+    objective, after_coding, n_unused, n_early = [], [], [], []
+    iterator = range(max(int(n_iterations), 1))
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc=f"K-SVD ({method})", unit="it")
+    codes = None
+    S = None
+    for t in iterator:
+        codes = code(D)
+        S = codes.to_dense(int(n_atoms))
+        err = float(relative_error(Y, D, S))
+        if t == 0:
+            objective.append(err)
+        if n_iterations == 0:
+            break
+        after_coding.append(err)
+        n_early.append(int(codes.n_early_stopped))
+        D, S, unused_count = update_dictionary(Y, D, S, method=method, power_iterations=int(power_iterations), unused=unused)
+        n_unused.append(int(unused_count))
+        objective.append(float(relative_error(Y, D, S)))
+        if progress:
+            iterator.set_postfix(err=f"{objective[-1]:.4f}")
+    return KSVDResult(
+        dictionary=D,
+        coefficients=S,
+        codes=codes,
+        objective=np.asarray(objective),
+        objective_after_coding=np.asarray(after_coding),
+        n_unused_atoms=np.asarray(n_unused, dtype=np.int32),
+        n_early_stopped=np.asarray(n_early, dtype=np.int32),
+    )
