@@ -1,0 +1,258 @@
+"""Whole-model compression: calibration, grouping, per-matrix fitting and metrics, factored layers.
+
+``compress(model, tokenizer, method=..., ratio=...)`` returns a compressed copy of the model and a report with
+one row per matrix: functional error on the calibration Gram and on a held-out Gram, weight error, k/s or r,
+realised ratio, damping, early-stopped OMP columns and time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from .calib.cache import GramKey, cached_path, load_grams, model_fingerprint, save_grams
+from .calib.grams import Grams, collect_grams
+from .data.calibration import sample_windows, tokenizer_fingerprint
+from .data.text import load_text
+from .layers import QUANTIZATIONS, quantize_coefficients, replace_projection
+from .methods import METHODS, make_method
+from .methods.base import DictFactors, functional_error, weight_error
+from .models.paths import PROJECTION_TYPES, projection_path, projection_weight
+from .models.transformer import CausalLM
+
+# The paper's grouping (Basis Sharing protocol): q, k, v, gate, up shared across consecutive layers; o, down private.
+DEFAULT_SHARED_TYPES = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """Where calibration and held-out statistics come from (paper: RefinedWeb, 256 x 1024, seed 42)."""
+
+    source: str = "embedded:calibration"
+    nsamples: int = 256
+    seqlen: int = 1024
+    seed: int = 42
+    heldout_source: str | None = "embedded:heldout"
+    heldout_nsamples: int = 32
+    batch_size: int = 8
+    cache_dir: str | None = None  # Gram cache (keyed by model, tokenizer, source, nsamples, seqlen, seed)
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    method: str = "cospadi"
+    ratio: float = 0.2  # fraction of parameters removed, per matrix
+    rho: float = 2.0  # k / s (CoSpaDi)
+    accounting: str = "eq11"  # CoSpaDi storage accounting: eq11 (14-bit values) | eq10 (bitmask)
+    group_size: int = 1  # m consecutive layers sharing a basis (grouped CoSpaDi, Basis Sharing)
+    shared_types: tuple[str, ...] = DEFAULT_SHARED_TYPES
+    layers: tuple[int, ...] | None = None  # None = all layers
+    proj_types: tuple[str, ...] = PROJECTION_TYPES
+    ksvd_iterations: int = 60
+    power_iterations: int = 8
+    dict_update: str = "power"  # power | exact | mod
+    reseed_unused: bool = False  # paper: unused atoms are skipped; True re-seeds them (K-SVD original)
+    seed: int = 42
+    mode: str = "dense"  # DictLinear evaluation path: dense | factored
+    quantization: str | None = None  # None | bf16-14bit | int8 (CoSpaDi coefficients)
+
+    def validate(self, n_layers: int) -> None:
+        """Raise ValueError naming the bad field before any work starts."""
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; available: {', '.join(sorted(METHODS))}")
+        if not 0.0 < self.ratio < 1.0:
+            raise ValueError(f"ratio must be in (0, 1) (fraction of parameters removed), got {self.ratio}")
+        if self.rho < 1.0:
+            raise ValueError(f"rho = k/s must be >= 1 (s <= k), got {self.rho}")
+        bad = [t for t in (*self.proj_types, *self.shared_types) if t not in PROJECTION_TYPES]
+        if bad:
+            raise ValueError(f"unknown projection type(s) {bad}; use {PROJECTION_TYPES}")
+        bad_layers = [i for i in (self.layers or ()) if not 0 <= i < n_layers]
+        if bad_layers:
+            raise ValueError(f"layer index {bad_layers} out of range: the model has {n_layers} layers")
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        if self.group_size > 1:
+            if not METHODS[self.method].supports_groups:
+                raise ValueError(f"method {self.method!r} does not share bases; use group_size=1")
+            layers = self.layers if self.layers is not None else range(n_layers)
+            if len(list(layers)) % self.group_size:
+                raise ValueError(
+                    f"group_size={self.group_size} does not divide the {len(list(layers))} compressed layers; "
+                    "choose a divisor or select layers so that groups are complete (no remainder rule is applied)."
+                )
+        if self.dict_update not in ("power", "exact", "mod"):
+            raise ValueError(f"dict_update must be power, exact or mod, got {self.dict_update!r}")
+        if self.ksvd_iterations < 0 or self.power_iterations < 1:
+            raise ValueError("ksvd_iterations must be >= 0 and power_iterations >= 1")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {self.quantization!r}; use one of {QUANTIZATIONS}")
+        if self.mode not in ("dense", "factored"):
+            raise ValueError(f"mode must be 'dense' or 'factored', got {self.mode!r}")
+
+
+@dataclass
+class MatrixReport:
+    path: str
+    group: list[str]
+    d_in: int
+    d_out: int
+    method: str
+    functional_error_calib: float
+    functional_error_heldout: float | None
+    weight_error: float
+    realised_ratio: float  # storage removed (bytes, the paper's CR; a group's shared basis split evenly)
+    realised_ratio_params: float  # stored numbers removed (no mask/index bits)
+    dense_params: int
+    compressed_params: float
+    seconds: float
+    k: int | None = None
+    s: int | None = None
+    rank: int | None = None
+    jitter: float | None = None
+    lambda_min: float | None = None
+    condition_number: float | None = None
+    early_stopped_columns: int | None = None
+    quantization_error: float | None = None
+    objective: list[float] | None = None
+
+
+@dataclass
+class CompressionReport:
+    config: dict
+    calibration: dict
+    matrices: list[MatrixReport] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def realised_ratio(self) -> float:
+        """Storage removed over all compressed matrices (bytes, the paper's CR; a shared basis counted once)."""
+        dense = sum(m.dense_params for m in self.matrices)
+        return 1.0 - sum((1 - m.realised_ratio) * m.dense_params for m in self.matrices) / dense
+
+    def to_dict(self) -> dict:
+        return {"config": self.config, "calibration": self.calibration, "seconds": self.seconds,
+                "realised_ratio": self.realised_ratio, "matrices": [asdict(m) for m in self.matrices]}
+
+
+def work_units(cfg: CompressionConfig, n_layers: int) -> list[list[str]]:
+    """Projection paths grouped into fitting units: a shared group of m consecutive layers, or one matrix."""
+    layers = list(cfg.layers) if cfg.layers is not None else list(range(n_layers))
+    units = []
+    for proj in cfg.proj_types:
+        m = cfg.group_size if proj in cfg.shared_types else 1
+        for g in range(0, len(layers), m):
+            units.append([projection_path(i, proj) for i in layers[g : g + m]])
+    return units
+
+
+def calibration_grams(model: CausalLM, tokenizer: Any, spec: CalibrationSpec, layers: list[int] | None,
+                      *, heldout: bool = False, progress: bool = True) -> tuple[Grams, GramKey]:
+    """Grams over seeded windows of the calibration (or held-out) source, through the on-disk cache if set."""
+    source = spec.heldout_source if heldout else spec.source
+    nsamples = spec.heldout_nsamples if heldout else spec.nsamples
+    key = GramKey(model_fingerprint(model), tokenizer_fingerprint(tokenizer), source, nsamples, spec.seqlen,
+                  spec.seed, tuple(layers) if layers is not None else None)
+    path = cached_path(spec.cache_dir, key) if spec.cache_dir else None
+    if path is not None and path.exists():
+        return load_grams(path, key), key
+    windows = sample_windows(tokenizer, load_text(source), nsamples, spec.seqlen, spec.seed)
+    grams = collect_grams(model, windows, batch_size=spec.batch_size, layers=layers, progress=progress)
+    if path is not None:
+        save_grams(path, grams, key)
+    return grams, key
+
+
+def compress(
+    model: CausalLM,
+    tokenizer: Any = None,
+    *,
+    config: CompressionConfig | None = None,
+    calibration: CalibrationSpec | None = None,
+    grams: Grams | None = None,
+    heldout_grams: Grams | None = None,
+    inplace: bool = False,
+    progress: bool = True,
+    **overrides: Any,
+) -> tuple[CausalLM, CompressionReport]:
+    """Compress the model's projections with one method; returns (compressed model, report).
+
+    Either pass precomputed ``grams`` (e.g. from a cache) or a ``tokenizer`` and a ``calibration`` spec.
+    Keyword ``overrides`` set CompressionConfig fields (``method="svd_llm", ratio=0.3``). Deterministic under
+    ``config.seed``: every matrix gets its own key folded from the seed and its position.
+    """
+    config = CompressionConfig(**{**asdict(config or CompressionConfig()), **overrides})
+    n_layers = model.config.num_hidden_layers
+    config.validate(n_layers)
+    calibration = calibration or CalibrationSpec()
+    method = make_method(config)
+    t_start = time.perf_counter()
+    layers = list(config.layers) if config.layers is not None else None
+    calibration_info = asdict(calibration)
+    if method.data_aware and grams is None:
+        if tokenizer is None:
+            raise ValueError("a data-aware method needs a tokenizer (or precomputed grams) for calibration")
+        grams, key_used = calibration_grams(model, tokenizer, calibration, layers, progress=progress)
+        calibration_info["key"] = asdict(key_used)
+    if heldout_grams is None and tokenizer is not None and calibration.heldout_source:
+        heldout_grams, _ = calibration_grams(model, tokenizer, calibration, layers, heldout=True, progress=progress)
+
+    target = model if inplace else nnx.clone(model)
+    report = CompressionReport(config=asdict(config), calibration=calibration_info)
+    units = work_units(config, n_layers)
+    key = jax.random.key(config.seed)
+    bar = tqdm(units, desc=f"compress ({config.method}, CR {config.ratio})", unit="group", disable=not progress)
+    for unit_index, paths in enumerate(bar):
+        bar.set_postfix_str(paths[0] if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1})")
+        t0 = time.perf_counter()
+        Ws = [projection_weight(model, p) for p in paths]
+        shapes = {w.shape for w in Ws}
+        if len(shapes) > 1:
+            raise ValueError(f"a shared group needs equal shapes, got {dict(zip(paths, [w.shape for w in Ws]))}")
+        unit_grams = [grams.gram(p) for p in paths] if grams is not None else [None] * len(paths)
+        for p, g in zip(paths, unit_grams):
+            if g is None:
+                continue
+            if g.shape != (Ws[0].shape[0],) * 2:
+                raise ValueError(f"calibration Gram for {p} has shape {g.shape} but W has d_in = {Ws[0].shape[0]}; "
+                                 "the Grams belong to another model: recompute them for this one.")
+            if not np.all(np.isfinite(g)):
+                raise ValueError(f"calibration Gram for {p} contains NaN/inf; recompute the calibration statistics.")
+        extra = {"mean_abs": grams.mean_abs(paths[0])} if getattr(method, "needs_mean_abs", False) else {}
+        factors_list, budget = method.fit_unit(Ws, unit_grams, jax.random.fold_in(key, unit_index), **extra)
+        seconds = (time.perf_counter() - t0) / len(paths)
+        for i, (path, W, factors) in enumerate(zip(paths, Ws, factors_list)):
+            quant_err = None
+            if isinstance(factors, DictFactors) and config.quantization:
+                q = quantize_coefficients(factors.values, config.quantization)
+                quant_err = float(np.linalg.norm(q - factors.values) / np.linalg.norm(factors.values))
+                factors = DictFactors(factors.D, factors.indices, q, factors.info)
+            W_hat = factors.dense()
+            info = factors.info
+            report.matrices.append(MatrixReport(
+                path=path, group=paths, d_in=W.shape[0], d_out=W.shape[1], method=config.method,
+                functional_error_calib=functional_error(W, W_hat, unit_grams[i]) if unit_grams[i] is not None
+                else functional_error(W, W_hat, np.eye(W.shape[0])),
+                functional_error_heldout=functional_error(W, W_hat, heldout_grams.gram(path))
+                if heldout_grams is not None else None,
+                weight_error=weight_error(W, W_hat),
+                realised_ratio=budget.realised_ratio_bytes,
+                realised_ratio_params=budget.realised_ratio_params,
+                dense_params=W.size,
+                compressed_params=budget.stored_params / len(paths),
+                seconds=seconds,
+                k=info.get("k"), s=info.get("s"), rank=info.get("rank"),
+                jitter=info.get("jitter"), lambda_min=info.get("lambda_min"),
+                condition_number=info.get("condition_number"),
+                early_stopped_columns=info.get("early_stopped_columns"),
+                quantization_error=quant_err, objective=info.get("objective"),
+            ))
+            replace_projection(target, path, factors, mode=config.mode)
+    report.seconds = time.perf_counter() - t_start
+    return target, report

@@ -1,0 +1,160 @@
+"""Whole-model compression: factored layers, budget accounting, orchestration and its bad inputs."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import tiny_hf_config
+
+from cospadi_jax.budget import budget
+from cospadi_jax.calib import collect_grams
+from cospadi_jax.compress import CompressionConfig, compress, work_units
+from cospadi_jax.layers import DictLinear, LowRankLinear, quantize_coefficients, replace_projection
+from cospadi_jax.methods.base import DictFactors, LowRankFactors
+from cospadi_jax.models import forward_logits, get_module, projection_weight, random_model
+
+FAST = dict(ksvd_iterations=3, power_iterations=4)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny Qwen2 (q/k/v biases) with 4 layers, and its Grams on random tokens."""
+    cfg = tiny_hf_config("qwen2_bias", False)
+    cfg.num_hidden_layers = 4
+    model = random_model(cfg, seed=0)
+    windows = np.random.default_rng(0).integers(3, 96, size=(16, 32)).astype(np.int32)
+    heldout = np.random.default_rng(1).integers(3, 96, size=(8, 32)).astype(np.int32)
+    return model, collect_grams(model, windows, progress=False), collect_grams(model, heldout, progress=False)
+
+
+def _dict_factors(rng, d_in=64, d_out=48, k=40, s=10):
+    D = rng.normal(size=(d_in, k))
+    idx = np.stack([rng.permutation(k)[:s] for _ in range(d_out)]).astype(np.int32)
+    return DictFactors(D, idx, rng.normal(size=(d_out, s)))
+
+
+def test_dense_and_factored_paths_agree():
+    rng = np.random.default_rng(0)
+    f = _dict_factors(rng)
+    x = jnp.asarray(rng.normal(size=(2, 5, 64)), jnp.float32)
+    dense = DictLinear(f.D, f.indices, f.values, None, dtype=jnp.float32, mode="dense")(x)
+    factored = DictLinear(f.D, f.indices, f.values, None, dtype=jnp.float32, mode="factored")(x)
+    expected = np.asarray(x, np.float64) @ f.dense()
+    np.testing.assert_allclose(np.asarray(dense), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(factored), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_coefficient_quantisation_grids():
+    rng = np.random.default_rng(1)
+    v = rng.normal(size=(30, 8)).astype(np.float32)
+    q14 = quantize_coefficients(v, "bf16-14bit")
+    bits = np.asarray(jnp.asarray(q14, jnp.bfloat16)).view(np.uint16)
+    assert np.all(bits & 3 == 0)  # the two lowest bf16 mantissa bits are dropped
+    assert np.max(np.abs(q14 - v) / np.abs(v)) < 2**-5  # 5 mantissa bits left: relative error < 2^-5
+    q8 = quantize_coefficients(v, "int8")
+    scale = np.abs(v).max(1, keepdims=True) / 127
+    np.testing.assert_allclose(np.round(q8 / scale), q8 / scale, atol=1e-3)
+    assert np.max(np.abs(q8 - v)) <= scale.max() / 2 + 1e-7
+    with pytest.raises(ValueError, match="unknown coefficient quantisation"):
+        quantize_coefficients(v, "fp4")
+
+
+def test_swapping_one_projection_changes_logits_only_through_it(tiny):
+    from flax import nnx
+
+    model, _, _ = tiny
+    path = "model.layers.2.mlp.up_proj"
+    W = projection_weight(model, path)
+    exact = LowRankFactors(W, np.eye(W.shape[1]))  # an exact factorisation: logits must not move
+    ids = jnp.asarray(np.random.default_rng(2).integers(3, 96, size=(2, 16)), jnp.int32)
+    before = np.asarray(forward_logits(model, ids))
+    swapped = nnx.clone(model)
+    replace_projection(swapped, path, exact)
+    assert isinstance(get_module(swapped, path), LowRankLinear)
+    np.testing.assert_allclose(np.asarray(forward_logits(swapped, ids)), before, atol=1e-4)
+    # a perturbed factorisation moves the logits, and only layer 2's up_proj differs between the models
+    replace_projection(swapped, "model.layers.1.self_attn.q_proj",
+                       LowRankFactors(projection_weight(model, "model.layers.1.self_attn.q_proj") * 1.5,
+                                      np.eye(64)))
+    assert np.abs(np.asarray(forward_logits(swapped, ids)) - before).max() > 1e-3
+    assert get_module(swapped, "model.layers.1.self_attn.q_proj").bias is not None  # Qwen2 bias kept
+    with pytest.raises(ValueError, match="already compressed"):
+        replace_projection(swapped, path, exact)
+
+
+@pytest.mark.parametrize("method", ["svd", "svd_llm", "asvd", "cospadi", "cospadi_free"])
+def test_compress_counts_match_budget(tiny, method):
+    model, grams, heldout = tiny
+    compressed, report = compress(model, grams=grams, heldout_grams=heldout, method=method, ratio=0.3,
+                                  progress=False, **FAST)
+    assert len(report.matrices) == 4 * 7
+    for row in report.matrices:
+        b = budget(row.d_in, row.d_out, 0.3, method="low_rank" if row.rank else "cospadi")
+        module = get_module(compressed, row.path)
+        if row.rank is not None:
+            assert row.rank == b.rank and module.A.shape == (row.d_in, b.rank)
+            stored = module.A.size + module.B.size
+        else:
+            assert (row.k, row.s) == (b.n_atoms, b.sparsity)
+            assert module.D.shape == (row.d_in, b.n_atoms) and module.values.shape == (row.d_out, b.sparsity)
+            stored = module.D.size + module.values.size
+        assert stored == b.stored_params == row.compressed_params
+        assert abs(row.realised_ratio - b.realised_ratio_bytes) < 1e-12
+        assert 0 <= row.functional_error_calib < 1 and row.functional_error_heldout is not None
+    assert abs(report.realised_ratio - 0.3) < 0.05
+    # the original model is untouched
+    assert type(get_module(model, "model.layers.0.mlp.up_proj")).__name__ == "Linear"
+
+
+def test_grouped_units_share_one_dictionary(tiny):
+    model, grams, _ = tiny
+    cfg = CompressionConfig(method="cospadi", group_size=2)
+    units = work_units(cfg, 4)
+    assert ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"] in units
+    assert ["model.layers.0.self_attn.o_proj"] in units  # o and down stay private
+    compressed, report = compress(model, grams=grams, method="cospadi", group_size=2, ratio=0.3,
+                                  progress=False, **FAST)
+    a = get_module(compressed, "model.layers.0.mlp.up_proj").D[...]
+    b = get_module(compressed, "model.layers.1.mlp.up_proj").D[...]
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    row = next(r for r in report.matrices if r.path == "model.layers.0.mlp.up_proj")
+    assert row.k == budget(64, 128, 0.3, group_size=2).n_atoms
+
+
+def test_compression_is_deterministic_under_a_seed(tiny):
+    model, grams, _ = tiny
+    kw = dict(grams=grams, method="cospadi", ratio=0.3, layers=(1,), progress=False, **FAST)
+    _, r1 = compress(model, seed=3, **kw)
+    _, r2 = compress(model, seed=3, **kw)
+    assert [m.functional_error_calib for m in r1.matrices] == [m.functional_error_calib for m in r2.matrices]
+
+
+def test_bad_compression_inputs(tiny):
+    model, grams, _ = tiny
+    kw = dict(grams=grams, progress=False)
+    for overrides, message in [
+        (dict(ratio=1.2), "ratio must be in \\(0, 1\\)"),
+        (dict(ratio=0.0), "ratio must be in \\(0, 1\\)"),
+        (dict(rho=0.5), "rho = k/s must be >= 1"),
+        (dict(method="pca"), "unknown method 'pca'"),
+        (dict(proj_types=("qkv_proj",)), "unknown projection type"),
+        (dict(layers=(7,)), "layer index \\[7\\] out of range"),
+        (dict(method="cospadi", group_size=3), "group_size=3 does not divide the 4"),
+        (dict(method="svd_llm", group_size=2), "does not share bases"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            compress(model, **kw, **overrides)
+
+
+def test_bad_grams(tiny):
+    from cospadi_jax.calib import Grams
+
+    model, grams, _ = tiny
+    nan = Grams(grams.n_tokens, {k: v.copy() for k, v in grams.by_path.items()}, dict(grams.abs_sums))
+    nan.by_path["model.layers.0.self_attn.q_proj"][0, 0] = np.nan
+    with pytest.raises(ValueError, match="(?i)non-finite|nan"):
+        compress(model, grams=nan, method="svd_llm", layers=(0,), progress=False)
+    wrong = Grams(grams.n_tokens, {k: np.eye(5) for k in grams.by_path}, dict(grams.abs_sums))
+    with pytest.raises(ValueError, match="Gram"):
+        compress(model, grams=wrong, method="svd_llm", layers=(0,), progress=False)
