@@ -62,8 +62,8 @@ class CompressionConfig:
     mode: str = "dense"  # DictLinear evaluation path: dense | factored
     quantization: str | None = None  # None | bf16-14bit | int8 (CoSpaDi coefficients)
 
-    def validate(self, n_layers: int) -> None:
-        """Raise ValueError naming the bad field before any work starts."""
+    def validate(self, n_layers: int | None = None) -> None:
+        """Raise ValueError naming the bad field before any work starts (layer checks need ``n_layers``)."""
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; available: {', '.join(sorted(METHODS))}")
         if not 0.0 < self.ratio < 1.0:
@@ -73,7 +73,7 @@ class CompressionConfig:
         bad = [t for t in (*self.proj_types, *self.shared_types) if t not in PROJECTION_TYPES]
         if bad:
             raise ValueError(f"unknown projection type(s) {bad}; use {PROJECTION_TYPES}")
-        bad_layers = [i for i in (self.layers or ()) if not 0 <= i < n_layers]
+        bad_layers = [i for i in (self.layers or ()) if i < 0 or (n_layers is not None and i >= n_layers)]
         if bad_layers:
             raise ValueError(f"layer index {bad_layers} out of range: the model has {n_layers} layers")
         if self.group_size < 1:
@@ -81,10 +81,10 @@ class CompressionConfig:
         if self.group_size > 1:
             if not METHODS[self.method].supports_groups:
                 raise ValueError(f"method {self.method!r} does not share bases; use group_size=1")
-            layers = self.layers if self.layers is not None else range(n_layers)
-            if len(list(layers)) % self.group_size:
+            n = len(self.layers) if self.layers is not None else n_layers
+            if n is not None and n % self.group_size:
                 raise ValueError(
-                    f"group_size={self.group_size} does not divide the {len(list(layers))} compressed layers; "
+                    f"group_size={self.group_size} does not divide the {n} compressed layers; "
                     "choose a divisor or select layers so that groups are complete (no remainder rule is applied)."
                 )
         if self.dict_update not in ("power", "exact", "mod"):
@@ -179,6 +179,8 @@ def compress(
     heldout_grams: Grams | None = None,
     inplace: bool = False,
     progress: bool = True,
+    artifact: Any = None,
+    on_unit: Any = None,
     **overrides: Any,
 ) -> tuple[CausalLM, CompressionReport]:
     """Compress the model's projections with one method; returns (compressed model, report).
@@ -186,6 +188,10 @@ def compress(
     Either pass precomputed ``grams`` (e.g. from a cache) or a ``tokenizer`` and a ``calibration`` spec.
     Keyword ``overrides`` set CompressionConfig fields (``method="svd_llm", ratio=0.3``). Deterministic under
     ``config.seed``: every matrix gets its own key folded from the seed and its position.
+
+    ``artifact`` (a :class:`cospadi_jax.checkpoint.ArtifactWriter`) saves every finished unit and, when it already
+    holds finished units from a killed run, reuses them instead of refitting, so the result is bit-identical to an
+    uninterrupted run. ``on_unit(index, rows)`` is called after each unit (e.g. to log to wandb).
     """
     config = CompressionConfig(**{**asdict(config or CompressionConfig()), **overrides})
     n_layers = model.config.num_hidden_layers
@@ -207,9 +213,15 @@ def compress(
     report = CompressionReport(config=asdict(config), calibration=calibration_info)
     units = work_units(config, n_layers)
     key = jax.random.key(config.seed)
+    finished = artifact.finished_units() if artifact is not None else {}
     bar = tqdm(units, desc=f"compress ({config.method}, CR {config.ratio})", unit="group", disable=not progress)
     for unit_index, paths in enumerate(bar):
         bar.set_postfix_str(paths[0] if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1})")
+        if unit_index in finished:  # resumed: reuse the saved factors, never refit
+            for path, factors, row in zip(paths, *finished[unit_index]):
+                report.matrices.append(MatrixReport(**{k: v for k, v in row.items() if k != "info"}))
+                replace_projection(target, path, factors, mode=config.mode)
+            continue
         t0 = time.perf_counter()
         Ws = [projection_weight(model, p) for p in paths]
         shapes = {w.shape for w in Ws}
@@ -227,6 +239,7 @@ def compress(
         extra = {"mean_abs": grams.mean_abs(paths[0])} if getattr(method, "needs_mean_abs", False) else {}
         factors_list, budget = method.fit_unit(Ws, unit_grams, jax.random.fold_in(key, unit_index), **extra)
         seconds = (time.perf_counter() - t0) / len(paths)
+        unit_factors, unit_rows = [], []
         for i, (path, W, factors) in enumerate(zip(paths, Ws, factors_list)):
             quant_err = None
             if isinstance(factors, DictFactors) and config.quantization:
@@ -235,7 +248,7 @@ def compress(
                 factors = DictFactors(factors.D, factors.indices, q, factors.info)
             W_hat = factors.dense()
             info = factors.info
-            report.matrices.append(MatrixReport(
+            unit_rows.append(MatrixReport(
                 path=path, group=paths, d_in=W.shape[0], d_out=W.shape[1], method=config.method,
                 functional_error_calib=functional_error(W, W_hat, unit_grams[i]) if unit_grams[i] is not None
                 else functional_error(W, W_hat, np.eye(W.shape[0])),
@@ -253,6 +266,12 @@ def compress(
                 early_stopped_columns=info.get("early_stopped_columns"),
                 quantization_error=quant_err, objective=info.get("objective"),
             ))
+            unit_factors.append(factors)
             replace_projection(target, path, factors, mode=config.mode)
+        report.matrices.extend(unit_rows)
+        if artifact is not None:
+            artifact.save_unit(unit_index, unit_factors, [asdict(r) for r in unit_rows])
+        if on_unit is not None:
+            on_unit(unit_index, unit_rows)
     report.seconds = time.perf_counter() - t_start
     return target, report

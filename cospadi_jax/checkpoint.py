@@ -1,0 +1,161 @@
+"""Compressed-model artifacts in orbax, written after every finished matrix or group, resumable.
+
+Layout of an artifact directory::
+
+    metadata.json          config, config fingerprint, model identity, calibration key, versions (written first)
+    units/00017/           one orbax PyTree checkpoint per finished fitting unit: its factors and its report rows
+    progress.json          finished unit indices (rewritten atomically after each unit)
+    report.json            the final report (written last)
+
+A unit's orbax directory is finalised atomically by orbax, and ``progress.json`` is replaced atomically after it,
+so a run killed at any instant leaves only complete units listed. Resuming with a different config fingerprint
+raises; a unit listed but unreadable raises ``CorruptCheckpointError`` rather than being silently refitted.
+Nothing here unpickles: factors are arrays, everything else is JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .methods.base import DictFactors, Factors, LowRankFactors
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint file is unreadable or inconsistent."""
+
+
+class ConfigMismatchError(ValueError):
+    """Resuming into an artifact directory written under a different configuration."""
+
+
+def fingerprint(obj: Any) -> str:
+    """sha256 (16 hex) of a JSON-serialisable object, keys sorted."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def atomic_write_json(path: Path, payload: Any) -> None:
+    """Write JSON next to ``path`` and rename it over ``path`` (atomic on POSIX)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2, sort_keys=True, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _factors_tree(factors: Factors) -> dict[str, np.ndarray]:
+    if isinstance(factors, DictFactors):
+        return {"D": np.asarray(factors.D), "indices": np.asarray(factors.indices, np.int32),
+                "values": np.asarray(factors.values)}
+    return {"A": np.asarray(factors.A), "B": np.asarray(factors.B)}
+
+
+def _factors_from_tree(tree: dict[str, np.ndarray], info: dict) -> Factors:
+    if "D" in tree:
+        return DictFactors(np.asarray(tree["D"]), np.asarray(tree["indices"]), np.asarray(tree["values"]), info)
+    return LowRankFactors(np.asarray(tree["A"]), np.asarray(tree["B"]), info)
+
+
+class ArtifactWriter:
+    """Incremental artifact: ``save_unit`` after each finished unit, ``finished_units`` to resume."""
+
+    def __init__(self, directory: str | Path, metadata: dict[str, Any]):
+        self.directory = Path(directory)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            probe = self.directory / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise PermissionError(f"cannot write to the output directory {self.directory}: {exc}") from exc
+        (self.directory / "units").mkdir(exist_ok=True)
+        meta_path = self.directory / "metadata.json"
+        if meta_path.exists():
+            try:
+                stored = json.loads(meta_path.read_text())
+            except json.JSONDecodeError as exc:
+                raise CorruptCheckpointError(f"{meta_path} is not valid JSON ({exc}); delete the directory") from exc
+            if stored.get("config_fingerprint") != metadata["config_fingerprint"]:
+                raise ConfigMismatchError(
+                    f"{self.directory} was written by a run with another configuration "
+                    f"(fingerprint {stored.get('config_fingerprint')} != {metadata['config_fingerprint']}); "
+                    "it is never reused. Use a new output directory, or the original configuration to resume."
+                )
+        else:
+            atomic_write_json(meta_path, metadata)
+        self.metadata = metadata
+
+    def _progress(self) -> list[int]:
+        path = self.directory / "progress.json"
+        if not path.exists():
+            return []
+        try:
+            return list(json.loads(path.read_text())["finished"])
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise CorruptCheckpointError(f"{path} is corrupted ({exc}); delete the directory to restart") from exc
+
+    def finished_units(self) -> dict[int, tuple[list[Factors], list[dict]]]:
+        """Factors and report rows of every unit a previous run finished."""
+        import orbax.checkpoint as ocp
+
+        out = {}
+        checkpointer = ocp.StandardCheckpointer()
+        for idx in self._progress():
+            unit_dir = self.directory / "units" / f"{idx:05d}"
+            try:
+                tree = checkpointer.restore(unit_dir.resolve() / "factors")
+                rows = json.loads((unit_dir / "report.json").read_text())
+            except Exception as exc:
+                raise CorruptCheckpointError(
+                    f"unit {idx} is listed as finished but cannot be read ({type(exc).__name__}: {exc}); "
+                    f"delete {self.directory} to restart"
+                ) from exc
+            out[idx] = ([_factors_from_tree(t, r.get("info", {})) for t, r in zip(tree["factors"], rows)], rows)
+        return out
+
+    def save_unit(self, idx: int, factors: list[Factors], rows: list[dict]) -> None:
+        import orbax.checkpoint as ocp
+
+        unit_dir = self.directory / "units" / f"{idx:05d}"
+        unit_dir.mkdir(exist_ok=True)
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(unit_dir.resolve() / "factors", {"factors": [_factors_tree(f) for f in factors]},
+                          force=True)
+        checkpointer.wait_until_finished()
+        atomic_write_json(unit_dir / "report.json",
+                          [{**r, "info": {k: v for k, v in f.info.items()}} for r, f in zip(rows, factors)])
+        atomic_write_json(self.directory / "progress.json", {"finished": sorted({*self._progress(), idx})})
+
+    def finalize(self, report: dict) -> None:
+        atomic_write_json(self.directory / "report.json", report)
+
+
+def load_artifact(directory: str | Path) -> tuple[dict[str, Factors], dict[str, Any]]:
+    """Factors by projection path and the metadata of a finished artifact."""
+    directory = Path(directory)
+    if not (directory / "report.json").exists():
+        raise FileNotFoundError(f"{directory} holds no finished artifact (no report.json); resume the run first")
+    metadata = json.loads((directory / "metadata.json").read_text())
+    writer = ArtifactWriter.__new__(ArtifactWriter)
+    writer.directory, writer.metadata = directory, metadata
+    factors = {}
+    for _, (unit_factors, rows) in sorted(writer.finished_units().items()):
+        for f, row in zip(unit_factors, rows):
+            factors[row["path"]] = f
+    return factors, metadata
+
+
+def dataclass_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else dict(obj)

@@ -1,0 +1,139 @@
+"""Structured configs of the Hydra app (registered in Hydra's ConfigStore as schemas).
+
+Every YAML under ``conf/`` is validated against these dataclasses before any work starts: an unknown key or a
+wrong type is an error from OmegaConf, and impossible values are errors from :func:`validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from .compress import DEFAULT_SHARED_TYPES, CalibrationSpec, CompressionConfig
+from .models.paths import PROJECTION_TYPES
+
+
+@dataclass
+class ModelConf:
+    spec: str = "smollm2-135m"  # embedded name, .gguf path, HF directory or hub id
+    name: str = "smollm2-135m"  # short name used in run names and plots
+    dtype: str = "float32"
+    revision: Optional[str] = None
+
+
+@dataclass
+class MethodConf:
+    name: str = "cospadi"
+    label: str = "cospadi"  # the method's config name: key into paper tables and plot legends
+    ratio: float = 0.2
+    rho: float = 2.0
+    accounting: str = "eq11"
+    group_size: int = 1
+    shared_types: list[str] = field(default_factory=lambda: list(DEFAULT_SHARED_TYPES))
+    layers: Optional[list[int]] = None
+    proj_types: list[str] = field(default_factory=lambda: list(PROJECTION_TYPES))
+    ksvd_iterations: int = 60
+    power_iterations: int = 8
+    dict_update: str = "power"
+    reseed_unused: bool = False
+    mode: str = "dense"
+    quantization: Optional[str] = None
+
+
+@dataclass
+class CalibConf:
+    source: str = "embedded:calibration"
+    nsamples: int = 256
+    seqlen: int = 1024
+    seed: int = 42
+    heldout_source: Optional[str] = "embedded:heldout"
+    heldout_nsamples: int = 32
+    batch_size: int = 8
+    cache_dir: Optional[str] = ".cache/grams"
+
+
+@dataclass
+class EvalConf:
+    ppl_sources: list[str] = field(default_factory=lambda: ["embedded:heldout"])
+    seqlen: int = 512
+    max_windows: Optional[int] = 32
+    batch_size: int = 4
+    dense_baseline: bool = True
+    tasks: list[str] = field(default_factory=list)  # lm-eval tasks, e.g. the paper's eight
+    task_limit: Optional[float] = None
+    task_include_path: Optional[str] = None
+    task_batch_size: int = 8
+
+
+@dataclass
+class LoggerConf:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "cospadi-jax"
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConf = field(default_factory=ModelConf)
+    method: MethodConf = field(default_factory=MethodConf)
+    calib: CalibConf = field(default_factory=CalibConf)
+    eval: EvalConf = field(default_factory=EvalConf)
+    logger: LoggerConf = field(default_factory=LoggerConf)
+    task: str = "compress"  # compress | evaluate | plot
+    seed: int = 42
+    run_name: str = "run"
+    output_dir: str = "results/run"
+    artifact: Optional[str] = None  # task=evaluate: artifact directory to restore
+    results_glob: str = "results/**/metrics.json"  # task=plot
+    plot_dir: str = "results/plots"
+    ablation_axis: Optional[str] = None  # tagged in wandb: ksvd_iterations | power_iterations | ...
+    paper: Optional[dict[str, Any]] = None  # the paper's numbers for this setting, printed beside ours
+
+
+TASKS = ("compress", "evaluate", "plot")
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    for group, node in (("model", ModelConf), ("method", MethodConf), ("calib", CalibConf), ("eval", EvalConf),
+                        ("logger", LoggerConf)):
+        cs.store(group=group, name=f"{group}_schema", node=node)
+
+
+def compression_config(cfg: RunConfig) -> CompressionConfig:
+    m = cfg.method
+    return CompressionConfig(
+        method=m.name, ratio=m.ratio, rho=m.rho, accounting=m.accounting, group_size=m.group_size,
+        shared_types=tuple(m.shared_types), layers=tuple(m.layers) if m.layers is not None else None,
+        proj_types=tuple(m.proj_types), ksvd_iterations=m.ksvd_iterations, power_iterations=m.power_iterations,
+        dict_update=m.dict_update, reseed_unused=m.reseed_unused, seed=cfg.seed, mode=m.mode,
+        quantization=m.quantization,
+    )
+
+
+def calibration_spec(cfg: RunConfig) -> CalibrationSpec:
+    c = cfg.calib
+    return CalibrationSpec(source=c.source, nsamples=c.nsamples, seqlen=c.seqlen, seed=c.seed,
+                           heldout_source=c.heldout_source, heldout_nsamples=c.heldout_nsamples,
+                           batch_size=c.batch_size, cache_dir=c.cache_dir)
+
+
+def validate(cfg: RunConfig, n_layers: int | None = None) -> None:
+    """Impossible values raise ValueError naming the key, before any model is loaded or computed."""
+    if cfg.task not in TASKS:
+        raise ValueError(f"task={cfg.task!r} is not one of {TASKS}")
+    if cfg.logger.mode not in ("offline", "online", "disabled"):
+        raise ValueError(f"logger.mode={cfg.logger.mode!r}; use offline, online or disabled")
+    if cfg.calib.nsamples < 1 or cfg.calib.seqlen < 2:
+        raise ValueError(f"calib.nsamples >= 1 and calib.seqlen >= 2 required, got {cfg.calib.nsamples}, "
+                         f"{cfg.calib.seqlen}")
+    if cfg.eval.seqlen < 2 or (cfg.eval.max_windows is not None and cfg.eval.max_windows < 1):
+        raise ValueError("eval.seqlen >= 2 and eval.max_windows >= 1 (or null) required")
+    if cfg.task == "evaluate" and not cfg.artifact:
+        raise ValueError("task=evaluate needs artifact=<directory of a finished compression run>")
+    # Method fields are checked by the compression config itself; layer-dependent checks rerun after loading.
+    compression_config(cfg).validate(n_layers)

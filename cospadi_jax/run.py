@@ -1,0 +1,193 @@
+"""The Hydra app: ``python -m cospadi_jax.run`` (console script ``cospadi-run``).
+
+    python -m cospadi_jax.run experiment=demo                       # a few minutes on the embedded SmolLM2
+    python -m cospadi_jax.run -m method.ratio=0.2,0.3,0.4 method.rho=1.5,2
+    python -m cospadi_jax.run experiment=ablation_ksvd_iterations   # multirun over K-SVD iterations
+    python -m cospadi_jax.run task=evaluate artifact=results/<run>  # evaluate a saved artifact
+    python -m cospadi_jax.run task=plot results_glob='results/**/metrics.json'
+
+task=compress loads the model, compresses it (checkpointing every finished matrix or group into
+``output_dir``, resuming from it after a crash), evaluates perplexity (and lm-eval tasks if configured), logs to
+wandb and writes ``output_dir/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import logging
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from .checkpoint import ArtifactWriter, atomic_write_json, fingerprint, load_artifact
+from .config import RunConfig, calibration_spec, compression_config, register_configs, validate
+
+log = logging.getLogger("cospadi_jax")
+register_configs()
+
+_VERSIONED = ("jax", "jaxlib", "flax", "orbax-checkpoint", "transformers", "torch", "numpy", "lm-eval", "hydra-core",
+              "wandb", "cospadi-jax")
+
+
+def environment() -> dict[str, Any]:
+    """Git SHA and package versions for every artifact."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        sha = None
+    versions = {}
+    for name in _VERSIONED:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    import jax
+
+    return {"git_sha": sha, "versions": versions, "backend": jax.default_backend(),
+            "devices": jax.device_count(), "processes": jax.process_count()}
+
+
+def _evaluate(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, Any]:
+    from .data.text import load_text
+    from .eval import perplexity
+
+    out: dict[str, Any] = {"perplexity": {}}
+    for source in cfg.eval.ppl_sources:
+        out["perplexity"][source] = perplexity(
+            model, tokenizer, load_text(source), seqlen=cfg.eval.seqlen, max_windows=cfg.eval.max_windows,
+            batch_size=cfg.eval.batch_size).to_dict()
+    if cfg.eval.tasks:
+        from .eval.harness import evaluate_zero_shot
+
+        out["zero_shot"] = evaluate_zero_shot(
+            model, tokenizer, cfg.eval.tasks, batch_size=cfg.eval.task_batch_size, limit=cfg.eval.task_limit,
+            include_path=cfg.eval.task_include_path)
+        out["zero_shot"].pop("raw", None)
+    return out
+
+
+def _tracker(cfg: RunConfig, resolved: dict) -> Any:
+    from .tracking import Tracker
+
+    tags = list(cfg.logger.tags) + [f"method:{cfg.method.name}", f"model:{cfg.model.name}"]
+    if cfg.ablation_axis:
+        tags.append(f"ablation:{cfg.ablation_axis}")
+    return Tracker(mode=cfg.logger.mode, project=cfg.logger.project, name=cfg.run_name, group=cfg.logger.group,
+                   tags=tags, config=resolved, directory=cfg.output_dir)
+
+
+def run_compress(cfg: RunConfig, resolved: dict) -> dict[str, Any]:
+    from . import load_model
+    from .compress import compress
+
+    out_dir = Path(cfg.output_dir)
+    metadata = {"config": resolved, "config_fingerprint": fingerprint({k: v for k, v in resolved.items()
+                                                                       if k not in ("logger", "eval")}),
+                "model": dataclasses.asdict(cfg.model), **environment()}
+    artifact = ArtifactWriter(out_dir, metadata)  # fails fast on an unwritable dir or a different config
+    tracker = _tracker(cfg, resolved)
+    try:
+        t0 = time.perf_counter()
+        model, tokenizer = load_model(cfg.model.spec, cfg.model.dtype, revision=cfg.model.revision)
+        compression_config(cfg).validate(model.config.num_hidden_layers)
+        metrics: dict[str, Any] = {"config": resolved, **environment(), "timings": {"load_s": time.perf_counter() - t0}}
+        if cfg.eval.dense_baseline:
+            t0 = time.perf_counter()
+            metrics["dense"] = _evaluate(model, tokenizer, cfg)
+            metrics["timings"]["dense_eval_s"] = time.perf_counter() - t0
+
+        def on_unit(index: int, rows: list) -> None:
+            for row in rows:
+                if row.objective:
+                    tracker.log_objective(row.path, row.objective)
+
+        compressed, report = compress(model, tokenizer, config=compression_config(cfg),
+                                      calibration=calibration_spec(cfg), artifact=artifact, on_unit=on_unit)
+        metrics["timings"]["compress_s"] = report.seconds
+        t0 = time.perf_counter()
+        metrics["compressed"] = _evaluate(compressed, tokenizer, cfg)
+        metrics["timings"]["eval_s"] = time.perf_counter() - t0
+        report_dict = report.to_dict()
+        artifact.finalize(report_dict)
+        metrics.update(realised_ratio=report.realised_ratio, calibration_key=report.calibration.get("key"),
+                       matrices=report_dict["matrices"], paper=cfg.paper)
+        atomic_write_json(out_dir / "metrics.json", metrics)
+        tracker.log_table("matrices", [{k: v for k, v in m.items() if k not in ("objective", "group")}
+                                       for m in report_dict["matrices"]])
+        summary = {"realised_ratio": report.realised_ratio, **metrics["timings"]}
+        for source, r in metrics["compressed"]["perplexity"].items():
+            summary[f"ppl/{source}"] = r["perplexity"]
+        if "zero_shot" in metrics["compressed"]:
+            summary["zero_shot/average"] = metrics["compressed"]["zero_shot"]["average"]
+        tracker.log(summary)
+        tracker.summary(summary)
+        _print_summary(cfg, metrics)
+        return metrics
+    finally:
+        tracker.finish()
+
+
+def _print_summary(cfg: RunConfig, metrics: dict) -> None:
+    rows = []
+    for source, r in metrics["compressed"]["perplexity"].items():
+        dense = metrics.get("dense", {}).get("perplexity", {}).get(source, {}).get("perplexity")
+        rows.append(f"  {source}: perplexity {r['perplexity']:.3f}" + (f" (dense {dense:.3f})" if dense else ""))
+    print(f"{cfg.run_name}: {cfg.method.name} at CR {cfg.method.ratio} -> realised "
+          f"{metrics['realised_ratio']:.4f}\n" + "\n".join(rows))
+    theirs = (cfg.paper or {}).get(cfg.method.label, {}).get(f"{cfg.method.ratio:g}")
+    if theirs:
+        ours = {"avg_acc": metrics["compressed"].get("zero_shot", {}).get("average")}
+        print(f"  paper ({cfg.method.label}, CR {cfg.method.ratio:g}): " + ", ".join(f"{k} {v}" for k, v in theirs.items())
+              + f" | ours: avg_acc {ours['avg_acc']}")
+
+
+def run_evaluate(cfg: RunConfig) -> dict[str, Any]:
+    """Restore a saved artifact into its base model and evaluate it, without recompressing."""
+    from . import load_model
+    from .layers import replace_projection
+
+    factors, metadata = load_artifact(cfg.artifact)
+    model_conf = metadata["model"]
+    model, tokenizer = load_model(model_conf["spec"], model_conf["dtype"], revision=model_conf.get("revision"))
+    mode = metadata["config"]["method"]["mode"]
+    for path, f in factors.items():
+        replace_projection(model, path, f, mode=mode)
+    metrics = {"artifact": str(cfg.artifact), "compressed": _evaluate(model, tokenizer, cfg), **environment()}
+    atomic_write_json(Path(cfg.artifact) / "evaluation.json", metrics)
+    for source, r in metrics["compressed"]["perplexity"].items():
+        print(f"{cfg.artifact}: {source} perplexity {r['perplexity']:.3f}")
+    return metrics
+
+
+def execute(cfg: DictConfig) -> dict[str, Any]:
+    """Run one job from a composed config (used by the Hydra entry point and by tests)."""
+    run_cfg: RunConfig = OmegaConf.to_object(cfg)  # structured schema: unknown keys and wrong types fail here
+    validate(run_cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if run_cfg.task == "compress":
+        return run_compress(run_cfg, resolved)
+    if run_cfg.task == "evaluate":
+        return run_evaluate(run_cfg)
+    import glob
+
+    from .plots import plot_results
+
+    return plot_results(sorted(glob.glob(run_cfg.results_glob, recursive=True)), run_cfg.plot_dir)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    metrics = execute(cfg)
+    ppl = metrics.get("compressed", {}).get("perplexity", {}) if isinstance(metrics, dict) else {}
+    return next(iter(ppl.values()))["perplexity"] if ppl else None  # Hydra sweepers optimise the return value
+
+
+if __name__ == "__main__":
+    main()

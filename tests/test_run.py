@@ -1,0 +1,140 @@
+"""The Hydra app end to end on a tiny model: metrics, artifacts, evaluate, plot, crash-safe resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import save_tiny_model_with_tokenizer
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+
+import cospadi_jax.run as run_app
+from cospadi_jax.checkpoint import ConfigMismatchError, load_artifact
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_model_with_tokenizer(tmp_path_factory.mktemp("tiny"), family="qwen2_bias", tied=False,
+                                          layers=2)
+
+
+def _overrides(tiny_dir, out, *extra):
+    return [f"model.spec={tiny_dir}", "model.name=tiny", f"output_dir={out}", "logger.mode=offline",
+            "calib.nsamples=8", "calib.seqlen=32", "calib.heldout_nsamples=4", "calib.batch_size=4",
+            f"calib.cache_dir={out}/../gram-cache", "eval.seqlen=32", "eval.max_windows=4",
+            "method.ksvd_iterations=2", "method.power_iterations=2", *extra]
+
+
+def _compose(overrides):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def test_compress_job_writes_metrics_artifact_and_wandb(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    metrics = run_app.execute(_compose(_overrides(tiny_dir, out)))
+    saved = json.loads((out / "metrics.json").read_text())
+    for key in ("config", "realised_ratio", "dense", "compressed", "matrices", "timings", "git_sha", "versions",
+                "calibration_key"):
+        assert key in saved, key
+    assert saved["config"]["method"]["ratio"] == 0.2 and abs(saved["realised_ratio"] - 0.2) < 0.05
+    assert len(saved["matrices"]) == 2 * 7 and saved["versions"]["jax"]
+    assert saved["calibration_key"]["nsamples"] == 8
+    assert (out / "wandb").exists()  # offline wandb run, no network needed
+    # the artifact restores into a model with the same perplexity, without recompressing
+    evaluated = run_app.execute(_compose(_overrides(tiny_dir, out, "task=evaluate", f"artifact={out}")))
+    ours = metrics["compressed"]["perplexity"]["embedded:heldout"]["perplexity"]
+    assert evaluated["compressed"]["perplexity"]["embedded:heldout"]["perplexity"] == pytest.approx(ours, rel=1e-6)
+    # and the plot task draws it
+    plotted = run_app.execute(_compose(_overrides(tiny_dir, out, "task=plot", f"results_glob={out}/metrics.json",
+                                                  f"plot_dir={tmp_path / 'plots'}")))
+    assert any(f.endswith(".png") for f in plotted["figures"]) and any(f.endswith(".svg") for f in plotted["figures"])
+    assert "tiny" in Path(plotted["table"]).read_text()
+
+
+def _run_cli(tiny_dir, out, *extra, env=None):
+    cmd = [sys.executable, "-m", "cospadi_jax.run", *_overrides(tiny_dir, out, *extra), "eval.dense_baseline=false"]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_bit_identical(tiny_dir, tmp_path):
+    """SIGKILL mid-way, restart with the same config: continues from the last finished unit, same factors."""
+    extra = ["method.ksvd_iterations=6", "logger.mode=disabled"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    reference = _run_cli(tiny_dir, tmp_path / "ref", *extra, env=env)
+    assert reference.wait(timeout=600) == 0, reference.stderr.read().decode()[-2000:]
+
+    out = tmp_path / "killed"
+    proc = _run_cli(tiny_dir, out, *extra, env=env)
+    progress, finished = out / "progress.json", []
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if progress.exists():
+            finished = json.loads(progress.read_text())["finished"]
+            if len(finished) >= 2:
+                proc.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (out / "report.json").exists() and 2 <= len(finished) < 14
+
+    resumed = _run_cli(tiny_dir, out, *extra, env=env)
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()[-2000:]
+    ref_factors, _ = load_artifact(tmp_path / "ref")
+    got_factors, _ = load_artifact(out)
+    assert ref_factors.keys() == got_factors.keys() and len(got_factors) == 14
+    for path, ref in ref_factors.items():
+        got = got_factors[path]
+        for name in ("D", "indices", "values"):
+            np.testing.assert_array_equal(getattr(got, name), getattr(ref, name), err_msg=f"{path}.{name}")
+    ref_ppl = json.loads((tmp_path / "ref" / "metrics.json").read_text())["compressed"]["perplexity"]
+    got_ppl = json.loads((out / "metrics.json").read_text())["compressed"]["perplexity"]
+    assert ref_ppl == got_ppl
+
+
+def test_bad_inputs(tiny_dir, tmp_path):
+    with pytest.raises(ConfigCompositionException):  # wrong type for a typed key
+        _compose(_overrides(tiny_dir, tmp_path / "a", "method.ratio=abc"))
+    with pytest.raises(ConfigCompositionException):  # unknown key
+        _compose(_overrides(tiny_dir, tmp_path / "a", "method.ratioo=0.3"))
+    with pytest.raises(ValueError, match="ratio must be in"):  # impossible value, before any work
+        run_app.execute(_compose(_overrides(tiny_dir, tmp_path / "b", "method.ratio=1.5")))
+    assert not (tmp_path / "b").exists()
+    with pytest.raises((MissingConfigException, ConfigCompositionException), match="nope"):
+        _compose(_overrides(tiny_dir, tmp_path / "a", "experiment=nope"))
+    with pytest.raises(FileNotFoundError, match="model not found"):
+        run_app.execute(_compose(_overrides(tiny_dir, tmp_path / "c", "model.spec=/no/such/model")))
+    with pytest.raises(PermissionError, match="cannot write to the output directory"):
+        run_app.execute(_compose(_overrides(tiny_dir, "/proc/cospadi-forbidden")))
+    with pytest.raises(ValueError, match="task=evaluate needs artifact"):
+        run_app.execute(_compose(_overrides(tiny_dir, tmp_path / "d", "task=evaluate")))
+
+
+def test_resume_with_a_different_config_is_refused(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    run_app.execute(_compose(_overrides(tiny_dir, out, "method.name=svd_llm", "eval.dense_baseline=false")))
+    with pytest.raises(ConfigMismatchError, match="another configuration"):
+        run_app.execute(_compose(_overrides(tiny_dir, out, "method.name=svd_llm", "method.ratio=0.3")))
+
+
+def test_every_experiment_config_composes():
+    names = sorted(p.stem for p in Path(CONF, "experiment").glob("*.yaml"))
+    assert {"demo", "ablation_ksvd_iterations", "ablation_power_iterations", "ablation_dict_update",
+            "ablation_calib_size", "ablation_rho", "sweep_smollm2", "paper_table1_llama32_1b"} <= set(names)
+    for name in names:
+        cfg = _compose([f"experiment={name}"])
+        run_app.validate(run_app.OmegaConf.to_object(cfg))
+    paper = _compose(["experiment=paper_table1_llama32_1b"])
+    assert paper.paper.cospadi["0.2"].avg_acc == 42.7 and paper.paper.svd_llm["0.4"].wiki_ppl == 1600
