@@ -70,6 +70,8 @@ class Budget:
 
 def _exact(x, name: str) -> Fraction:
     # Exact rational arithmetic so that e.g. (1 − 0.3)·… never floors one below an integer.
+    if isinstance(x, (str, bool)):
+        raise TypeError(f"{name} must be a real number, got {x!r}.")
     try:
         return Fraction(x).limit_denominator(10**9)
     except (TypeError, ValueError) as exc:

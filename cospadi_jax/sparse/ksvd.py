@@ -134,7 +134,7 @@ def update_dictionary(Y, D, S, *, method: str = "power", power_iterations: int =
             R = (E + jnp.outer(d_i, s_i)) * fmask
             U, sv, Vt = jnp.linalg.svd(R, full_matrices=False)
             u = U[:, 0]
-            g = sv[0] * Vt[0]
+            g = sv[0] * Vt[0] * fmask  # exact zeros off Ω_i (the SVD leaves roundoff there)
         new_d = jnp.where(used, u, d_i)
         new_s = jnp.where(used, g, s_i)
         if unused == "reseed":
