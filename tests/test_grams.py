@@ -55,3 +55,28 @@ def test_grams_bad_input(tmp_path):
         grams.gram("model.layers.0.mlp.up_proj")
     with pytest.raises(ValueError, match="not a projection path"):
         grams.gram("model.layers.1.mlp.fc1")
+
+
+def test_gram_cache_roundtrip_and_refuses_another_model_or_tokenizer(tmp_path):
+    from dataclasses import replace
+
+    from cospadi_jax.calib.cache import GramKey, StaleCacheError, cached_path, load_grams, model_fingerprint, save_grams
+    from cospadi_jax.models import random_model
+
+    model = random_model(tiny_hf_config("llama_mha", True), seed=0)
+    other = random_model(tiny_hf_config("llama_mha", True), seed=1)
+    grams = collect_grams(model, np.ones((2, 8), np.int32), progress=False)
+    key = GramKey(model_fingerprint(model), "tokenizer-a", "embedded:calibration", 2, 8, 0)
+    path = save_grams(cached_path(tmp_path, key), grams, key)
+    loaded = load_grams(path, key)
+    assert loaded.n_tokens == grams.n_tokens and loaded.by_path.keys() == grams.by_path.keys()
+    for k in grams.by_path:
+        np.testing.assert_array_equal(loaded.by_path[k], grams.by_path[k])
+        np.testing.assert_array_equal(loaded.abs_sums[k], grams.abs_sums[k])
+    assert model_fingerprint(other) != key.model
+    for changed in (replace(key, model=model_fingerprint(other)), replace(key, tokenizer="tokenizer-b"),
+                    replace(key, seed=1)):
+        assert cached_path(tmp_path, changed) != path  # a changed key recomputes...
+        with pytest.raises(StaleCacheError, match="different setting"):  # ...and a copied file is refused
+            load_grams(path, changed)
+    assert not list(tmp_path.glob("*.tmp*"))  # atomic write left no temporary file
