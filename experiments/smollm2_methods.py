@@ -24,14 +24,14 @@ from cospadi_jax.compress import CalibrationSpec, calibration_grams, compress
 from cospadi_jax.data import load_text
 from cospadi_jax.eval import make_windows, windows_perplexity
 
-METHODS = {  # label -> compress() overrides
-    "SVD": dict(method="svd"),
-    "ASVD": dict(method="asvd"),
+METHODS = {  # label -> compress() overrides; the pairs the paper's claims compare come first
     "SVD-LLM": dict(method="svd_llm"),
-    "Basis Sharing": dict(method="basis_sharing", group_size=2),
-    "CoSpaDi†": dict(method="cospadi_free"),
     "CoSpaDi": dict(method="cospadi"),
+    "CoSpaDi†": dict(method="cospadi_free"),
     "CoSpaDi (grouped)": dict(method="cospadi", group_size=2),
+    "Basis Sharing": dict(method="basis_sharing", group_size=2),
+    "ASVD": dict(method="asvd"),
+    "SVD": dict(method="svd"),
 }
 OUT = Path(__file__).parent / "results"
 
