@@ -8,6 +8,8 @@ the dictionary D: [d_in, k] and a column-sparse S: [k, d_out] stored per output 
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -109,17 +111,32 @@ def weight_error(W: np.ndarray, W_hat: np.ndarray) -> float:
     return float(np.linalg.norm(W - W_hat) / np.linalg.norm(W))
 
 
+_WHITENING_CACHE: OrderedDict[str, tuple[np.ndarray, dict[str, float]]] = OrderedDict()
+_WHITENING_CACHE_SIZE = 8
+
+
 def whitening_factor(gram: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
     """Upper-triangular L [d_in, d_in] with LᵀL = G (+ damping if needed), in float64, and the damping report.
 
     Whitening always runs in float64 (x64 enabled for this call only): calibration Grams of LLM activations
-    have condition numbers far beyond float32's reach.
+    have condition numbers far beyond float32's reach. q/k/v (and gate/up) share one Gram, so the last few
+    factors are memoised by the Gram's content hash: the Cholesky and its eigen-diagnostics run once per input.
     """
+    gram = np.ascontiguousarray(gram, np.float64)
+    digest = hashlib.sha1(gram.data).hexdigest() + str(gram.shape)
+    if digest in _WHITENING_CACHE:
+        _WHITENING_CACHE.move_to_end(digest)
+        L, info = _WHITENING_CACHE[digest]
+        return L, dict(info)
     with jax.enable_x64(True):
-        result = whiten(np.asarray(gram, np.float64), dtype=np.float64)
+        result = whiten(gram, dtype=np.float64)
         L = np.asarray(result.L, np.float64)
     info = {"jitter": result.jitter, "lambda_min": result.lambda_min, "condition_number": result.condition_number}
-    return L, info
+    L.setflags(write=False)  # shared between callers
+    _WHITENING_CACHE[digest] = (L, info)
+    while len(_WHITENING_CACHE) > _WHITENING_CACHE_SIZE:
+        _WHITENING_CACHE.popitem(last=False)
+    return L, dict(info)
 
 
 def unwhiten(L: np.ndarray, X: np.ndarray) -> np.ndarray:
