@@ -1,0 +1,135 @@
+"""Worker for tests/test_distributed.py, run in a subprocess so the device count is its own.
+
+    python tests/_distributed_worker.py single OUT.npz
+        (env XLA_FLAGS=--xla_force_host_platform_device_count=8): one process, 8 CPU devices;
+        writes single-device references and the sharded results.
+    python tests/_distributed_worker.py multi OUT.npz COORDINATOR NUM_PROCESSES PROCESS_ID
+        (env JAX_NUM_CPU_DEVICES=4): one process of a jax.distributed run; sharded OMP over all
+        global devices, gathered to the host, plus this rank's share of independent units.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+# Problem sizes: tiny on purpose (the CI box has 2 cores). n = 301 is not a multiple of 8,
+# so the padding path is exercised.
+D_IN, K, N, S = 32, 48, 301, 6
+N_UNITS, UNIT_N, UNIT_K, UNIT_S = 5, 64, 16, 3
+
+
+def make_problem(seed: int = 0):
+    """Unit-norm D [d, k], Y [d, n], Gram DᵀD [k, k], correlations DᵀY [k, n] (float32, float64 products)."""
+    rng = np.random.default_rng(seed)
+    D = rng.standard_normal((D_IN, K))
+    D /= np.linalg.norm(D, axis=0)
+    Y = rng.standard_normal((D_IN, N))
+    return D.astype(np.float32), Y.astype(np.float32), (D.T @ D).astype(np.float32), (D.T @ Y).astype(np.float32)
+
+
+def make_units(seed: int = 1) -> list[np.ndarray]:
+    """Independent fitting units (stand-ins for matrices / shared groups): targets [d, UNIT_N]."""
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((D_IN, UNIT_N)).astype(np.float32) for _ in range(N_UNITS)]
+
+
+def fit_unit(index: int, Y: np.ndarray) -> dict[str, np.ndarray]:
+    """What compress() does per unit, reduced: K-SVD with the unit's key folded from the seed."""
+    import jax
+
+    from cospadi_jax.sparse.ksvd import ksvd
+
+    key = jax.random.fold_in(jax.random.key(42), index)
+    res = ksvd(Y, UNIT_K, UNIT_S, 2, key=key)
+    return {"D": np.asarray(res.dictionary), "indices": np.asarray(res.codes.indices)}
+
+
+def run_single(out: str) -> None:
+    import jax
+
+    from cospadi_jax import distributed as dist
+    from cospadi_jax.sparse.ksvd import ksvd
+    from cospadi_jax.sparse.omp import batch_omp
+
+    mesh = dist.make_mesh()
+    D, Y, G, C = make_problem()
+    res: dict[str, np.ndarray] = {"device_count": np.asarray(jax.device_count())}
+    ref = batch_omp(G, C, S)  # uncommitted inputs: runs on one device
+    sh = dist.sharded_batch_omp(G, C, S, mesh)
+    res.update(ref_omp_indices=ref.indices, ref_omp_values=ref.values, ref_omp_early=ref.n_early_stopped,
+               omp_indices=sh.indices, omp_values=sh.values, omp_early=sh.n_early_stopped,
+               omp_n_shards=np.asarray(len({s.device for s in sh.indices.addressable_shards})))
+    # n = 304 (multiple of 8): the result stays column-sharded, one block per device.
+    sh304 = dist.sharded_batch_omp(G, np.pad(C, ((0, 0), (0, 3))), S, mesh)
+    res["omp304_block_rows"] = np.asarray(sorted({s.data.shape[0] for s in sh304.indices.addressable_shards}))
+    for method in ("power", "mod"):
+        r = ksvd(Y, K, S, 2, key=3, method=method)
+        q = dist.sharded_ksvd(Y, K, S, 2, mesh, key=3, method=method)
+        for name, a, b in (("D", r.dictionary, q.dictionary), ("S", r.coefficients, q.coefficients),
+                           ("indices", r.codes.indices, q.codes.indices), ("objective", r.objective, q.objective),
+                           ("n_unused", r.n_unused_atoms, q.n_unused_atoms)):
+            res[f"ref_ksvd_{method}_{name}"] = np.asarray(a)
+            res[f"ksvd_{method}_{name}"] = np.asarray(b)
+    # Dictionary update alone on n = 304 columns (already a multiple of 8): stays column-sharded.
+    from cospadi_jax.sparse.ksvd import update_dictionary
+
+    Yp = np.pad(Y, ((0, 0), (0, 3)))
+    Sd = np.asarray(batch_omp(G, D.T @ Yp, S).to_dense(K))
+    D_ref, S_ref, _ = update_dictionary(Yp, D, Sd, method="power")
+    D_sh, S_sh, _ = dist.sharded_update_dictionary(Yp, D, Sd, mesh, method="power")
+    res.update(ref_upd_D=D_ref, ref_upd_S=S_ref, upd_D=D_sh, upd_S=S_sh,
+               upd_S_spec=np.asarray(str(S_sh.sharding.spec)))
+    # Matrix-level: two simulated ranks each fit their round-robin share on their devices.
+    units = make_units()
+    merged = {}
+    for rank in range(2):
+        merged.update(dist.map_units(fit_unit, units, rank=rank, world=2))
+    for i in range(N_UNITS):
+        seq = fit_unit(i, units[i])
+        res[f"unit{i}_D"], res[f"unit{i}_indices"] = merged[i]["D"], merged[i]["indices"]
+        res[f"seq_unit{i}_D"], res[f"seq_unit{i}_indices"] = seq["D"], seq["indices"]
+    np.savez(out, **{k: np.asarray(v) for k, v in res.items()})
+
+
+def run_multi(out: str, coordinator: str, num_processes: int, process_id: int) -> None:
+    from cospadi_jax import distributed as dist
+
+    assert dist.initialize(coordinator, num_processes, process_id), "jax.distributed did not start"
+    import jax
+
+    mesh = dist.make_mesh()
+    _, _, G, C = make_problem()
+    sh = dist.sharded_batch_omp(G, C, S, mesh)
+    res = {
+        "process_index": np.asarray(jax.process_index()),
+        "process_count": np.asarray(jax.process_count()),
+        "device_count": np.asarray(jax.device_count()),
+        "local_device_count": np.asarray(jax.local_device_count()),
+        "is_primary": np.asarray(dist.is_primary()),
+        "indices": dist.to_host(sh.indices),
+        "values": dist.to_host(sh.values),
+        "n_nonzero": dist.to_host(sh.n_nonzero),
+        "early": dist.to_host(sh.n_early_stopped),
+    }
+    # Column-sharded result on n = 304 (no stripping): each process holds only its own blocks.
+    sh304 = dist.sharded_batch_omp(G, np.pad(C, ((0, 0), (0, 3))), S, mesh)
+    res["indices304"] = dist.to_host(sh304.indices)
+    res["addressable304"] = np.asarray(sh304.indices.is_fully_addressable)
+    units = make_units()
+    mine = dist.map_units(fit_unit, units)
+    res["units"] = np.asarray(sorted(mine))
+    for i, r in mine.items():
+        res[f"unit{i}_D"], res[f"unit{i}_indices"] = r["D"], r["indices"]
+    np.savez(out, **res)
+
+
+if __name__ == "__main__":
+    mode, out = sys.argv[1], sys.argv[2]
+    if mode == "single":
+        run_single(out)
+    elif mode == "multi":
+        run_multi(out, sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    else:
+        raise SystemExit(f"unknown mode {mode!r}; use single or multi")

@@ -1,0 +1,168 @@
+"""Sharded compression (cospadi_jax.distributed) equals the single-device run.
+
+The device-count-dependent parts run in subprocesses (tests/_distributed_worker.py) so this
+pytest process keeps its own single CPU device:
+* 1 process x 8 virtual CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8);
+* 2 processes x 4 CPU devices through jax.distributed on localhost (gloo collectives).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import _distributed_worker as worker
+
+WORKER = Path(__file__).with_name("_distributed_worker.py")
+TIMEOUT_S = 240
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    env.update(JAX_PLATFORMS="cpu", **extra)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def single8(tmp_path_factory) -> dict[str, np.ndarray]:
+    out = tmp_path_factory.mktemp("dist") / "single.npz"
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), "single", str(out)],
+        env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+        capture_output=True, text=True, timeout=TIMEOUT_S,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return dict(np.load(out))
+
+
+@pytest.fixture(scope="module")
+def reference_omp():
+    """Single-process, single-device Batch-OMP of the worker's problem (computed in this process)."""
+    from cospadi_jax.sparse.omp import batch_omp
+
+    _, _, G, C = worker.make_problem()
+    codes = batch_omp(G, C, worker.S)
+    return {k: np.asarray(v) for k, v in codes._asdict().items()}
+
+
+def test_sharding_rules_and_mesh():
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    from cospadi_jax import distributed as dist
+
+    assert set(dist.SHARDING_RULES) >= {"columns", "matrices", "batch", "atoms", "features"}
+    assert dist.logical_spec("features", "columns") == P(None, "data")
+    mesh = dist.make_mesh()
+    assert mesh.devices.size == jax.device_count() and mesh.axis_names == ("data",)
+    assert dist.logical_sharding(mesh, "columns", None).spec == P("data", None)
+    with pytest.raises(KeyError, match="unknown logical axis"):
+        dist.logical_spec("heads")
+    with pytest.raises(ValueError, match="mesh axis"):
+        dist.logical_sharding(dist.make_mesh(axis_name="x"), "columns")
+    # Single process, no env: initialize is a no-op and this process is the primary.
+    assert not any(os.environ.get(v) for v in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES"))
+    assert dist.initialize() is False and dist.is_primary()
+
+
+def test_assign_units_round_robin():
+    from cospadi_jax.distributed import assign_units
+
+    shares = [assign_units(11, rank, 3) for rank in range(3)]
+    assert shares[0] == [0, 3, 6, 9] and shares[2] == [2, 5, 8]
+    assert sorted(i for s in shares for i in s) == list(range(11))
+    assert assign_units(4) == [0, 1, 2, 3]  # one process owns everything
+    with pytest.raises(ValueError, match="rank"):
+        assign_units(4, 3, 3)
+
+
+def test_sharded_omp_8_devices(single8):
+    r = single8
+    assert int(r["device_count"]) == 8 and int(r["omp_n_shards"]) == 8
+    np.testing.assert_array_equal(r["omp_indices"], r["ref_omp_indices"])
+    np.testing.assert_allclose(r["omp_values"], r["ref_omp_values"], rtol=0, atol=1e-5)
+    assert int(r["omp_early"]) == int(r["ref_omp_early"])  # padding columns do not count
+    # n a multiple of 8: the result stays column-sharded (304 / 8 = 38 rows per device).
+    assert r["omp304_block_rows"].tolist() == [38]
+
+
+@pytest.mark.parametrize("method", ["power", "mod"])
+def test_sharded_ksvd_8_devices(single8, method):
+    r = single8
+    p, q = f"ref_ksvd_{method}_", f"ksvd_{method}_"
+    np.testing.assert_array_equal(r[q + "indices"], r[p + "indices"])
+    np.testing.assert_array_equal(r[q + "n_unused"], r[p + "n_unused"])
+    np.testing.assert_allclose(r[q + "D"], r[p + "D"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(r[q + "S"], r[p + "S"], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(r[q + "objective"], r[p + "objective"], rtol=1e-5)
+    assert r[q + "objective"][-1] < r[q + "objective"][0]
+
+
+def test_sharded_update_dictionary_8_devices(single8):
+    r = single8
+    assert str(r["upd_S_spec"]) == "PartitionSpec(None, 'data')"
+    np.testing.assert_allclose(r["upd_D"], r["ref_upd_D"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(r["upd_S"], r["ref_upd_S"], rtol=0, atol=1e-4)
+
+
+def test_map_units_union_equals_sequential(single8):
+    r = single8
+    for i in range(worker.N_UNITS):
+        np.testing.assert_array_equal(r[f"unit{i}_indices"], r[f"seq_unit{i}_indices"])
+        np.testing.assert_allclose(r[f"unit{i}_D"], r[f"seq_unit{i}_D"], rtol=0, atol=1e-6)
+
+
+def test_two_processes_jax_distributed(tmp_path, reference_omp):
+    """2 processes x 4 CPU devices via jax.distributed on localhost agree with one process."""
+    port = _free_port()
+    outs = [tmp_path / f"rank{i}.npz" for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), "multi", str(outs[i]), f"127.0.0.1:{port}", "2", str(i)],
+            env=_env(JAX_NUM_CPU_DEVICES="4"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i in range(2)
+    ]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
+    finally:
+        for p in procs:  # never leave a rank waiting on its peer
+            if p.poll() is None:
+                p.kill()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-4000:]
+    res = [dict(np.load(o)) for o in outs]
+    ref = reference_omp
+    for rank, r in enumerate(res):
+        assert int(r["process_index"]) == rank and int(r["process_count"]) == 2
+        assert int(r["device_count"]) == 8 and int(r["local_device_count"]) == 4
+        assert bool(r["is_primary"]) == (rank == 0)
+        np.testing.assert_array_equal(r["indices"], ref["indices"])
+        np.testing.assert_array_equal(r["n_nonzero"], ref["n_nonzero"])
+        np.testing.assert_allclose(r["values"], ref["values"], rtol=0, atol=1e-5)
+        assert int(r["early"]) == int(ref["n_early_stopped"])
+        # Column-sharded over both processes, gathered: padding columns are zero codes.
+        assert not bool(r["addressable304"])
+        np.testing.assert_array_equal(r["indices304"][: worker.N], ref["indices"])
+    np.testing.assert_array_equal(res[0]["values"], res[1]["values"])
+    # Matrix-level: ranks own disjoint round-robin shares whose union is the sequential result.
+    assert res[0]["units"].tolist() == [0, 2, 4] and res[1]["units"].tolist() == [1, 3]
+    for i in range(worker.N_UNITS):
+        r = res[i % 2]
+        seq = worker.fit_unit(i, worker.make_units()[i])
+        np.testing.assert_array_equal(r[f"unit{i}_indices"], seq["indices"])
+        np.testing.assert_allclose(r[f"unit{i}_D"], seq["D"], rtol=0, atol=1e-6)
