@@ -80,7 +80,7 @@ def run_single(out: str) -> None:
     D_ref, S_ref, _ = update_dictionary(Yp, D, Sd, method="power")
     D_sh, S_sh, _ = dist.sharded_update_dictionary(Yp, D, Sd, mesh, method="power")
     res.update(ref_upd_D=D_ref, ref_upd_S=S_ref, upd_D=D_sh, upd_S=S_sh,
-               upd_S_spec=np.asarray(str(S_sh.sharding.spec)))
+               upd_S_spec=np.asarray(str(tuple(S_sh.sharding.spec))))
     # Matrix-level: two simulated ranks each fit their round-robin share on their devices.
     units = make_units()
     merged = {}
