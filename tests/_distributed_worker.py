@@ -79,6 +79,13 @@ def run_single(out: str) -> None:
     Sd = np.asarray(batch_omp(G, D.T @ Yp, S).to_dense(K))
     D_ref, S_ref, _ = update_dictionary(Yp, D, Sd, method="power")
     D_sh, S_sh, _ = dist.sharded_update_dictionary(Yp, D, Sd, mesh, method="power")
+    # GSPMD must keep the update column-parallel: reductions (all-reduce), never a gather of Y or S.
+    Yg = jax.device_put(Yp, dist.logical_sharding(mesh, "features", "columns"))
+    Sg = jax.device_put(Sd, dist.logical_sharding(mesh, "atoms", "columns"))
+    Dg = jax.device_put(D, dist.logical_sharding(mesh, "features", "atoms"))
+    hlo = dist._update_fn(mesh, "power", 8, "skip").lower(Yg, Dg, Sg).compile().as_text()
+    res["upd_all_reduce"] = np.asarray(hlo.count("all-reduce("))
+    res["upd_all_gather"] = np.asarray(hlo.count("all-gather("))
     res.update(ref_upd_D=D_ref, ref_upd_S=S_ref, upd_D=D_sh, upd_S=S_sh,
                upd_S_spec=np.asarray(str(tuple(S_sh.sharding.spec))))
     # Matrix-level: two simulated ranks each fit their round-robin share on their devices.

@@ -113,6 +113,7 @@ def test_sharded_ksvd_8_devices(single8, method):
 def test_sharded_update_dictionary_8_devices(single8):
     r = single8
     assert str(r["upd_S_spec"]) == "(None, 'data')"
+    assert int(r["upd_all_reduce"]) >= 1 and int(r["upd_all_gather"]) == 0
     np.testing.assert_allclose(r["upd_D"], r["ref_upd_D"], rtol=0, atol=1e-5)
     np.testing.assert_allclose(r["upd_S"], r["ref_upd_S"], rtol=0, atol=1e-4)
 
