@@ -160,6 +160,15 @@ def test_two_processes_jax_distributed(tmp_path, reference_omp):
         assert not bool(r["addressable304"])
         np.testing.assert_array_equal(r["indices304"][: worker.N], ref["indices"])
     np.testing.assert_array_equal(res[0]["values"], res[1]["values"])
+    # Column-parallel K-SVD over 2 processes equals single-process ksvd.
+    from cospadi_jax.sparse.ksvd import ksvd
+
+    _, Y, _, _ = worker.make_problem()
+    kref = ksvd(Y, worker.K, worker.S, 2, key=3, method="power")
+    for r in res:
+        np.testing.assert_array_equal(r["ksvd_indices"], np.asarray(kref.codes.indices))
+        np.testing.assert_allclose(r["ksvd_D"], np.asarray(kref.dictionary), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(r["ksvd_objective"], kref.objective, rtol=1e-5)
     # Matrix-level: ranks own disjoint round-robin shares whose union is the sequential result.
     assert res[0]["units"].tolist() == [0, 2, 4] and res[1]["units"].tolist() == [1, 3]
     for i in range(worker.N_UNITS):
