@@ -1,7 +1,7 @@
 """Main job on the embedded default: compress SmolLM2-135M with CoSpaDi and SVD-LLM at the same ratio and print
 held-out perplexity before and after.
 
-    python -m cospadi_jax.demo [--ratio 0.2] [--ksvd-iterations 4] [--nsamples 32] [--seqlen 512]
+    python -m cospadi_jax.demo [--ratio 0.2] [--ksvd-iterations 1] [--nsamples 32] [--seqlen 512]
 
 All 210 projections (30 layers x q, k, v, o, gate, up, down) are compressed. The paper runs K-SVD for T = 60
 iterations; the default here is reduced so that the whole job takes about 20 minutes on a 2-core CPU, and the
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--ratio", type=float, default=0.2)
-    parser.add_argument("--ksvd-iterations", type=int, default=4)
+    parser.add_argument("--ksvd-iterations", type=int, default=1)
     parser.add_argument("--power-iterations", type=int, default=8)
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
