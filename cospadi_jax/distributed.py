@@ -44,19 +44,19 @@ from cospadi_jax.sparse.omp import (
 )
 
 __all__ = [
-    "SHARDING_RULES",
     "DEFAULT_MESH_AXIS",
+    "SHARDING_RULES",
+    "assign_units",
+    "initialize",
+    "is_primary",
     "logical_sharding",
     "logical_spec",
     "make_mesh",
-    "initialize",
-    "is_primary",
-    "to_host",
-    "sharded_batch_omp",
-    "sharded_update_dictionary",
-    "sharded_ksvd",
-    "assign_units",
     "map_units",
+    "sharded_batch_omp",
+    "sharded_ksvd",
+    "sharded_update_dictionary",
+    "to_host",
 ]
 
 DEFAULT_MESH_AXIS = "data"
@@ -284,7 +284,7 @@ def sharded_batch_omp(
     if not isinstance(correlations, jax.Array) or correlations.is_fully_addressable:
         check_finite("gram", gram)
         check_finite("correlations", correlations)
-    k, n = correlations.shape
+    n = correlations.shape[1]
     if int(step_block) < 1:
         raise ValueError(f"step_block must be >= 1, got {step_block}.")
     n_dev = _n_shards(mesh, "columns")

@@ -125,7 +125,7 @@ def run_multi(out: str, coordinator: str, num_processes: int, process_id: int) -
     res["indices304"] = dist.to_host(sh304.indices)
     res["addressable304"] = np.asarray(sh304.indices.is_fully_addressable)
     # Column-parallel K-SVD across both processes (gloo all-reduces in the dictionary update).
-    D, Y, _, _ = make_problem()
+    _, Y, _, _ = make_problem()
     q = dist.sharded_ksvd(Y, K, S, 2, mesh, key=3, method="power")
     res.update(ksvd_D=dist.to_host(q.dictionary), ksvd_indices=dist.to_host(q.codes.indices),
                ksvd_objective=q.objective)
