@@ -65,3 +65,12 @@ def save_tiny_model_with_tokenizer(path, family: str = "llama_gqa", tied: bool =
                                    pad_token="<pad>")
     fast.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def x64():
+    """float64 for one test module (`pytestmark = pytest.mark.usefixtures("x64")`); the package never flips it."""
+    import jax
+
+    with jax.enable_x64(True):
+        yield

@@ -6,17 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import x64  # noqa: F401  (fixture)
 
 from cospadi_jax.sparse import ksvd, update_dictionary
 from cospadi_jax.sparse.ksvd import relative_error
 
 
-@pytest.fixture(autouse=True)
-def x64():
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
+pytestmark = pytest.mark.usefixtures("x64")  # float64 for this module only
 
 
 def _planted(d=20, k=30, n=600, s=3, seed=0, noise=0.0):

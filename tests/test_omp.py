@@ -8,18 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import x64  # noqa: F401  (fixture)
 from sklearn.linear_model import orthogonal_mp_gram
 
 from cospadi_jax.sparse import SparseCodes, batch_omp, omp
 
 
-@pytest.fixture(autouse=True)
-def x64():
-    """float64 for this module only (the package never flips it globally)."""
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
+pytestmark = pytest.mark.usefixtures("x64")  # float64 for this module only
 
 
 def _problem(d, k, n, seed=0):
@@ -158,6 +153,5 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_float64_without_x64_is_refused():
     D, Y = _problem(12, 10, 6)
-    jax.config.update("jax_enable_x64", False)
-    with pytest.raises(TypeError, match="jax_enable_x64"):
+    with jax.enable_x64(False), pytest.raises(TypeError, match="jax_enable_x64"):
         batch_omp(D.T @ D, D.T @ Y, 2, dtype=np.float64)

@@ -6,16 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import x64  # noqa: F401  (fixture)
 
 from cospadi_jax.sparse import unwhiten_dictionary, whiten, whiten_target
 
 
-@pytest.fixture(autouse=True)
-def x64():
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
+pytestmark = pytest.mark.usefixtures("x64")  # float64 for this module only
 
 
 def _gram(d, n_tokens, seed=0, scales=None):
@@ -102,8 +98,8 @@ def test_bad_inputs():
         whiten(np.zeros((4, 4)))
     with pytest.raises(ValueError, match="rows"):
         whiten_target(whiten(G).L, np.ones((5, 3)))
-    jax.config.update("jax_enable_x64", False)
-    with pytest.raises(TypeError, match="jax_enable_x64"):
+    with jax.enable_x64(False), pytest.raises(TypeError, match="jax_enable_x64"):
         whiten(G, dtype=np.float64)
-    res = whiten(G)  # default with x64 off: float32
+    with jax.enable_x64(False):
+        res = whiten(G)  # default with x64 off: float32
     assert res.L.dtype == jnp.float32
