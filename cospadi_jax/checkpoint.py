@@ -15,7 +15,6 @@ Nothing here unpickles: factors are arrays, everything else is JSON.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -108,22 +107,7 @@ class ArtifactWriter:
 
     def finished_units(self) -> dict[int, tuple[list[Factors], list[dict]]]:
         """Factors and report rows of every unit a previous run finished."""
-        import orbax.checkpoint as ocp
-
-        out = {}
-        checkpointer = ocp.StandardCheckpointer()
-        for idx in self._progress():
-            unit_dir = self.directory / "units" / f"{idx:05d}"
-            try:
-                tree = checkpointer.restore(unit_dir.resolve() / "factors")
-                rows = json.loads((unit_dir / "report.json").read_text())
-            except Exception as exc:
-                raise CorruptCheckpointError(
-                    f"unit {idx} is listed as finished but cannot be read ({type(exc).__name__}: {exc}); "
-                    f"delete {self.directory} to restart"
-                ) from exc
-            out[idx] = ([_factors_from_tree(t, r.get("info", {})) for t, r in zip(tree["factors"], rows)], rows)
-        return out
+        return _read_units(self.directory, self._progress())
 
     def save_unit(self, idx: int, factors: list[Factors], rows: list[dict]) -> None:
         import orbax.checkpoint as ocp
@@ -142,20 +126,34 @@ class ArtifactWriter:
         atomic_write_json(self.directory / "report.json", report)
 
 
+def _read_units(directory: Path, indices: list[int]) -> dict[int, tuple[list[Factors], list[dict]]]:
+    import orbax.checkpoint as ocp
+
+    out = {}
+    checkpointer = ocp.StandardCheckpointer()
+    for idx in indices:
+        unit_dir = directory / "units" / f"{idx:05d}"
+        try:
+            tree = checkpointer.restore(unit_dir.resolve() / "factors")
+            rows = json.loads((unit_dir / "report.json").read_text())
+        except Exception as exc:
+            raise CorruptCheckpointError(
+                f"unit {idx} is listed as finished but cannot be read ({type(exc).__name__}: {exc}); "
+                f"delete {directory} to restart"
+            ) from exc
+        out[idx] = ([_factors_from_tree(t, r.get("info", {})) for t, r in zip(tree["factors"], rows)], rows)
+    return out
+
+
 def load_artifact(directory: str | Path) -> tuple[dict[str, Factors], dict[str, Any]]:
     """Factors by projection path and the metadata of a finished artifact."""
     directory = Path(directory)
     if not (directory / "report.json").exists():
         raise FileNotFoundError(f"{directory} holds no finished artifact (no report.json); resume the run first")
     metadata = json.loads((directory / "metadata.json").read_text())
-    writer = ArtifactWriter.__new__(ArtifactWriter)
-    writer.directory, writer.metadata = directory, metadata
+    progress = json.loads((directory / "progress.json").read_text())["finished"]
     factors = {}
-    for _, (unit_factors, rows) in sorted(writer.finished_units().items()):
+    for _, (unit_factors, rows) in sorted(_read_units(directory, progress).items()):
         for f, row in zip(unit_factors, rows):
             factors[row["path"]] = f
     return factors, metadata
-
-
-def dataclass_dict(obj: Any) -> dict:
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else dict(obj)

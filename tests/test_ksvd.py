@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,7 +9,6 @@ from helpers import x64  # noqa: F401  (fixture)
 
 from cospadi_jax.sparse import ksvd, update_dictionary
 from cospadi_jax.sparse.ksvd import relative_error
-
 
 pytestmark = pytest.mark.usefixtures("x64")  # float64 for this module only
 

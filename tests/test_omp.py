@@ -13,7 +13,6 @@ from sklearn.linear_model import orthogonal_mp_gram
 
 from cospadi_jax.sparse import SparseCodes, batch_omp, omp
 
-
 pytestmark = pytest.mark.usefixtures("x64")  # float64 for this module only
 
 

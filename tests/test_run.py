@@ -138,3 +138,27 @@ def test_every_experiment_config_composes():
         run_app.validate(run_app.OmegaConf.to_object(cfg))
     paper = _compose(["experiment=paper_table1_llama32_1b"])
     assert paper.paper.cospadi["0.2"].avg_acc == 42.7 and paper.paper.svd_llm["0.4"].wiki_ppl == 1600
+
+
+def test_corrupted_checkpoint_is_refused(tmp_path):
+    import shutil
+
+    from cospadi_jax.checkpoint import ArtifactWriter, CorruptCheckpointError
+    from cospadi_jax.methods.base import DictFactors, LowRankFactors
+
+    meta = {"config_fingerprint": "abc", "config": {}}
+    writer = ArtifactWriter(tmp_path, meta)
+    rng = np.random.default_rng(0)
+    lr = LowRankFactors(rng.normal(size=(6, 2)), rng.normal(size=(2, 5)), {"rank": 2})
+    dl = DictFactors(rng.normal(size=(6, 4)), np.zeros((5, 2), np.int32), rng.normal(size=(5, 2)), {"k": 4})
+    writer.save_unit(0, [lr], [{"path": "model.layers.0.self_attn.q_proj"}])
+    writer.save_unit(1, [dl], [{"path": "model.layers.0.mlp.up_proj"}])
+    restored = ArtifactWriter(tmp_path, meta).finished_units()
+    np.testing.assert_array_equal(restored[0][0][0].A, lr.A)
+    np.testing.assert_array_equal(restored[1][0][0].values, dl.values)
+    shutil.rmtree(tmp_path / "units" / "00001" / "factors")  # a unit listed as finished but gone
+    with pytest.raises(CorruptCheckpointError, match="unit 1 is listed as finished"):
+        ArtifactWriter(tmp_path, meta).finished_units()
+    (tmp_path / "progress.json").write_text("{not json")
+    with pytest.raises(CorruptCheckpointError, match="progress.json is corrupted"):
+        ArtifactWriter(tmp_path, meta).finished_units()

@@ -10,7 +10,6 @@ from helpers import x64  # noqa: F401  (fixture)
 
 from cospadi_jax.sparse import unwhiten_dictionary, whiten, whiten_target
 
-
 pytestmark = pytest.mark.usefixtures("x64")  # float64 for this module only
 
 
