@@ -61,6 +61,7 @@ class CompressionConfig:
     seed: int = 42
     mode: str = "dense"  # DictLinear evaluation path: dense | factored
     quantization: str | None = None  # None | bf16-14bit | int8 (CoSpaDi coefficients)
+    parallel: str = "none"  # none | columns (CoSpaDi K-SVD with columns sharded over all devices)
 
     def validate(self, n_layers: int | None = None) -> None:
         """Raise ValueError naming the bad field before any work starts (layer checks need ``n_layers``)."""
@@ -93,6 +94,8 @@ class CompressionConfig:
             raise ValueError("ksvd_iterations must be >= 0 and power_iterations >= 1")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"unknown quantization {self.quantization!r}; use one of {QUANTIZATIONS}")
+        if self.parallel not in ("none", "columns"):
+            raise ValueError(f"parallel must be 'none' or 'columns', got {self.parallel!r}")
         if self.mode not in ("dense", "factored"):
             raise ValueError(f"mode must be 'dense' or 'factored', got {self.mode!r}")
 

@@ -40,6 +40,7 @@ class MethodConf:
     reseed_unused: bool = False
     mode: str = "dense"
     quantization: Optional[str] = None
+    parallel: str = "none"  # none | columns: one matrix's columns sharded over all devices (shard_map OMP)
 
 
 @dataclass
@@ -111,7 +112,7 @@ def compression_config(cfg: RunConfig) -> CompressionConfig:
         shared_types=tuple(m.shared_types), layers=tuple(m.layers) if m.layers is not None else None,
         proj_types=tuple(m.proj_types), ksvd_iterations=m.ksvd_iterations, power_iterations=m.power_iterations,
         dict_update=m.dict_update, reseed_unused=m.reseed_unused, seed=cfg.seed, mode=m.mode,
-        quantization=m.quantization,
+        quantization=m.quantization, parallel=m.parallel,
     )
 
 

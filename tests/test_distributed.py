@@ -175,3 +175,41 @@ def test_two_processes_jax_distributed(tmp_path, reference_omp):
         seq = worker.fit_unit(i, worker.make_units()[i])
         np.testing.assert_array_equal(r[f"unit{i}_indices"], seq["indices"])
         np.testing.assert_allclose(r[f"unit{i}_D"], seq["D"], rtol=0, atol=1e-6)
+
+
+_COMPRESS_COLUMNS = """
+import sys, numpy as np, jax
+sys.path.insert(0, {tests!r})
+from helpers import tiny_hf_config
+from cospadi_jax.calib import collect_grams
+from cospadi_jax.compress import compress
+from cospadi_jax.models import get_module, random_model
+assert jax.device_count() == 8
+cfg = tiny_hf_config("llama_gqa", True)
+model = random_model(cfg, seed=0)
+grams = collect_grams(model, np.random.default_rng(0).integers(3, 96, size=(8, 32)).astype(np.int32), progress=False)
+out = {{}}
+for parallel in ("none", "columns"):
+    compressed, _ = compress(model, grams=grams, method="cospadi", ratio=0.3, ksvd_iterations=2, power_iterations=3,
+                             layers=(1,), parallel=parallel, progress=False)
+    for proj in ("self_attn.q_proj", "mlp.up_proj", "mlp.down_proj"):
+        m = get_module(compressed, "model.layers.1." + proj)
+        for name in ("D", "indices", "values"):
+            out[parallel + "/" + proj + "/" + name] = np.asarray(getattr(m, name)[...])
+np.savez({out_path!r}, **out)
+"""
+
+
+def test_compress_with_columns_sharded_over_8_devices_equals_single_device(tmp_path):
+    """compress(parallel="columns") runs CoSpaDi's K-SVD column-sharded; same factors as one device."""
+    out_path = tmp_path / "compress.npz"
+    code = _COMPRESS_COLUMNS.format(tests=str(Path(__file__).parent), out_path=str(out_path))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False,
+                          env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = np.load(out_path)
+    for proj in ("self_attn.q_proj", "mlp.up_proj", "mlp.down_proj"):
+        base, sharded = f"none/{proj}/", f"columns/{proj}/"
+        np.testing.assert_array_equal(data[sharded + "indices"], data[base + "indices"], err_msg=proj)
+        np.testing.assert_allclose(data[sharded + "D"], data[base + "D"], atol=1e-4, err_msg=proj)
+        np.testing.assert_allclose(data[sharded + "values"], data[base + "values"], atol=1e-4, err_msg=proj)

@@ -19,13 +19,14 @@ class CoSpaDi:
     supports_groups = True
 
     def __init__(self, *, data_aware: bool = True, iterations: int = 60, power_iterations: int = 8,
-                 update: str = "power", reseed_unused: bool = False):
+                 update: str = "power", reseed_unused: bool = False, parallel: str = "none"):
         self.data_aware = data_aware
         self.name = "cospadi" if data_aware else "cospadi_free"
         self.iterations = iterations
         self.power_iterations = power_iterations
         self.update = update
         self.reseed_unused = reseed_unused
+        self.parallel = parallel  # "columns": one matrix's columns sharded over all devices
 
     def fit(self, W: np.ndarray, gram: np.ndarray | None, budget: Any, key: Any) -> DictFactors:
         return self.fit_group([W], [gram], budget, key)[0]
@@ -40,8 +41,14 @@ class CoSpaDi:
             Y = L @ W_cat
         else:
             L, Y = None, W_cat
-        result = ksvd(Y, budget.n_atoms, budget.sparsity, self.iterations, key=key, method=self.update,
-                      power_iterations=self.power_iterations, unused="reseed" if self.reseed_unused else "skip")
+        kwargs = dict(key=key, method=self.update, power_iterations=self.power_iterations,
+                      unused="reseed" if self.reseed_unused else "skip")
+        if self.parallel == "columns":
+            from ..distributed import make_mesh, sharded_ksvd
+
+            result = sharded_ksvd(Y, budget.n_atoms, budget.sparsity, self.iterations, make_mesh(), **kwargs)
+        else:
+            result = ksvd(Y, budget.n_atoms, budget.sparsity, self.iterations, **kwargs)
         D = np.asarray(result.dictionary, np.float64)
         D_a = unwhiten(L, D) if L is not None else D
         # S after the last dictionary update (same supports as the last OMP pass, refitted values).
