@@ -33,7 +33,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cospadi_jax.sparse.ksvd import KSVDResult, init_dictionary, update_dictionary
+from cospadi_jax.sparse.ksvd import KSVDResult, check_ksvd_arguments, init_dictionary, update_dictionary
 from cospadi_jax.sparse.omp import (
     DEFAULT_MEMORY_BUDGET_BYTES,
     SparseCodes,
@@ -411,16 +411,7 @@ def sharded_ksvd(
     dictionary [d, k] is replicated. n is zero-padded to a multiple of the device count
     internally (zero columns get zero codes and change neither D nor the objective).
     """
-    if not isinstance(n_iterations, (int, np.integer)) or n_iterations < 0:
-        raise ValueError(f"n_iterations must be an int >= 0, got {n_iterations!r}.")
-    if method not in ("power", "exact", "mod"):
-        raise ValueError(f"method must be one of ('power', 'exact', 'mod'), got {method!r}.")
-    if unused not in ("skip", "reseed"):
-        raise ValueError(f"unused must be one of ('skip', 'reseed'), got {unused!r}.")
-    if np.ndim(Y) != 2:
-        raise ValueError(f"Y must be a [d, n] matrix, got shape {np.shape(Y)}.")
-    if not isinstance(sparsity, (int, np.integer)) or not 1 <= sparsity <= n_atoms:
-        raise ValueError(f"sparsity s must be an int with 1 <= s <= k = {n_atoms}, got {sparsity!r}.")
+    check_ksvd_arguments(Y, n_atoms, sparsity, n_iterations, method, power_iterations, unused)
     dtype = resolve_float_dtype(dtype, Y)
     d, n = np.shape(Y)
     k = int(n_atoms)

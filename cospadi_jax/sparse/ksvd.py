@@ -34,7 +34,7 @@ from cospadi_jax.sparse.omp import (
     resolve_float_dtype,
 )
 
-__all__ = ["KSVDResult", "ksvd", "init_dictionary", "update_dictionary", "relative_error"]
+__all__ = ["KSVDResult", "check_ksvd_arguments", "ksvd", "init_dictionary", "update_dictionary", "relative_error"]
 
 _UPDATES = ("power", "exact", "mod")
 _UNUSED = ("skip", "reseed")
@@ -173,6 +173,24 @@ def _mod_update(Y, D, S, usage):
     return D_new, S_new
 
 
+def check_ksvd_arguments(Y, n_atoms, sparsity, n_iterations, method, power_iterations, unused) -> None:
+    """Raise ValueError naming the bad argument of a K-SVD call (shared by the sharded variant)."""
+    if not isinstance(n_iterations, (int, np.integer)) or n_iterations < 0:
+        raise ValueError(f"n_iterations must be an int >= 0, got {n_iterations!r}.")
+    if method not in _UPDATES:
+        raise ValueError(f"method must be one of {_UPDATES}, got {method!r}.")
+    if unused not in _UNUSED:
+        raise ValueError(f"unused must be one of {_UNUSED}, got {unused!r}.")
+    if not isinstance(power_iterations, (int, np.integer)) or power_iterations < 1:
+        raise ValueError(f"power_iterations must be an int >= 1, got {power_iterations!r}.")
+    if np.ndim(Y) != 2:
+        raise ValueError(f"Y must be a [d, n] matrix, got shape {np.shape(Y)}.")
+    if not isinstance(n_atoms, (int, np.integer)) or n_atoms < 1:
+        raise ValueError(f"n_atoms k must be an int >= 1, got {n_atoms!r}.")
+    if not isinstance(sparsity, (int, np.integer)) or not 1 <= sparsity <= n_atoms:
+        raise ValueError(f"sparsity s must be an int with 1 <= s <= k = {n_atoms}, got {sparsity!r}.")
+
+
 def ksvd(
     Y: jax.Array,
     n_atoms: int,
@@ -205,20 +223,7 @@ def ksvd(
         omp_chunk_size, omp_memory_budget_bytes: passed to :func:`batch_omp`.
         progress: show a tqdm bar with ETA over the iterations.
     """
-    if not isinstance(n_iterations, (int, np.integer)) or n_iterations < 0:
-        raise ValueError(f"n_iterations must be an int >= 0, got {n_iterations!r}.")
-    if method not in _UPDATES:
-        raise ValueError(f"method must be one of {_UPDATES}, got {method!r}.")
-    if unused not in _UNUSED:
-        raise ValueError(f"unused must be one of {_UNUSED}, got {unused!r}.")
-    if not isinstance(power_iterations, (int, np.integer)) or power_iterations < 1:
-        raise ValueError(f"power_iterations must be an int >= 1, got {power_iterations!r}.")
-    if np.ndim(Y) != 2:
-        raise ValueError(f"Y must be a [d, n] matrix, got shape {np.shape(Y)}.")
-    if not isinstance(n_atoms, (int, np.integer)) or n_atoms < 1:
-        raise ValueError(f"n_atoms k must be an int >= 1, got {n_atoms!r}.")
-    if not isinstance(sparsity, (int, np.integer)) or not 1 <= sparsity <= n_atoms:
-        raise ValueError(f"sparsity s must be an int with 1 <= s <= k = {n_atoms}, got {sparsity!r}.")
+    check_ksvd_arguments(Y, n_atoms, sparsity, n_iterations, method, power_iterations, unused)
     dtype = resolve_float_dtype(dtype, Y)
     check_finite("Y", Y)
     Y = jnp.asarray(Y, dtype)
