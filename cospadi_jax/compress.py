@@ -107,7 +107,7 @@ class MatrixReport:
     d_in: int
     d_out: int
     method: str
-    functional_error_calib: float
+    functional_error_calib: float | None
     functional_error_heldout: float | None
     weight_error: float
     realised_ratio: float  # storage removed (bytes, the paper's CR; a group's shared basis split evenly)
@@ -254,7 +254,7 @@ def compress(
             unit_rows.append(MatrixReport(
                 path=path, group=paths, d_in=W.shape[0], d_out=W.shape[1], method=config.method,
                 functional_error_calib=functional_error(W, W_hat, unit_grams[i]) if unit_grams[i] is not None
-                else functional_error(W, W_hat, np.eye(W.shape[0])),
+                else None,  # a data-free run without calibration data has no functional error to report
                 functional_error_heldout=functional_error(W, W_hat, heldout_grams.gram(path))
                 if heldout_grams is not None else None,
                 weight_error=weight_error(W, W_hat),
