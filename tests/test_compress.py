@@ -158,3 +158,18 @@ def test_bad_grams(tiny):
     wrong = Grams(grams.n_tokens, {k: np.eye(5) for k in grams.by_path}, dict(grams.abs_sums))
     with pytest.raises(ValueError, match="Gram"):
         compress(model, grams=wrong, method="svd_llm", layers=(0,), progress=False)
+
+
+def test_group_with_different_shapes_is_refused(tiny, monkeypatch):
+    import cospadi_jax.compress as compress_module
+
+    model, grams, _ = tiny
+    real = compress_module.projection_weight
+
+    def uneven(m, path):  # a checkpoint whose layer 1 up_proj is narrower than layer 0's
+        W = real(m, path)
+        return W[:, :64] if path == "model.layers.1.mlp.up_proj" else W
+
+    monkeypatch.setattr(compress_module, "projection_weight", uneven)
+    with pytest.raises(ValueError, match="a shared group needs equal shapes"):
+        compress(model, grams=grams, method="cospadi", group_size=2, proj_types=("up_proj",), progress=False, **FAST)
