@@ -59,6 +59,34 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def figure(results: dict, path: Path) -> None:
+    """Held-out perplexity (log) and mean functional error against realised CR, one curve per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for label in METHODS:
+        runs = sorted((r for r in results["runs"] if r["label"] == label), key=lambda r: r["realised_ratio"])
+        if runs:
+            x = [r["realised_ratio"] for r in runs]
+            axes[0].plot(x, [r["perplexity"] for r in runs], marker="o", label=label)
+            axes[1].plot(x, [r["functional_error_heldout"] for r in runs], marker="o", label=label)
+    axes[0].axhline(results["dense"]["perplexity"], color="gray", ls="--", label="dense")
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("held-out perplexity (log scale)")
+    axes[1].set_ylabel("mean functional error (held-out Gram)")
+    for ax in axes:
+        ax.set_xlabel("realised compression ratio")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"SmolLM2-135M, K-SVD T = {results['meta']['ksvd_iterations']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
 def claims(results: dict) -> list[str]:
     by = {(r["ratio"], r["label"]): r for r in results["runs"]}
     out = []
@@ -136,6 +164,7 @@ def main() -> None:
             print(f"CR {ratio} {label:18s} ppl {ppl.perplexity:10.2f}  realised {report.realised_ratio:.4f}  "
                   f"{seconds:.0f} s", flush=True)
     (out.with_suffix(".md")).write_text(markdown(results))
+    figure(results, out.with_suffix(".png"))
     print(markdown(results))
 
 
