@@ -4,7 +4,8 @@ Layout of an artifact directory::
 
     metadata.json          config, config fingerprint, model identity, calibration key, versions (written first)
     units/00017/           one orbax PyTree checkpoint per finished fitting unit: its factors and its report rows
-    progress.json          finished unit indices (rewritten atomically after each unit)
+    progress.json          finished unit indices (rewritten atomically after each unit); in a multi-process
+                           run process p writes progress.p<p>.json instead and readers take the union
     report.json            the final report (written last)
 
 A unit's orbax directory is finalised atomically by orbax, and ``progress.json`` is replaced atomically after it,
@@ -19,6 +20,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -95,46 +97,106 @@ class ArtifactWriter:
         else:
             atomic_write_json(meta_path, metadata)
         self.metadata = metadata
+        # One progress file per process, so that processes never rewrite each other's list (parallel="matrices").
+        import jax
 
-    def _progress(self) -> list[int]:
-        path = self.directory / "progress.json"
-        if not path.exists():
-            return []
-        try:
-            return list(json.loads(path.read_text())["finished"])
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise CorruptCheckpointError(f"{path} is corrupted ({exc}); delete the directory to restart") from exc
+        rank, world = jax.process_index(), jax.process_count()
+        self._progress_path = self.directory / ("progress.json" if world == 1 else f"progress.p{rank}.json")
+        self._lock = threading.Lock()  # worker threads of one process save units concurrently
 
     def finished_units(self) -> dict[int, tuple[list[Factors], list[dict]]]:
-        """Factors and report rows of every unit a previous run finished."""
-        return _read_units(self.directory, self._progress())
+        """Factors and report rows of every unit a previous run (or another process) finished."""
+        return _read_units(self.directory, _finished_indices(self.directory))
 
     def save_unit(self, idx: int, factors: list[Factors], rows: list[dict]) -> None:
-        import orbax.checkpoint as ocp
+        import jax
 
         unit_dir = self.directory / "units" / f"{idx:05d}"
         unit_dir.mkdir(exist_ok=True)
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(unit_dir.resolve() / "factors", {"factors": [_factors_tree(f) for f in factors]},
-                          force=True)
-        checkpointer.wait_until_finished()
+        trees = [_factors_tree(f) for f in factors]
+        if jax.process_index() == 0:
+            _save_orbax(unit_dir, trees)
+        else:  # orbax writes NumPy leaves only from process 0: stage, process 0 converts in finalize()
+            _save_staged(unit_dir, trees)
         atomic_write_json(unit_dir / "report.json",
                           [{**r, "info": {k: v for k, v in f.info.items()}} for r, f in zip(rows, factors)])
-        atomic_write_json(self.directory / "progress.json", {"finished": sorted({*self._progress(), idx})})
+        with self._lock:
+            mine = _read_progress(self._progress_path) if self._progress_path.exists() else []
+            atomic_write_json(self._progress_path, {"finished": sorted({*mine, idx})})
 
     def finalize(self, report: dict) -> None:
+        """Write the final report (process 0, after every process has read the units it needs). Units staged
+        by other processes are converted to orbax first, so a finished artifact is orbax throughout."""
+        for staged in sorted(self.directory.glob(f"units/*/{STAGED_FACTORS}")):
+            _save_orbax(staged.parent, _load_factors(staged.parent)["factors"])
+            staged.unlink()
         atomic_write_json(self.directory / "report.json", report)
 
 
-def _read_units(directory: Path, indices: list[int]) -> dict[int, tuple[list[Factors], list[dict]]]:
+STAGED_FACTORS = "factors.npz"  # a unit fitted by a process other than 0, until finalize()
+
+
+def _save_orbax(unit_dir: Path, trees: list[dict[str, np.ndarray]]) -> None:
+    checkpointer = _checkpointer()
+    checkpointer.save(unit_dir.resolve() / "factors", {"factors": trees}, force=True)
+    checkpointer.wait_until_finished()
+
+
+def _save_staged(unit_dir: Path, trees: list[dict[str, np.ndarray]]) -> None:
+    """NumPy .npz (no pickles), written to a temporary name and renamed: a unit is there whole or not at all."""
+    fd, tmp = tempfile.mkstemp(dir=unit_dir, suffix=".tmp.npz")
+    os.close(fd)
+    try:
+        np.savez(tmp, **{f"{i}/{name}": a for i, tree in enumerate(trees) for name, a in tree.items()})
+        os.replace(tmp, unit_dir / STAGED_FACTORS)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _checkpointer() -> Any:
+    """An orbax checkpointer local to this process: units are written by whichever process fitted them
+    (``parallel="matrices"``), so no save may wait on a barrier with the other processes."""
+    import jax
     import orbax.checkpoint as ocp
 
+    rank = jax.process_index()
+    local = ocp.options.MultiprocessingOptions(primary_host=rank, active_processes={rank},
+                                               barrier_sync_key_prefix=f"cospadi-p{rank}")
+    return ocp.StandardCheckpointer(multiprocessing_options=local)
+
+
+def _read_progress(path: Path) -> list[int]:
+    try:
+        return list(json.loads(path.read_text())["finished"])
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise CorruptCheckpointError(f"{path} is corrupted ({exc}); delete the directory to restart") from exc
+
+
+def _finished_indices(directory: Path) -> list[int]:
+    """Union of the finished units listed by every process's progress file."""
+    return sorted({i for path in directory.glob("progress*.json") for i in _read_progress(path)})
+
+
+def _load_factors(unit_dir: Path) -> dict[str, list[dict[str, np.ndarray]]]:
+    staged = unit_dir / STAGED_FACTORS
+    if staged.exists():
+        with np.load(staged, allow_pickle=False) as data:
+            n = len({name.split("/")[0] for name in data.files})
+            trees: list[dict[str, np.ndarray]] = [{} for _ in range(n)]
+            for name in data.files:
+                i, leaf = name.split("/")
+                trees[int(i)][leaf] = data[name]
+        return {"factors": trees}
+    return _checkpointer().restore(unit_dir.resolve() / "factors")
+
+
+def _read_units(directory: Path, indices: list[int]) -> dict[int, tuple[list[Factors], list[dict]]]:
     out = {}
-    checkpointer = ocp.StandardCheckpointer()
     for idx in indices:
         unit_dir = directory / "units" / f"{idx:05d}"
         try:
-            tree = checkpointer.restore(unit_dir.resolve() / "factors")
+            tree = _load_factors(unit_dir)
             rows = json.loads((unit_dir / "report.json").read_text())
         except Exception as exc:
             raise CorruptCheckpointError(
@@ -151,9 +213,8 @@ def load_artifact(directory: str | Path) -> tuple[dict[str, Factors], dict[str, 
     if not (directory / "report.json").exists():
         raise FileNotFoundError(f"{directory} holds no finished artifact (no report.json); resume the run first")
     metadata = json.loads((directory / "metadata.json").read_text())
-    progress = json.loads((directory / "progress.json").read_text())["finished"]
     factors = {}
-    for _, (unit_factors, rows) in sorted(_read_units(directory, progress).items()):
+    for _, (unit_factors, rows) in sorted(_read_units(directory, _finished_indices(directory)).items()):
         for f, row in zip(unit_factors, rows):
             factors[row["path"]] = f
     return factors, metadata

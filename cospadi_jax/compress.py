@@ -20,14 +20,16 @@ from .calib.cache import GramKey, cached_path, load_grams, model_fingerprint, sa
 from .calib.grams import Grams, collect_grams
 from .data.calibration import sample_windows, tokenizer_fingerprint
 from .data.text import load_text
+from .distributed import map_units
 from .layers import QUANTIZATIONS, quantize_coefficients, replace_projection
 from .methods import METHODS, make_method
-from .methods.base import DictFactors, functional_error, weight_error
+from .methods.base import DictFactors, Factors, functional_error, weight_error
 from .models.paths import PROJECTION_TYPES, projection_path, projection_weight
 from .models.transformer import CausalLM
 
 # The paper's grouping (Basis Sharing protocol): q, k, v, gate, up shared across consecutive layers; o, down private.
 DEFAULT_SHARED_TYPES = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+PARALLEL_MODES = ("none", "columns", "matrices")
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,10 @@ class CompressionConfig:
     seed: int = 42
     mode: str = "dense"  # DictLinear evaluation path: dense | factored
     quantization: str | None = None  # None | bf16-14bit | int8 (CoSpaDi coefficients)
-    parallel: str = "none"  # none | columns (CoSpaDi K-SVD with columns sharded over all devices)
+    # none | columns (one CoSpaDi K-SVD with its columns sharded over all devices) | matrices (independent
+    # matrices/groups spread over processes and their local devices)
+    parallel: str = "none"
+    omp_memory_mb: int = 16  # working memory of one OMP chunk (per device); larger = fewer, bigger chunks
 
     def validate(self, n_layers: int | None = None) -> None:
         """Raise ValueError naming the bad field before any work starts (layer checks need ``n_layers``)."""
@@ -94,8 +99,10 @@ class CompressionConfig:
             raise ValueError("ksvd_iterations must be >= 0 and power_iterations >= 1")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"unknown quantization {self.quantization!r}; use one of {QUANTIZATIONS}")
-        if self.parallel not in ("none", "columns"):
-            raise ValueError(f"parallel must be 'none' or 'columns', got {self.parallel!r}")
+        if self.parallel not in PARALLEL_MODES:
+            raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
+        if self.omp_memory_mb < 1:
+            raise ValueError(f"omp_memory_mb must be >= 1, got {self.omp_memory_mb}")
         if self.mode not in ("dense", "factored"):
             raise ValueError(f"mode must be 'dense' or 'factored', got {self.mode!r}")
 
@@ -172,6 +179,60 @@ def calibration_grams(model: CausalLM, tokenizer: Any, spec: CalibrationSpec, la
     return grams, key
 
 
+def fit_unit(Ws: list[np.ndarray], paths: list[str], method: Any, config: CompressionConfig, grams: Grams | None,
+             heldout_grams: Grams | None, key: jax.Array) -> tuple[list[Factors], list[dict]]:
+    """Fit one unit (a matrix or a shared group): its factors and one report row (a dict) per matrix.
+
+    Ws: the unit's weights [d_in, d_out] (float32), in the order of ``paths``; ``method`` from
+    :func:`~cospadi_jax.methods.make_method`; ``key`` the unit's key (folded from the seed and the unit index).
+    """
+    t0 = time.perf_counter()
+    shapes = {w.shape for w in Ws}
+    if len(shapes) > 1:
+        raise ValueError(f"a shared group needs equal shapes, got {dict(zip(paths, [w.shape for w in Ws]))}")
+    unit_grams = [grams.gram(p) for p in paths] if grams is not None else [None] * len(paths)
+    for p, g in zip(paths, unit_grams):
+        if g is None:
+            continue
+        if g.shape != (Ws[0].shape[0],) * 2:
+            raise ValueError(f"calibration Gram for {p} has shape {g.shape} but W has d_in = {Ws[0].shape[0]}; "
+                             "the Grams belong to another model: recompute them for this one.")
+        if not np.all(np.isfinite(g)):
+            raise ValueError(f"calibration Gram for {p} contains NaN/inf; recompute the calibration statistics.")
+    extra = {"mean_abs": grams.mean_abs(paths[0])} if getattr(method, "needs_mean_abs", False) else {}
+    factors_list, budget = method.fit_unit(Ws, unit_grams, key, **extra)
+    seconds = (time.perf_counter() - t0) / len(paths)
+    unit_factors, unit_rows = [], []
+    for i, (path, W, factors) in enumerate(zip(paths, Ws, factors_list)):
+        quant_err = None
+        if isinstance(factors, DictFactors) and config.quantization:
+            q = quantize_coefficients(factors.values, config.quantization)
+            quant_err = float(np.linalg.norm(q - factors.values) / np.linalg.norm(factors.values))
+            factors = DictFactors(factors.D, factors.indices, q, factors.info)
+        W_hat = factors.dense()
+        info = factors.info
+        unit_rows.append(asdict(MatrixReport(
+            path=path, group=paths, d_in=W.shape[0], d_out=W.shape[1], method=config.method,
+            functional_error_calib=functional_error(W, W_hat, unit_grams[i]) if unit_grams[i] is not None
+            else None,  # a data-free run without calibration data has no functional error to report
+            functional_error_heldout=functional_error(W, W_hat, heldout_grams.gram(path))
+            if heldout_grams is not None else None,
+            weight_error=weight_error(W, W_hat),
+            realised_ratio=budget.realised_ratio_bytes,
+            realised_ratio_params=budget.realised_ratio_params,
+            dense_params=W.size,
+            compressed_params=budget.stored_params / len(paths),
+            seconds=seconds,
+            k=info.get("k"), s=info.get("s"), rank=info.get("rank"),
+            jitter=info.get("jitter"), lambda_min=info.get("lambda_min"),
+            condition_number=info.get("condition_number"),
+            early_stopped_columns=info.get("early_stopped_columns"),
+            quantization_error=quant_err, objective=info.get("objective"),
+        )))
+        unit_factors.append(factors)
+    return unit_factors, unit_rows
+
+
 def compress(
     model: CausalLM,
     tokenizer: Any = None,
@@ -216,64 +277,40 @@ def compress(
     report = CompressionReport(config=asdict(config), calibration=calibration_info)
     units = work_units(config, n_layers)
     key = jax.random.key(config.seed)
-    finished = artifact.finished_units() if artifact is not None else {}
-    bar = tqdm(units, desc=f"compress ({config.method}, CR {config.ratio})", unit="group", disable=not progress)
+
+    def fit(unit_index: int) -> tuple[list[Factors], list[dict]]:
+        paths = units[unit_index]
+        factors, rows = fit_unit([projection_weight(model, p) for p in paths], paths, method, config, grams,
+                                 heldout_grams, jax.random.fold_in(key, unit_index))
+        if artifact is not None:
+            artifact.save_unit(unit_index, factors, rows)
+        return factors, rows
+
+    # Resumed units are reused, never refitted: the result is bit-identical to an uninterrupted run.
+    done = artifact.finished_units() if artifact is not None else {}
+    if config.parallel == "matrices":
+        # This process's round-robin share, one thread per local device; other processes' units arrive through
+        # the artifact directory (a filesystem all processes see) after the barrier.
+        if jax.process_count() > 1 and artifact is None:
+            raise ValueError("parallel='matrices' over several processes exchanges units through the artifact "
+                             "directory: pass artifact=ArtifactWriter(...) on a filesystem every process sees.")
+        done.update(map_units(lambda i, _: fit(i), units, skip=done, progress=progress))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("cospadi_jax.compress: all units fitted")
+            done = artifact.finished_units()
+            # Staged units may be rewritten by process 0's finalize(): nobody may still be reading them then.
+            multihost_utils.sync_global_devices("cospadi_jax.compress: all units read")
+    bar = tqdm(units, desc=f"compress ({config.method}, CR {config.ratio})", unit="group",
+               disable=not progress or config.parallel == "matrices")
     for unit_index, paths in enumerate(bar):
         bar.set_postfix_str(paths[0] if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1})")
-        if unit_index in finished:  # resumed: reuse the saved factors, never refit
-            for path, factors, row in zip(paths, *finished[unit_index]):
-                report.matrices.append(MatrixReport(**{k: v for k, v in row.items() if k != "info"}))
-                replace_projection(target, path, factors, mode=config.mode)
-            continue
-        t0 = time.perf_counter()
-        Ws = [projection_weight(model, p) for p in paths]
-        shapes = {w.shape for w in Ws}
-        if len(shapes) > 1:
-            raise ValueError(f"a shared group needs equal shapes, got {dict(zip(paths, [w.shape for w in Ws]))}")
-        unit_grams = [grams.gram(p) for p in paths] if grams is not None else [None] * len(paths)
-        for p, g in zip(paths, unit_grams):
-            if g is None:
-                continue
-            if g.shape != (Ws[0].shape[0],) * 2:
-                raise ValueError(f"calibration Gram for {p} has shape {g.shape} but W has d_in = {Ws[0].shape[0]}; "
-                                 "the Grams belong to another model: recompute them for this one.")
-            if not np.all(np.isfinite(g)):
-                raise ValueError(f"calibration Gram for {p} contains NaN/inf; recompute the calibration statistics.")
-        extra = {"mean_abs": grams.mean_abs(paths[0])} if getattr(method, "needs_mean_abs", False) else {}
-        factors_list, budget = method.fit_unit(Ws, unit_grams, jax.random.fold_in(key, unit_index), **extra)
-        seconds = (time.perf_counter() - t0) / len(paths)
-        unit_factors, unit_rows = [], []
-        for i, (path, W, factors) in enumerate(zip(paths, Ws, factors_list)):
-            quant_err = None
-            if isinstance(factors, DictFactors) and config.quantization:
-                q = quantize_coefficients(factors.values, config.quantization)
-                quant_err = float(np.linalg.norm(q - factors.values) / np.linalg.norm(factors.values))
-                factors = DictFactors(factors.D, factors.indices, q, factors.info)
-            W_hat = factors.dense()
-            info = factors.info
-            unit_rows.append(MatrixReport(
-                path=path, group=paths, d_in=W.shape[0], d_out=W.shape[1], method=config.method,
-                functional_error_calib=functional_error(W, W_hat, unit_grams[i]) if unit_grams[i] is not None
-                else None,  # a data-free run without calibration data has no functional error to report
-                functional_error_heldout=functional_error(W, W_hat, heldout_grams.gram(path))
-                if heldout_grams is not None else None,
-                weight_error=weight_error(W, W_hat),
-                realised_ratio=budget.realised_ratio_bytes,
-                realised_ratio_params=budget.realised_ratio_params,
-                dense_params=W.size,
-                compressed_params=budget.stored_params / len(paths),
-                seconds=seconds,
-                k=info.get("k"), s=info.get("s"), rank=info.get("rank"),
-                jitter=info.get("jitter"), lambda_min=info.get("lambda_min"),
-                condition_number=info.get("condition_number"),
-                early_stopped_columns=info.get("early_stopped_columns"),
-                quantization_error=quant_err, objective=info.get("objective"),
-            ))
-            unit_factors.append(factors)
-            replace_projection(target, path, factors, mode=config.mode)
+        factors, rows = done[unit_index] if unit_index in done else fit(unit_index)
+        unit_rows = [MatrixReport(**{k: v for k, v in row.items() if k != "info"}) for row in rows]
+        for path, f in zip(paths, factors):
+            replace_projection(target, path, f, mode=config.mode)
         report.matrices.extend(unit_rows)
-        if artifact is not None:
-            artifact.save_unit(unit_index, unit_factors, [asdict(r) for r in unit_rows])
         if on_unit is not None:
             on_unit(unit_index, unit_rows)
     report.seconds = time.perf_counter() - t_start

@@ -40,7 +40,10 @@ class MethodConf:
     reseed_unused: bool = False
     mode: str = "dense"
     quantization: Optional[str] = None
-    parallel: str = "none"  # none | columns: one matrix's columns sharded over all devices (shard_map OMP)
+    # none | columns (one matrix's columns sharded over all devices: shard_map OMP) | matrices (independent
+    # matrices/groups spread over processes and their local devices)
+    parallel: str = "none"
+    omp_memory_mb: int = 16  # working memory of one OMP chunk per device (GPU/TPU: raise it for bigger chunks)
 
 
 @dataclass
@@ -66,6 +69,7 @@ class EvalConf:
     task_limit: Optional[float] = None
     task_include_path: Optional[str] = None
     task_batch_size: int = 8
+    data_parallel: bool = True  # batches split over all devices (and processes) when there is more than one
 
 
 @dataclass
@@ -112,7 +116,7 @@ def compression_config(cfg: RunConfig) -> CompressionConfig:
         shared_types=tuple(m.shared_types), layers=tuple(m.layers) if m.layers is not None else None,
         proj_types=tuple(m.proj_types), ksvd_iterations=m.ksvd_iterations, power_iterations=m.power_iterations,
         dict_update=m.dict_update, reseed_unused=m.reseed_unused, seed=cfg.seed, mode=m.mode,
-        quantization=m.quantization, parallel=m.parallel,
+        quantization=m.quantization, parallel=m.parallel, omp_memory_mb=m.omp_memory_mb,
     )
 
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
@@ -32,6 +33,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
 
 from cospadi_jax.sparse.ksvd import KSVDResult, check_ksvd_arguments, init_dictionary, update_dictionary
 from cospadi_jax.sparse.omp import (
@@ -64,13 +66,15 @@ DEFAULT_MESH_AXIS = "data"
 # Logical axis -> mesh axis (None = replicated). The one place that decides the layout:
 # columns of a target (OMP and K-SVD are column-parallel), independent matrices/groups and
 # evaluation batches go over the data axis; atoms (k) and features (d) stay replicated
-# because every column needs the whole dictionary and Gram.
+# because every column needs the whole dictionary and Gram. Model parameters during evaluation
+# ("params": the leading dimension of every parameter array) stay replicated: data-parallel
+# evaluation; mapping it to a mesh axis shards them FSDP-style (cospadi_jax/eval/sharded.py).
 SHARDING_RULES: dict[str, str | None] = {
     "columns": DEFAULT_MESH_AXIS,
-    "matrices": DEFAULT_MESH_AXIS,
     "batch": DEFAULT_MESH_AXIS,
     "atoms": None,
     "features": None,
+    "params": None,
 }
 
 
@@ -490,19 +494,33 @@ def map_units(
     rank: int | None = None,
     world: int | None = None,
     devices: Sequence[jax.Device] | None = None,
+    skip: Collection[int] = (),
+    progress: bool = False,
 ) -> dict[int, Any]:
-    """Fit this rank's share of independent ``units``; returns {unit index: fit(index, unit)}.
+    """Fit this rank's share of independent ``units`` concurrently; returns {unit index: fit(index, unit)}.
 
-    Within a process, unit i runs on ``devices[i // world % len(devices)]`` (default: this
-    process's local devices) through ``jax.default_device``, so consecutive units of a rank
-    land on different local devices; JAX dispatch is asynchronous, so results are only
-    awaited when the caller reads them. Merge the dicts of all ranks (e.g. through the
-    artifact directory or :func:`jax.experimental.multihost_utils`) to get the sequential result.
+    The rank owns units ``i % world == rank`` (:func:`assign_units`), minus ``skip`` (e.g. units a killed run
+    already finished). They run on one worker thread per device of ``devices`` (default: this process's local
+    devices), each thread under ``jax.default_device``, so independent matrices of different shapes run side by
+    side (XLA releases the GIL while it computes). Every unit keeps its global index, so its key and result are
+    those of a sequential run. Merge the dicts of all ranks (e.g. through the artifact directory, as
+    :func:`cospadi_jax.compress.compress` does) to get the sequential result.
     """
     devices = list(jax.local_devices() if devices is None else devices)
-    world_ = jax.process_count() if world is None else int(world)
-    out = {}
-    for i in assign_units(len(units), rank, world_):
-        with jax.default_device(devices[(i // world_) % len(devices)]):
-            out[i] = fit(i, units[i])
-    return out
+    todo = [i for i in assign_units(len(units), rank, world) if i not in set(skip)]
+    results: dict[int, Any] = {}
+    bar = tqdm(total=len(todo), desc=f"units of process {jax.process_index()} on {len(devices)} devices",
+               unit="unit", disable=not progress)
+
+    def worker(slot: int) -> None:
+        with jax.default_device(devices[slot]):
+            for i in todo[slot :: len(devices)]:
+                results[i] = fit(i, units[i])
+                bar.update()
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(devices), len(todo)))) as pool:
+        futures = [pool.submit(worker, slot) for slot in range(min(len(devices), len(todo)))]
+        for future in futures:
+            future.result()  # re-raise a worker's error here
+    bar.close()
+    return results

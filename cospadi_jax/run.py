@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import ArtifactWriter, atomic_write_json, fingerprint, load_artifact
 from .config import RunConfig, calibration_spec, compression_config, register_configs, validate
+from .distributed import initialize, is_primary
 
 log = logging.getLogger("cospadi_jax")
 register_configs()
@@ -54,21 +55,29 @@ def environment() -> dict[str, Any]:
 
 
 def _evaluate(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, Any]:
+    """Perplexity per source and lm-eval tasks; data-parallel over all devices (all processes) when
+    ``eval.data_parallel`` and there is more than one device. Every process must call it (collectives)."""
+    import jax
+
     from .data.text import load_text
+    from .distributed import make_mesh
     from .eval import perplexity
 
+    mesh = make_mesh() if cfg.eval.data_parallel and jax.device_count() > 1 else None
     out: dict[str, Any] = {"perplexity": {}}
     for source in cfg.eval.ppl_sources:
         out["perplexity"][source] = perplexity(
             model, tokenizer, load_text(source), seqlen=cfg.eval.seqlen, max_windows=cfg.eval.max_windows,
-            batch_size=cfg.eval.batch_size).to_dict()
+            batch_size=cfg.eval.batch_size, mesh=mesh).to_dict()
     if cfg.eval.tasks:
         from .eval.harness import evaluate_zero_shot
 
-        out["zero_shot"] = evaluate_zero_shot(
+        zero_shot = evaluate_zero_shot(
             model, tokenizer, cfg.eval.tasks, batch_size=cfg.eval.task_batch_size, limit=cfg.eval.task_limit,
-            include_path=cfg.eval.task_include_path)
-        out["zero_shot"].pop("raw", None)
+            include_path=cfg.eval.task_include_path, mesh=mesh)
+        if zero_shot is not None:  # None on the processes that only followed process 0's lm-eval
+            zero_shot.pop("raw", None)
+            out["zero_shot"] = zero_shot
     return out
 
 
@@ -114,9 +123,11 @@ def run_compress(cfg: RunConfig, resolved: dict) -> dict[str, Any]:
         metrics["compressed"] = _evaluate(compressed, tokenizer, cfg)
         metrics["timings"]["eval_s"] = time.perf_counter() - t0
         report_dict = report.to_dict()
-        artifact.finalize(report_dict)
         metrics.update(realised_ratio=report.realised_ratio, calibration_key=report.calibration.get("key"),
                        matrices=report_dict["matrices"], paper=cfg.paper)
+        if not is_primary():  # every process compressed and evaluated; only process 0 writes and logs
+            return metrics
+        artifact.finalize(report_dict)
         atomic_write_json(out_dir / "metrics.json", metrics)
         tracker.log_table("matrices", [{k: v for k, v in m.items() if k not in ("objective", "group")}
                                        for m in report_dict["matrices"]])
@@ -159,6 +170,8 @@ def run_evaluate(cfg: RunConfig) -> dict[str, Any]:
     for path, f in factors.items():
         replace_projection(model, path, f, mode=mode)
     metrics = {"artifact": str(cfg.artifact), "compressed": _evaluate(model, tokenizer, cfg), **environment()}
+    if not is_primary():
+        return metrics
     atomic_write_json(Path(cfg.artifact) / "evaluation.json", metrics)
     for source, r in metrics["compressed"]["perplexity"].items():
         print(f"{cfg.artifact}: {source} perplexity {r['perplexity']:.3f}")
@@ -183,6 +196,9 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    # Multi-host / multi-process runs (TPU pods, srun, JAX_COORDINATOR_ADDRESS...): jax.distributed must start
+    # before any JAX computation. A no-op for a single process. See docs/cluster.md.
+    initialize()
     metrics = execute(cfg)
     ppl = metrics.get("compressed", {}).get("perplexity", {}) if isinstance(metrics, dict) else {}
     return next(iter(ppl.values()))["perplexity"] if ppl else None  # Hydra sweepers optimise the return value

@@ -6,6 +6,8 @@
     python tests/_distributed_worker.py multi OUT.npz COORDINATOR NUM_PROCESSES PROCESS_ID
         (env JAX_NUM_CPU_DEVICES=4): one process of a jax.distributed run; sharded OMP over all
         global devices, gathered to the host, plus this rank's share of independent units.
+    python tests/_distributed_worker.py compress OUT.npz COORDINATOR NUM_PROCESSES PROCESS_ID ARTIFACT_DIR
+        (env JAX_NUM_CPU_DEVICES=2): compress(parallel="matrices") of a tiny model across the processes.
 """
 
 from __future__ import annotations
@@ -137,11 +139,47 @@ def run_multi(out: str, coordinator: str, num_processes: int, process_id: int) -
     np.savez(out, **res)
 
 
+def compress_tiny(parallel: str, artifact: str | None = None, finalize: bool = False) -> dict[str, np.ndarray]:
+    """compress() a tiny random Llama (2 layers, CoSpaDi, T = 2): {path/D|indices|values: array}."""
+    from helpers import tiny_hf_config
+
+    from cospadi_jax.calib import collect_grams
+    from cospadi_jax.checkpoint import ArtifactWriter
+    from cospadi_jax.compress import compress
+    from cospadi_jax.models import get_module, random_model
+
+    model = random_model(tiny_hf_config("llama_gqa", True), seed=0)
+    tokens = np.random.default_rng(0).integers(3, 96, size=(8, 32)).astype(np.int32)
+    grams = collect_grams(model, tokens, progress=False)
+    writer = ArtifactWriter(artifact, {"config_fingerprint": "tiny"}) if artifact else None
+    compressed, report = compress(model, grams=grams, method="cospadi", ratio=0.3, ksvd_iterations=2,
+                                  power_iterations=3, parallel=parallel, artifact=writer, progress=False)
+    if finalize:
+        writer.finalize(report.to_dict())
+    out = {}
+    for row in report.matrices:
+        m = get_module(compressed, row.path)
+        for name in ("D", "indices", "values"):
+            out[f"{row.path}/{name}"] = np.asarray(getattr(m, name)[...])
+    return out
+
+
+def run_compress(out: str, coordinator: str, num_processes: int, process_id: int, artifact: str) -> None:
+    from cospadi_jax import distributed as dist
+
+    assert dist.initialize(coordinator, num_processes, process_id), "jax.distributed did not start"
+    import jax
+
+    np.savez(out, **compress_tiny("matrices", artifact, finalize=jax.process_index() == 0))
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     if mode == "single":
         run_single(out)
     elif mode == "multi":
         run_multi(out, sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    elif mode == "compress":
+        run_compress(out, sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
     else:
         raise SystemExit(f"unknown mode {mode!r}; use single or multi")

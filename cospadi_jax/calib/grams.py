@@ -86,26 +86,36 @@ def iter_layer_grams(
     starts = list(range(0, len(windows), batch_size))
     hidden = [np.asarray(_embed(model, jnp.asarray(windows[s : s + batch_size]))) for s in starts]
     last = max(wanted)
-    bar = tqdm(total=(last + 1) * len(starts), desc="calibration Grams", unit="batch", disable=not progress)
+    bar = tqdm(total=last + 1, desc="calibration Grams", unit="layer", disable=not progress)
     for i in range(last + 1):
-        layer = model.model.layers[i]
-        acc: dict[str, np.ndarray] = {}
-        for b, h in enumerate(hidden):
-            h_out, grams = _layer_step(layer, jnp.asarray(h))
-            hidden[b] = np.asarray(h_out)
-            if i in wanted:
-                for name, stats in grams.items():
-                    g64 = tuple(np.asarray(v, dtype=np.float64) for v in stats)
-                    acc[name] = tuple(a + b for a, b in zip(acc[name], g64)) if name in acc else g64
-            bar.update(1)
+        by_path = advance_layer(model.model.layers[i], i, hidden, collect=i in wanted)
+        bar.update(1)
         if i in wanted:
-            out = {}
-            for name, g in acc.items():
-                if not all(np.all(np.isfinite(v)) for v in g):
-                    raise FloatingPointError(f"non-finite calibration Gram at layer {i} ({name})")
-                out[projection_path(i, _INPUT_TO_TYPE[name])] = g
-            yield i, out
+            yield i, by_path
     bar.close()
+
+
+def advance_layer(layer: DecoderLayer, index: int, hidden: list[np.ndarray], *, collect: bool = True
+                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Run the hidden-state batches (each [b, T, hidden]) through decoder layer ``index``, replacing them in
+    place, and return its Grams {source path: (Gram [d, d], Σ|x| [d]) float64} (empty if not ``collect``).
+
+    Raises FloatingPointError on a non-finite Gram.
+    """
+    acc: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for b, h in enumerate(hidden):
+        h_out, grams = _layer_step(layer, jnp.asarray(h))
+        hidden[b] = np.asarray(h_out)
+        if collect:
+            for name, stats in grams.items():
+                g64 = tuple(np.asarray(v, dtype=np.float64) for v in stats)
+                acc[name] = tuple(a + b for a, b in zip(acc[name], g64)) if name in acc else g64
+    out = {}
+    for name, g in acc.items():
+        if not all(np.all(np.isfinite(v)) for v in g):
+            raise FloatingPointError(f"non-finite calibration Gram at layer {index} ({name})")
+        out[projection_path(index, _INPUT_TO_TYPE[name])] = g
+    return out
 
 
 def collect_grams(

@@ -5,6 +5,10 @@ greedy ``generate_until``). Requests are packed into batches of one fixed shape 
 with length the smallest power of two that holds the longest request, so the scoring function compiles once.
 Tokenisation follows lm-eval's HF model: no special tokens, trailing context spaces move to the continuation,
 context + continuation are encoded together and split, and an empty context is replaced by the prefix token.
+
+With a ``mesh`` the scoring is data-parallel (:mod:`cospadi_jax.eval.sharded`): parameters placed by the sharding
+rules, each batch split over the ``"batch"`` axis. With a mesh over several processes only process 0 runs lm-eval;
+the others follow it (:meth:`FlaxLM.follow`), which :func:`evaluate_zero_shot` arranges.
 """
 
 from __future__ import annotations
@@ -15,10 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from lm_eval.api.model import LM
 from tqdm.auto import tqdm
 
+from ..distributed import is_primary
 from ..models.transformer import CausalLM
+from .sharded import ShardedScorer
 
 # The paper's tasks and its headline rule: acc_norm where the task reports it, acc otherwise (method.md §5).
 PAPER_TASKS = ("piqa", "hellaswag", "lambada_openai", "arc_easy", "arc_challenge", "sciq", "race", "mmlu")
@@ -39,13 +46,19 @@ def _bucket(n: int, cap: int) -> int:
 
 
 class FlaxLM(LM):
-    """lm-eval ``LM`` over a cospadi-jax model."""
+    """lm-eval ``LM`` over a cospadi-jax model.
+
+    ``mesh``: score data-parallel over it; ``batch_size`` (the global batch) is rounded up to a multiple of the
+    batch shard count. With a mesh over several processes, process 0 is the driver (lm-eval calls this object
+    there) and every other process must run :meth:`follow` until process 0 calls :meth:`release_followers`.
+    """
 
     def __init__(self, model: CausalLM, tokenizer: Any, *, batch_size: int = 8, max_length: int | None = None,
-                 progress: bool = True):
+                 progress: bool = True, mesh: Mesh | None = None):
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
-        self.batch_size = batch_size
+        self._scorer = None if mesh is None else ShardedScorer(_score, model, mesh)
+        self.batch_size = batch_size if self._scorer is None else self._scorer.round_batch(batch_size)
         self.max_length = max_length or min(model.config.max_position_embeddings, 2048)
         self.progress = progress
         prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -85,7 +98,7 @@ class FlaxLM(LM):
             for row, i in enumerate(batch):
                 tokens = seqs[i][0]
                 ids[row, : len(tokens)], mask[row, : len(tokens)] = tokens, 1
-            logp, greedy = (np.asarray(x) for x in _score(self.model, jnp.asarray(ids), jnp.asarray(mask)))
+            logp, greedy = self._score_batch(ids, mask)
             for row, i in enumerate(batch):
                 tokens, n_cont = seqs[i]
                 end = len(tokens) - 1  # logp index j scores token j + 1
@@ -95,6 +108,31 @@ class FlaxLM(LM):
                 results[i] = (float(lp.sum()), bool(greedy[row, end - n_cont : end].all()))
         return results
 
+    def _score_batch(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """ids, mask [batch_size, T] -> (log-probs [batch_size, T-1], is-greedy [batch_size, T-1]) on the host."""
+        if self._scorer is None:
+            return tuple(np.asarray(x) for x in _score(self.model, jnp.asarray(ids), jnp.asarray(mask)))
+        return self._scorer.drive(ids, mask)
+
+    # ---------------------------------------------------------------- multi-process driver / followers
+    @property
+    def is_follower(self) -> bool:
+        """True on processes other than 0 when the mesh spans several processes: they run :meth:`follow`."""
+        return self._scorer is not None and self._scorer.spans_processes and not is_primary()
+
+    def follow(self) -> int:
+        """Follower loop: run the sharded scorer on every batch process 0 scores, until it calls
+        :meth:`release_followers`. Returns the number of batches served."""
+        if not self.is_follower:
+            raise RuntimeError("follow() is for processes other than 0 of a FlaxLM with a mesh over several processes.")
+        return self._scorer.follow()
+
+    def release_followers(self) -> None:
+        """On process 0: end the followers' loops once lm-eval is done (no-op without followers)."""
+        if self._scorer is not None:
+            self._scorer.release_followers()
+
+    # ---------------------------------------------------------------- lm-eval API
     def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
         pairs = [self._encode_pair(*req.args) for req in requests]
         return self._score_pairs(pairs, "loglikelihood")
@@ -117,7 +155,9 @@ class FlaxLM(LM):
         return totals
 
     def generate_until(self, requests: list[Any]) -> list[str]:
-        """Greedy decoding without a KV cache (the paper's tasks do not generate; kept for completeness)."""
+        """Greedy decoding without a KV cache (the paper's tasks do not generate; kept for completeness).
+
+        Runs on this process' default device even with a mesh: followers take no part in it."""
         outputs = []
         for req in tqdm(requests, desc="generate_until", disable=not self.progress):
             context, kwargs = req.args
@@ -159,18 +199,30 @@ def headline_scores(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def evaluate_zero_shot(model: CausalLM, tokenizer: Any, tasks: list[str] | tuple[str, ...] = PAPER_TASKS, *,
-                       batch_size: int = 8, limit: int | float | None = None, include_path: str | None = None,
-                       max_length: int | None = None, progress: bool = True) -> dict[str, Any]:
+                       batch_size: int = 8, limit: float | None = None, include_path: str | None = None,
+                       max_length: int | None = None, progress: bool = True,
+                       mesh: Mesh | None = None) -> dict[str, Any] | None:
     """Run lm-eval zero-shot on ``tasks``; returns {'tasks': {task: {acc, acc_norm, ...}}, 'average', 'rule',
-    'lm_eval_version', 'raw'}."""
+    'lm_eval_version', 'raw'}.
+
+    ``limit``: documents per task (an int) or a fraction of them (a float), as lm-eval's ``limit``.
+    ``mesh``: score data-parallel over it (see :class:`FlaxLM`). With a mesh over several processes call this on
+    every process: process 0 runs lm-eval and returns the results, the others follow it and return None.
+    """
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    lm = FlaxLM(model, tokenizer, batch_size=batch_size, max_length=max_length, progress=progress)
-    out = lm_eval.simple_evaluate(
-        model=lm, tasks=list(tasks), num_fewshot=0, limit=limit, log_samples=False, bootstrap_iters=0,
-        task_manager=TaskManager(include_path=include_path) if include_path else None,
-    )
+    lm = FlaxLM(model, tokenizer, batch_size=batch_size, max_length=max_length, progress=progress, mesh=mesh)
+    if lm.is_follower:
+        lm.follow()
+        return None
+    try:
+        out = lm_eval.simple_evaluate(
+            model=lm, tasks=list(tasks), num_fewshot=0, limit=limit, log_samples=False, bootstrap_iters=0,
+            task_manager=TaskManager(include_path=include_path) if include_path else None,
+        )
+    finally:  # also on an lm-eval error, so that the followers return instead of waiting forever
+        lm.release_followers()
     summary = headline_scores(out["results"])
     summary["lm_eval_version"] = lm_eval.__version__ if hasattr(lm_eval, "__version__") else "unknown"
     summary["raw"] = out["results"]

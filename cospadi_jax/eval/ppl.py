@@ -15,10 +15,13 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from ..data.calibration import tokenize
+from ..distributed import is_primary
 from ..models.transformer import CausalLM, token_logprobs
+from .sharded import ShardedScorer
 
 
 @dataclass(frozen=True)
@@ -57,12 +60,25 @@ def make_windows(
 
 
 def windows_perplexity(
-    model: CausalLM, windows: np.ndarray, *, batch_size: int = 1, add_bos: bool = False, progress: bool = True
+    model: CausalLM,
+    windows: np.ndarray,
+    *,
+    batch_size: int = 1,
+    add_bos: bool = False,
+    progress: bool = True,
+    mesh: Mesh | None = None,
 ) -> PerplexityResult:
     """Perplexity of pre-built windows [n, seqlen] (see :func:`make_windows`).
 
-    Batches have a fixed shape [batch_size, seqlen] (the last one is padded with masked rows), so the forward
-    pass compiles exactly once.
+    Batches have a fixed shape [batch_size, seqlen] (the last one is padded with copies of a window whose scores
+    are dropped), so the forward pass compiles exactly once.
+
+    With ``mesh`` the evaluation is data-parallel (:class:`~cospadi_jax.eval.sharded.ShardedScorer`): parameters
+    placed by ``SHARDING_RULES["params"]`` (replicated), each batch split over the ``"batch"`` axis, and
+    ``batch_size`` (the global batch) rounded up to a multiple of that axis' device count. The result equals the
+    single-device one up to float roundoff. With a mesh over several processes call it on every process with the
+    same windows (a collective); every process returns the same result, only process 0 shows progress. Without a
+    mesh each process evaluates alone on its default device.
     """
     windows = np.asarray(windows, np.int32)
     if windows.ndim != 2 or windows.shape[0] == 0:
@@ -75,14 +91,25 @@ def windows_perplexity(
         )
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if mesh is None:
+        def score(batch: np.ndarray) -> np.ndarray:
+            return np.asarray(token_logprobs(model, jnp.asarray(batch)))
+    else:
+        scorer = ShardedScorer(token_logprobs, model, mesh)
+        batch_size = scorer.round_batch(batch_size)
+        ones = np.ones((batch_size, seqlen), np.int32)  # windows have no padding tokens
+
+        def score(batch: np.ndarray) -> np.ndarray:
+            return scorer(batch, ones)
     total_nll, total_tokens = 0.0, 0
     starts = range(0, n, batch_size)
-    for start in tqdm(starts, desc=f"perplexity ({n} x {seqlen})", disable=not progress, unit="batch"):
+    bar = tqdm(starts, desc=f"perplexity ({n} x {seqlen})", disable=not (progress and is_primary()), unit="batch")
+    for start in bar:
         batch = windows[start : start + batch_size]
         real = len(batch)
         if real < batch_size:  # pad with copies, dropped below: keeps one compiled shape
             batch = np.concatenate([batch, np.repeat(batch[:1], batch_size - real, axis=0)])
-        logp = np.asarray(token_logprobs(model, jnp.asarray(batch)), dtype=np.float64)[:real]
+        logp = score(batch).astype(np.float64)[:real]
         if not np.all(np.isfinite(logp)):
             bad = start + int(np.argwhere(~np.isfinite(logp))[0, 0])
             raise FloatingPointError(
@@ -105,8 +132,12 @@ def perplexity(
     batch_size: int = 1,
     add_bos: bool = False,
     progress: bool = True,
+    mesh: Mesh | None = None,
 ) -> PerplexityResult:
-    """Token-weighted perplexity of ``text`` under the protocol in the module docstring."""
+    """Token-weighted perplexity of ``text`` under the protocol in the module docstring.
+
+    ``mesh``: data-parallel evaluation, see :func:`windows_perplexity`.
+    """
     if not text or not text.strip():
         raise ValueError("empty text: perplexity needs at least one window of tokens.")
     if seqlen > model.config.max_position_embeddings:
@@ -115,4 +146,4 @@ def perplexity(
             f"{model.config.max_position_embeddings}; use a shorter seqlen."
         )
     windows = make_windows(tokenizer, text, seqlen, max_windows=max_windows, add_bos=add_bos)
-    return windows_perplexity(model, windows, batch_size=batch_size, add_bos=add_bos, progress=progress)
+    return windows_perplexity(model, windows, batch_size=batch_size, add_bos=add_bos, progress=progress, mesh=mesh)

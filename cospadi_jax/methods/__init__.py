@@ -27,10 +27,12 @@ METHODS: dict[str, MethodSpec] = {
     "basis_sharing": MethodSpec(lambda c: BasisSharing(), "low_rank", True),
     "cospadi": MethodSpec(lambda c: CoSpaDi(data_aware=True, iterations=c.ksvd_iterations,
                                             power_iterations=c.power_iterations, update=c.dict_update,
-                                            reseed_unused=c.reseed_unused, parallel=c.parallel), "cospadi", True),
+                                            reseed_unused=c.reseed_unused, parallel=c.parallel,
+                                            omp_memory_mb=c.omp_memory_mb), "cospadi", True),
     "cospadi_free": MethodSpec(lambda c: CoSpaDi(data_aware=False, iterations=c.ksvd_iterations,
                                                  power_iterations=c.power_iterations, update=c.dict_update,
-                                                 reseed_unused=c.reseed_unused, parallel=c.parallel),
+                                                 reseed_unused=c.reseed_unused, parallel=c.parallel,
+                                                 omp_memory_mb=c.omp_memory_mb),
                                  "cospadi", True),
 }
 

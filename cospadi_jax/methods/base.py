@@ -9,6 +9,7 @@ the dictionary D: [d_in, k] and a column-sparse S: [k, d_out] stored per output 
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -113,6 +114,7 @@ def weight_error(W: np.ndarray, W_hat: np.ndarray) -> float:
 
 _WHITENING_CACHE: OrderedDict[str, tuple[np.ndarray, dict[str, float]]] = OrderedDict()
 _WHITENING_CACHE_SIZE = 8
+_WHITENING_LOCK = threading.Lock()
 
 
 def whitening_factor(gram: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
@@ -124,18 +126,20 @@ def whitening_factor(gram: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
     """
     gram = np.ascontiguousarray(gram, np.float64)
     digest = hashlib.sha1(gram.data).hexdigest() + str(gram.shape)
-    if digest in _WHITENING_CACHE:
-        _WHITENING_CACHE.move_to_end(digest)
-        L, info = _WHITENING_CACHE[digest]
-        return L, dict(info)
+    with _WHITENING_LOCK:  # parallel="matrices" fits units from several threads
+        if digest in _WHITENING_CACHE:
+            _WHITENING_CACHE.move_to_end(digest)
+            L, info = _WHITENING_CACHE[digest]
+            return L, dict(info)
     with jax.enable_x64(True):
         result = whiten(gram, dtype=np.float64)
         L = np.asarray(result.L, np.float64)
     info = {"jitter": result.jitter, "lambda_min": result.lambda_min, "condition_number": result.condition_number}
     L.setflags(write=False)  # shared between callers
-    _WHITENING_CACHE[digest] = (L, info)
-    while len(_WHITENING_CACHE) > _WHITENING_CACHE_SIZE:
-        _WHITENING_CACHE.popitem(last=False)
+    with _WHITENING_LOCK:
+        _WHITENING_CACHE[digest] = (L, info)
+        while len(_WHITENING_CACHE) > _WHITENING_CACHE_SIZE:
+            _WHITENING_CACHE.popitem(last=False)
     return L, dict(info)
 
 

@@ -19,7 +19,7 @@ class CoSpaDi:
     supports_groups = True
 
     def __init__(self, *, data_aware: bool = True, iterations: int = 60, power_iterations: int = 8,
-                 update: str = "power", reseed_unused: bool = False, parallel: str = "none"):
+                 update: str = "power", reseed_unused: bool = False, parallel: str = "none", omp_memory_mb: int = 16):
         self.data_aware = data_aware
         self.name = "cospadi" if data_aware else "cospadi_free"
         self.iterations = iterations
@@ -27,6 +27,7 @@ class CoSpaDi:
         self.update = update
         self.reseed_unused = reseed_unused
         self.parallel = parallel  # "columns": one matrix's columns sharded over all devices
+        self.omp_memory_bytes = int(omp_memory_mb) * 2**20  # per device
 
     def fit(self, W: np.ndarray, gram: np.ndarray | None, budget: Any, key: Any) -> DictFactors:
         return self.fit_group([W], [gram], budget, key)[0]
@@ -42,7 +43,7 @@ class CoSpaDi:
         else:
             L, Y = None, W_cat
         kwargs = dict(key=key, method=self.update, power_iterations=self.power_iterations,
-                      unused="reseed" if self.reseed_unused else "skip")
+                      unused="reseed" if self.reseed_unused else "skip", omp_memory_budget_bytes=self.omp_memory_bytes)
         if self.parallel == "columns":
             from ..distributed import make_mesh, sharded_ksvd
 

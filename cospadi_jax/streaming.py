@@ -1,0 +1,252 @@
+"""Layer-by-layer streaming compression, for models whose weights do not fit in host memory.
+
+A Llama-3-8B in bfloat16 is 16 GB of weights; with float64 calibration Grams and the fitting buffers it does not fit
+a 24 GB host as a whole. Here only these live at once: the calibration hidden states [n, T, hidden], one decoder
+layer's weights, that layer's Grams (float64), and the buffers of the matrix being fitted. Layers come from a
+:class:`LayerSource` (an in-memory model, or seeded random weights built from a config one layer at a time), are
+calibrated on the hidden states of the *original* model (exactly what :func:`cospadi_jax.compress.compress` does),
+compressed unit by unit into an artifact, and dropped.
+
+Chunk sizes come from one memory budget (:func:`plan_memory`): windows per calibration forward batch and columns
+per OMP chunk, reported with the estimate of every resident buffer. The same seed gives the same factors as
+``compress()`` on the whole model (every unit keeps its global index and key).
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from .calib.grams import Grams, advance_layer
+from .compress import CompressionConfig, CompressionReport, MatrixReport, fit_unit, work_units
+from .methods import make_method
+from .methods.base import Factors
+from .models.config import DecoderConfig
+from .models.paths import GRAM_SOURCE, get_module, parse_projection_path
+from .models.transformer import CausalLM, DecoderLayer, Embed
+from .sparse.omp import omp_chunk_size
+
+GIB = 2**30
+
+
+class LayerSource(Protocol):
+    """Where the streamed weights come from: the config, the token embeddings and one decoder layer at a time."""
+
+    config: DecoderConfig
+    dtype: Any
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """ids [b, T] int32 -> hidden states [b, T, hidden] in ``dtype``."""
+
+    def layer(self, index: int) -> DecoderLayer:
+        """Decoder layer ``index`` (its weights are released when the caller drops it)."""
+
+
+class ModelLayerSource:
+    """Layers of a model already in memory (for models that fit, and to test streaming against ``compress``)."""
+
+    def __init__(self, model: CausalLM):
+        self.model, self.config, self.dtype = model, model.config, model.dtype
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        return np.asarray(_embed(self.model.model.embed_tokens, jnp.asarray(ids), self.dtype))
+
+    def layer(self, index: int) -> DecoderLayer:
+        return self.model.model.layers[index]
+
+
+class RandomLayerSource:
+    """Seeded random weights built from a config one layer at a time (e.g. Llama-3-8B shapes).
+
+    Weights take the values of ``weight_dtype`` (bfloat16 by default, as the checkpoints) and compute in
+    ``dtype`` (float32: XLA:CPU has no fast bfloat16 GEMM, and Grams are accumulated in float32 anyway). Layer i
+    is initialised from ``fold_in(seed, i)``, so it is the same whichever layers are built, and never more than
+    one layer (plus, while embedding, the embedding table) exists.
+    """
+
+    def __init__(self, config: DecoderConfig, *, weight_dtype: Any = jnp.bfloat16, dtype: Any = jnp.float32,
+                 seed: int = 0):
+        self.config, self.weight_dtype, self.dtype, self.seed = config, weight_dtype, dtype, seed
+
+    def _build(self, module: Any, index: int) -> Any:
+        built = module(rngs=nnx.Rngs(params=jax.random.fold_in(jax.random.key(self.seed), index)))
+        state = nnx.state(built, nnx.Param)
+        nnx.update(built, jax.tree.map(lambda x: x.astype(self.weight_dtype).astype(self.dtype), state))
+        return built
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        # The table exists only while embedding; its key index follows the layers' (0 .. L-1).
+        table = self._build(partial(Embed, self.config.vocab_size, self.config.hidden_size, dtype=self.dtype),
+                            self.config.num_hidden_layers)
+        return np.asarray(_embed(table, jnp.asarray(ids), self.dtype))
+
+    def layer(self, index: int) -> DecoderLayer:
+        return self._build(partial(DecoderLayer, self.config, dtype=self.dtype), index)
+
+
+@nnx.jit(static_argnums=2)
+def _embed(table: Embed, ids: jax.Array, dtype: Any) -> jax.Array:
+    return table(ids).astype(dtype)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Chunk sizes derived from a host memory budget, with the estimate (GiB) of every resident buffer."""
+
+    budget_gib: float
+    calib_batch: int  # windows per calibration forward batch
+    omp_memory_mb: int  # working memory of one OMP chunk
+    omp_chunk_columns: dict[str, int]  # projection type -> columns per OMP chunk (CoSpaDi)
+    resident_gib: dict[str, float]
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in self.resident_gib.items())
+        chunks = ", ".join(f"{k} {v}" for k, v in self.omp_chunk_columns.items())
+        return (f"memory plan for {self.budget_gib:.1f} GiB: calibration batch {self.calib_batch} windows, "
+                f"OMP chunk {self.omp_memory_mb} MiB -> columns per chunk: {chunks}; resident GiB: {parts}")
+
+
+def _shapes(cfg: DecoderConfig) -> dict[str, tuple[int, int]]:
+    """Projection type -> W shape [d_in, d_out]."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def plan_memory(cfg: DecoderConfig, comp: CompressionConfig, n_windows: int, seqlen: int, *, budget_gib: float,
+                dtype: Any = jnp.bfloat16) -> MemoryPlan:
+    """Split ``budget_gib`` of host memory between the resident buffers and the two chunked ones.
+
+    Resident: one layer's weights (``dtype``), the hidden states [n, T, hidden] (``dtype``), one layer's float64
+    Grams, and fitting the largest matrix (float64 W, whitening factor L [d_in, d_in], target L·W, and the K-SVD
+    buffers: float32 Y, D, dense S). What is left goes half to the calibration forward batch (float32 activations
+    of one window: ~ T·(6·hidden + 3·intermediate + heads·T)) and half to one OMP chunk (capped at 4 GiB).
+    Raises ValueError naming the buffers when even the resident part does not fit.
+    """
+    item = jnp.dtype(dtype).itemsize
+    shapes = {t: s for t, s in _shapes(cfg).items() if t in comp.proj_types}
+    budgets = {t: make_method(comp).budget(*s, 1) for t, s in shapes.items()}
+    layer_params = sum(a * b for a, b in _shapes(cfg).values()) + 2 * cfg.hidden_size
+    gram_sources = {GRAM_SOURCE[t] for t in shapes}  # q/k/v share one Gram, gate/up another
+
+    def fit_bytes(t: str) -> int:
+        d_in, d_out = shapes[t]
+        k = budgets[t].n_atoms or budgets[t].rank or 0
+        return 8 * (2 * d_in * d_out + d_in * d_in) + 4 * (d_in * d_out + d_in * k + k * d_out)
+
+    resident = {
+        "layer weights": layer_params * item / GIB,
+        "hidden states": n_windows * seqlen * cfg.hidden_size * item / GIB,
+        "Grams (float64)": sum(8 * _shapes(cfg)[t][0] ** 2 for t in gram_sources) / GIB,
+        "fitting the largest matrix": max(fit_bytes(t) for t in shapes) / GIB,
+        "runtime (JAX, XLA, Python)": 1.5,
+    }
+    free = budget_gib - sum(resident.values())
+    if free <= 0:
+        raise ValueError(
+            f"a memory budget of {budget_gib:.1f} GiB is below the resident need of {budget_gib - free:.1f} GiB "
+            f"({', '.join(f'{k} {v:.2f}' for k, v in resident.items())}); raise the budget or use fewer/shorter "
+            "calibration windows.")
+    per_window = 4 * seqlen * (6 * cfg.hidden_size + 3 * cfg.intermediate_size + cfg.num_attention_heads * seqlen)
+    calib_batch = int(max(1, min(n_windows, free / 2 * GIB // per_window)))
+    omp_mb = int(max(16, min(4096, free / 2 * 1024)))
+    chunks = {t: omp_chunk_size(b.n_atoms, b.sparsity, 4, omp_mb * 2**20)
+              for t, b in budgets.items() if b.n_atoms is not None}
+    return MemoryPlan(budget_gib, calib_batch, omp_mb, chunks, resident)
+
+
+def peak_rss_gib() -> float:
+    """Peak resident set size of this process so far (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def compress_streaming(
+    source: LayerSource,
+    windows: np.ndarray,
+    *,
+    config: CompressionConfig,
+    budget_gib: float,
+    artifact: Any = None,
+    keep_factors: bool = True,
+    progress: bool = True,
+    on_layer: Callable[[int, dict[str, Any]], None] | None = None,
+) -> tuple[CompressionReport, dict[str, Factors], MemoryPlan]:
+    """Calibrate and compress ``source`` one layer at a time; returns (report, factors by path, memory plan).
+
+    windows: [n, seqlen] int32 calibration token ids. ``config.group_size`` must be 1 (a shared group would need
+    several layers resident: use :func:`cospadi_jax.compress.compress`). Units are saved to ``artifact`` as they
+    finish (and reused when it already holds them); ``keep_factors=False`` drops them from memory after saving,
+    which a model larger than the host needs. ``on_layer(index, stats)`` gets per-layer timings and the peak RSS.
+    """
+    cfg = source.config
+    if config.group_size != 1:
+        raise ValueError("streaming compression fits one layer at a time: use group_size=1, or compress() for "
+                         "shared dictionaries across layers.")
+    if not keep_factors and artifact is None:
+        raise ValueError("keep_factors=False without an artifact would throw the factors away; pass an artifact.")
+    config.validate(cfg.num_hidden_layers)
+    windows = np.asarray(windows, np.int32)
+    plan = plan_memory(cfg, config, len(windows), windows.shape[1], budget_gib=budget_gib, dtype=source.dtype)
+    config = CompressionConfig(**{**asdict(config), "omp_memory_mb": plan.omp_memory_mb})
+    method = make_method(config)
+    units = work_units(config, cfg.num_hidden_layers)
+    unit_of = {paths[0]: i for i, paths in enumerate(units)}
+    layers = sorted({parse_projection_path(paths[0])[0] for paths in units})
+    key = jax.random.key(config.seed)
+    done = artifact.finished_units() if artifact is not None else {}
+    report = CompressionReport(config={**asdict(config), "streaming": asdict(plan)},
+                               calibration={"nsamples": len(windows), "seqlen": windows.shape[1]})
+    factors_by_path: dict[str, Factors] = {}
+    t_start = time.perf_counter()
+    hidden = [source.embed(windows[s : s + plan.calib_batch]) for s in range(0, len(windows), plan.calib_batch)]
+    bar = tqdm(layers, desc="streaming compression", unit="layer", disable=not progress)
+    for index in range(max(layers) + 1):
+        t0 = time.perf_counter()
+        layer = source.layer(index)
+        by_path = advance_layer(layer, index, hidden, collect=index in layers)
+        t_calib = time.perf_counter() - t0
+        if index in layers:
+            grams = Grams(n_tokens=int(windows.size))
+            for path, (gram, abs_sum) in by_path.items():
+                grams.by_path[path], grams.abs_sums[path] = gram, abs_sum
+            for unit_index in sorted(i for p, i in unit_of.items() if parse_projection_path(p)[0] == index):
+                paths = units[unit_index]
+                if unit_index in done:
+                    unit_factors, rows = done[unit_index]
+                else:
+                    weights = [_weight(layer, p) for p in paths]
+                    unit_factors, rows = fit_unit(weights, paths, method, config, grams, None,
+                                                  jax.random.fold_in(key, unit_index))
+                    if artifact is not None:
+                        artifact.save_unit(unit_index, unit_factors, rows)
+                report.matrices.extend(MatrixReport(**{k: v for k, v in r.items() if k != "info"}) for r in rows)
+                if keep_factors:
+                    factors_by_path.update(zip(paths, unit_factors))
+            del grams
+            bar.update()
+        del layer, by_path
+        stats = {"calibration_s": t_calib, "seconds": time.perf_counter() - t0, "peak_rss_gib": peak_rss_gib()}
+        if on_layer is not None:
+            on_layer(index, stats)
+    bar.close()
+    report.matrices.sort(key=lambda row: unit_of[row.path])  # the order of compress(): projection type, then layer
+    report.seconds = time.perf_counter() - t_start
+    report.config["peak_rss_gib"] = peak_rss_gib()
+    return report, factors_by_path, plan
+
+
+def _weight(layer: DecoderLayer, path: str) -> np.ndarray:
+    """W [d_in, d_out] float32 of one projection of a standalone layer ("model.layers.3.mlp.up_proj")."""
+    relative = path.split(".", 3)[3]  # "mlp.up_proj"
+    return np.asarray(jax.device_get(get_module(layer, relative).kernel[...]), dtype=np.float32)
