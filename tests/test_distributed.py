@@ -265,3 +265,54 @@ def test_compress_matrices_over_2_processes_equals_single_process(tmp_path):
     for path, f in factors.items():
         for name in ("D", "indices", "values"):
             np.testing.assert_array_equal(getattr(f, name), reference[f"{path}/{name}"], err_msg=path)
+
+
+def test_hydra_app_two_processes_matrices_and_sharded_eval(tmp_path):
+    """`python -m cospadi_jax.run method.parallel=matrices` launched as 2 processes x 2 devices (the same command
+    on every process, as on a TPU pod): units spread over the processes, evaluation data-parallel over all 4
+    devices, only process 0 writes metrics.json; the perplexity equals a single-process run's."""
+    from helpers import save_tiny_model_with_tokenizer
+
+    tiny = save_tiny_model_with_tokenizer(tmp_path / "tiny", family="llama_gqa", tied=True, layers=2)
+
+    def command(out):
+        return [sys.executable, "-m", "cospadi_jax.run", f"model.spec={tiny}", "model.name=tiny",
+                f"output_dir={out}", "logger.mode=disabled", "calib.nsamples=8", "calib.seqlen=32",
+                "calib.heldout_nsamples=4", "calib.batch_size=4", "calib.cache_dir=null", "eval.seqlen=32",
+                "eval.max_windows=6", "eval.dense_baseline=false", "method.ksvd_iterations=2",
+                "method.power_iterations=2"]
+
+    port = _free_port()
+    procs = [
+        subprocess.Popen([*command(tmp_path / "multi"), "method.parallel=matrices"], cwd=tmp_path,
+                         env=_env(JAX_NUM_CPU_DEVICES="2", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                  JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)
+    ]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-4000:]
+    single = subprocess.run(command(tmp_path / "single"), cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                            timeout=TIMEOUT_S, check=False)
+    assert single.returncode == 0, single.stderr[-4000:]
+    import json
+
+    multi = json.loads((tmp_path / "multi" / "metrics.json").read_text())
+    ref = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    assert multi["processes"] == 2 and multi["devices"] == 4 and ref["processes"] == 1
+    ppl = multi["compressed"]["perplexity"]["embedded:heldout"]["perplexity"]
+    assert ppl == pytest.approx(ref["compressed"]["perplexity"]["embedded:heldout"]["perplexity"], rel=1e-5)
+    assert [m["path"] for m in multi["matrices"]] == [m["path"] for m in ref["matrices"]]
+    for a, b in zip(multi["matrices"], ref["matrices"]):
+        assert a["functional_error_calib"] == pytest.approx(b["functional_error_calib"], rel=1e-6, abs=1e-9)
+    # Both processes fitted a share; process 0's finalize() left an all-orbax artifact.
+    assert (tmp_path / "multi" / "progress.p0.json").exists() and (tmp_path / "multi" / "progress.p1.json").exists()
+    assert not list((tmp_path / "multi").glob("units/*/*.npz"))
