@@ -3,7 +3,8 @@
 A Llama-3-8B in bfloat16 is 16 GB of weights; with float64 calibration Grams and the fitting buffers it does not fit
 a 24 GB host as a whole. Here only these live at once: the calibration hidden states [n, T, hidden], one decoder
 layer's weights, that layer's Grams (float64), and the buffers of the matrix being fitted. Layers come from a
-:class:`LayerSource` (an in-memory model, or seeded random weights built from a config one layer at a time), are
+:class:`LayerSource` (an in-memory model, a Hugging Face safetensors directory read one layer at a time, or seeded random weights
+built from a config one layer at a time), are
 calibrated on the hidden states of the *original* model (exactly what :func:`cospadi_jax.compress.compress` does),
 compressed unit by unit into an artifact, and dropped.
 
@@ -19,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, Protocol
 
 import jax
@@ -31,7 +33,8 @@ from .calib.grams import Grams, advance_layer
 from .compress import CompressionConfig, CompressionReport, MatrixReport, fit_unit, work_units
 from .methods import make_method
 from .methods.base import Factors
-from .models.config import DecoderConfig
+from .models.config import DecoderConfig, decoder_config_from_hf
+from .models.convert import assign_tensors
 from .models.paths import GRAM_SOURCE, get_module, parse_projection_path
 from .models.transformer import CausalLM, DecoderLayer, Embed
 from .sparse.omp import omp_chunk_size
@@ -92,6 +95,55 @@ class RandomLayerSource:
 
     def layer(self, index: int) -> DecoderLayer:
         return self._build(partial(DecoderLayer, self.config, dtype=self.dtype), index)
+
+
+class CheckpointLayerSource:
+    """One layer at a time from a Hugging Face directory (config.json + safetensors, sharded index supported).
+
+    Only the tensors of the requested layer are read (safetensors reads tensor by tensor), converted through the
+    key table to ``dtype`` and checked like a whole-model load; the embedding table is read once to embed the
+    windows and dropped. This is how a real 8B checkpoint streams through a host that cannot hold it.
+    """
+
+    def __init__(self, model_dir: str | Path, *, dtype: Any = jnp.float32):
+        from transformers import AutoConfig
+
+        from .models.loading import _safetensors_files
+
+        self.model_dir = Path(model_dir)
+        if not (self.model_dir / "config.json").exists():
+            raise FileNotFoundError(f"{self.model_dir} has no config.json; is it a Hugging Face model directory?")
+        self.config = decoder_config_from_hf(AutoConfig.from_pretrained(str(self.model_dir), trust_remote_code=False))
+        self.dtype = dtype
+        self._file_of: dict[str, Path] = {}
+        from safetensors import safe_open
+
+        for file in _safetensors_files(self.model_dir):
+            with safe_open(str(file), framework="flax") as f:
+                self._file_of.update(dict.fromkeys(f.keys(), file))
+
+    def _tensors(self, prefix: str):
+        from safetensors import safe_open
+
+        names = [n for n in self._file_of if n.startswith(prefix)]
+        for file in sorted({self._file_of[n] for n in names}):
+            with safe_open(str(file), framework="flax") as f:
+                for name in names:
+                    if self._file_of[name] == file:
+                        yield name, f.get_tensor(name)
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        abstract = nnx.eval_shape(lambda: Embed(self.config.vocab_size, self.config.hidden_size, dtype=self.dtype,
+                                                rngs=nnx.Rngs(0)))
+        table = assign_tensors(abstract, self._tensors("model.embed_tokens."), dtype=self.dtype,
+                               tied_embeddings=False, source=str(self.model_dir), prefix="model.embed_tokens.")
+        return np.asarray(_embed(table, jnp.asarray(ids), self.dtype))
+
+    def layer(self, index: int) -> DecoderLayer:
+        prefix = f"model.layers.{index}."
+        abstract = nnx.eval_shape(lambda: DecoderLayer(self.config, dtype=self.dtype, rngs=nnx.Rngs(0)))
+        return assign_tensors(abstract, self._tensors(prefix), dtype=self.dtype, tied_embeddings=False,
+                              source=str(self.model_dir), prefix=prefix)
 
 
 @nnx.jit(static_argnums=2)

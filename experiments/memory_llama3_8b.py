@@ -73,6 +73,8 @@ def main() -> None:
     parser.add_argument("--budget-gib", type=float, default=20.0, help="host memory the run may plan for")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: the method)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="stream a real HF safetensors directory (e.g. Meta-Llama-3-8B) instead of random weights")
     args = parser.parse_args()
 
     import jax
@@ -82,12 +84,16 @@ def main() -> None:
     from cospadi_jax.compress import CompressionConfig
     from cospadi_jax.models import decoder_config_from_hf
     from cospadi_jax.models.paths import PROJECTION_TYPES
-    from cospadi_jax.streaming import RandomLayerSource, compress_streaming, peak_rss_gib
+    from cospadi_jax.streaming import CheckpointLayerSource, RandomLayerSource, compress_streaming, peak_rss_gib
 
     sampler = RssSampler()
     sampler.start()
-    cfg = decoder_config_from_hf(llama3_8b_config())
-    source = RandomLayerSource(cfg, weight_dtype=jnp.bfloat16, dtype=jnp.float32, seed=args.seed)
+    if args.checkpoint:
+        source = CheckpointLayerSource(args.checkpoint, dtype=jnp.float32)
+        cfg = source.config
+    else:
+        cfg = decoder_config_from_hf(llama3_8b_config())
+        source = RandomLayerSource(cfg, weight_dtype=jnp.bfloat16, dtype=jnp.float32, seed=args.seed)
     windows = np.random.default_rng(args.seed).integers(0, cfg.vocab_size, (args.nsamples, args.seqlen), np.int32)
     config = CompressionConfig(method=args.method, ratio=args.ratio, ksvd_iterations=args.ksvd_iterations,
                                layers=tuple(args.layers), proj_types=tuple(args.proj_types or PROJECTION_TYPES),
@@ -113,7 +119,7 @@ def main() -> None:
             f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
             for k, v in vars(args).items() if v is not None),
         "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPUs, jax {jax.__version__}",
-        "model": "Llama-3-8B shapes, random bfloat16-valued weights, float32 compute", "whole_model_gib_bf16": n_params * 2 / 2**30,
+        "model": args.checkpoint or "Llama-3-8B shapes, random bfloat16-valued weights, float32 compute", "whole_model_gib_bf16": n_params * 2 / 2**30,
         "plan": plan.__dict__, "layers": layer_stats, "peak_rss_gib": peak_rss_gib(), "artifact_gib": artifact_gib,
         "seconds": report.seconds,
         "matrices": [{k: getattr(m, k) for k in ("path", "d_in", "d_out", "k", "s", "rank", "realised_ratio",

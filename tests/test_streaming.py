@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import tiny_hf_config
+from helpers import save_tiny_model_with_tokenizer, tiny_hf_config
 
 from cospadi_jax.calib import collect_grams
 from cospadi_jax.checkpoint import ArtifactWriter
 from cospadi_jax.compress import CompressionConfig, compress
-from cospadi_jax.models import decoder_config_from_hf, get_module, random_model
-from cospadi_jax.streaming import ModelLayerSource, RandomLayerSource, compress_streaming, plan_memory
+from cospadi_jax.models import decoder_config_from_hf, get_module, load_model, random_model
+from cospadi_jax.models.convert import CheckpointMismatchError
+from cospadi_jax.streaming import (
+    CheckpointLayerSource,
+    ModelLayerSource,
+    RandomLayerSource,
+    compress_streaming,
+    plan_memory,
+)
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +77,22 @@ def test_streaming_rejects_groups_and_discarding_without_artifact(tiny):
         compress_streaming(source, windows, config=CompressionConfig(group_size=2), budget_gib=4.0)
     with pytest.raises(ValueError, match="pass an artifact"):
         compress_streaming(source, windows, config=CompressionConfig(), budget_gib=4.0, keep_factors=False)
+
+
+def test_checkpoint_source_reads_one_layer_at_a_time_like_a_full_load(tmp_path):
+    from flax import nnx
+
+    model_dir = save_tiny_model_with_tokenizer(tmp_path / "tiny", family="qwen3_qknorm", tied=False, layers=2)
+    model, _ = load_model(str(model_dir))
+    source = CheckpointLayerSource(model_dir)
+    ids = np.arange(12, dtype=np.int32).reshape(2, 6)
+    np.testing.assert_array_equal(source.embed(ids), ModelLayerSource(model).embed(ids))
+    for i in range(2):
+        ours = nnx.to_flat_state(nnx.state(source.layer(i)))
+        full = nnx.to_flat_state(nnx.state(model.model.layers[i]))
+        assert [p for p, _ in ours] == [p for p, _ in full]
+        for (path, a), (_, b) in zip(ours, full):
+            np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))
+    source._file_of.pop("model.layers.1.mlp.up_proj.weight")  # a shard without that tensor
+    with pytest.raises(CheckpointMismatchError, match="up_proj"):
+        source.layer(1)

@@ -81,16 +81,18 @@ def assign_tensors(
     dtype: Any,
     tied_embeddings: bool,
     source: str,
+    prefix: str = "",
 ) -> nnx.Module:
     """Fill an abstract model (from ``nnx.eval_shape``) with checkpoint tensors, one at a time.
 
     tensors: iterable of (HF name, array-like in HF layout). Each tensor is converted to ``dtype`` as it
-    arrives, so at most one source tensor and the converted model exist at once. Raises
+    arrives, so at most one source tensor and the converted model exist at once. ``prefix`` is the module's
+    path in the full model when filling a submodule (``"model.layers.3."`` for one decoder layer). Raises
     ``CheckpointMismatchError`` naming the key on a shape mismatch, a missing key or a leftover key.
     """
     graphdef, state = nnx.split(abstract_model)
-    flat = {_dotted(path): var for path, var in nnx.to_flat_state(state)}
-    paths = {_dotted(path): path for path, _ in nnx.to_flat_state(state)}
+    flat = {prefix + _dotted(path): var for path, var in nnx.to_flat_state(state)}
+    paths = {prefix + _dotted(path): path for path, _ in nnx.to_flat_state(state)}
     filled: dict[str, Any] = {}
     leftover: list[str] = []
     for hf_name, tensor in tensors:
