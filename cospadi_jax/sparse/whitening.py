@@ -98,7 +98,7 @@ def whiten(
     jitter = 0.0
     eigenvalues = None
     if not ok:
-        eigenvalues = np.asarray(jnp.linalg.eigvalsh(G))
+        eigenvalues = _eigenvalues(G)
         lambda_min = float(eigenvalues[0])
         scale = float(jnp.trace(G)) / d
         if scale <= 0:
@@ -115,7 +115,7 @@ def whiten(
                 "the Gram is badly broken (check the calibration capture) or pass a larger jitter_schedule."
             )
     if eigenvalues is None and diagnostics:
-        eigenvalues = np.asarray(jnp.linalg.eigvalsh(G))
+        eigenvalues = _eigenvalues(G)
     if eigenvalues is not None:
         lambda_min = float(eigenvalues[0])
         shifted_min = lambda_min + jitter
@@ -123,6 +123,12 @@ def whiten(
     else:
         lambda_min = cond = float("nan")
     return WhiteningResult(L=L, jitter=float(jitter), lambda_min=lambda_min, condition_number=cond, attempts=attempts)
+
+
+def _eigenvalues(G: jax.Array) -> np.ndarray:
+    """Ascending eigenvalues of a symmetric G, on the host with LAPACK ?syevd without eigenvectors: jnp's
+    eigvalsh also forms the eigenvectors (2.2x slower at d = 2000; minutes at d = 14336, Llama-3-8B's down_proj)."""
+    return np.linalg.eigvalsh(np.asarray(G))
 
 
 def whiten_target(L: jax.Array, weight: jax.Array) -> jax.Array:
