@@ -74,3 +74,52 @@ def x64():
 
     with jax.enable_x64(True):
         yield
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This environment without JAX/XLA settings, on the CPU, plus ``extra`` (device counts, coordinator)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    env.update(JAX_PLATFORMS="cpu", **extra)
+    return env
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_peer_processes(commands: list[list[str]], envs: list[dict[str, str]], *, timeout: float,
+                       cwd: str | None = None) -> list[str]:
+    """Start the processes of one jax.distributed run together, wait for all, and assert they all succeeded.
+
+    A process still running after ``timeout`` (or after a peer failed) is killed, so no rank is left waiting on
+    its peer. Returns each process's combined stdout/stderr.
+    """
+    import subprocess
+
+    procs = [subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for cmd, env in zip(commands, envs)]
+    logs, timed_out = [], False
+    try:
+        for p in procs:
+            try:
+                logs.append(p.communicate(timeout=timeout)[0])
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                for q in procs:
+                    q.kill()
+                logs.append(p.communicate()[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    logs += [p.communicate()[0] for p in procs[len(logs):]]
+    for rank, (p, log) in enumerate(zip(procs, logs)):
+        assert not timed_out and p.returncode == 0, (
+            f"process {rank} {'timed out after ' + str(timeout) + ' s' if timed_out else 'failed'}:\n{log[-4000:]}")
+    return logs

@@ -9,7 +9,6 @@ pytest process keeps its own single CPU device:
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,21 +16,10 @@ from pathlib import Path
 import _distributed_worker as worker
 import numpy as np
 import pytest
+from helpers import free_port, run_peer_processes, subprocess_env
 
 WORKER = Path(__file__).with_name("_distributed_worker.py")
 TIMEOUT_S = 240
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-    env.update(JAX_PLATFORMS="cpu", **extra)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +27,7 @@ def single8(tmp_path_factory) -> dict[str, np.ndarray]:
     out = tmp_path_factory.mktemp("dist") / "single.npz"
     proc = subprocess.run(
         [sys.executable, str(WORKER), "single", str(out)],
-        check=False, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+        check=False, env=subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
         capture_output=True, text=True, timeout=TIMEOUT_S,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -126,25 +114,11 @@ def test_map_units_union_equals_sequential(single8):
 
 def test_two_processes_jax_distributed(tmp_path, reference_omp):
     """2 processes x 4 CPU devices via jax.distributed on localhost agree with one process."""
-    port = _free_port()
+    port = free_port()
     outs = [tmp_path / f"rank{i}.npz" for i in range(2)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), "multi", str(outs[i]), f"127.0.0.1:{port}", "2", str(i)],
-            env=_env(JAX_NUM_CPU_DEVICES="4"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for i in range(2)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    finally:
-        for p in procs:  # never leave a rank waiting on its peer
-            if p.poll() is None:
-                p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-4000:]
+    run_peer_processes(
+        [[sys.executable, str(WORKER), "multi", str(outs[i]), f"127.0.0.1:{port}", "2", str(i)] for i in range(2)],
+        [subprocess_env(JAX_NUM_CPU_DEVICES="4")] * 2, timeout=TIMEOUT_S)
     res = [dict(np.load(o)) for o in outs]
     ref = reference_omp
     for rank, r in enumerate(res):
@@ -211,7 +185,7 @@ def test_compress_columns_and_matrices_over_8_devices_equal_single_device(tmp_pa
     out_path = tmp_path / "compress.npz"
     code = _COMPRESS_COLUMNS.format(tests=str(Path(__file__).parent), out_path=str(out_path), projs=PROJS)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False,
-                          env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+                          env=subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = np.load(out_path)
     for proj in PROJS:
@@ -226,26 +200,13 @@ def test_compress_columns_and_matrices_over_8_devices_equal_single_device(tmp_pa
 def test_compress_matrices_over_2_processes_equals_single_process(tmp_path):
     """parallel="matrices" with 2 processes x 2 devices (jax.distributed, localhost): each process fits its
     round-robin share of the units into one shared artifact directory; both assemble the sequential result."""
-    port = _free_port()
+    port = free_port()
     artifact = tmp_path / "artifact"
     outs = [tmp_path / f"compress{i}.npz" for i in range(2)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), "compress", str(outs[i]), f"127.0.0.1:{port}", "2", str(i), str(artifact)],
-            env=_env(JAX_NUM_CPU_DEVICES="2"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for i in range(2)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-4000:]
+    run_peer_processes(
+        [[sys.executable, str(WORKER), "compress", str(outs[i]), f"127.0.0.1:{port}", "2", str(i), str(artifact)]
+         for i in range(2)],
+        [subprocess_env(JAX_NUM_CPU_DEVICES="2")] * 2, timeout=TIMEOUT_S)
     reference = worker.compress_tiny("none")
     n_units = len(reference) // 3
     for rank, out in enumerate(outs):
@@ -282,25 +243,13 @@ def test_hydra_app_two_processes_matrices_and_sharded_eval(tmp_path):
                 "eval.max_windows=6", "eval.dense_baseline=false", "method.ksvd_iterations=2",
                 "method.power_iterations=2"]
 
-    port = _free_port()
-    procs = [
-        subprocess.Popen([*command(tmp_path / "multi"), "method.parallel=matrices"], cwd=tmp_path,
-                         env=_env(JAX_NUM_CPU_DEVICES="2", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                                  JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-4000:]
-    single = subprocess.run(command(tmp_path / "single"), cwd=tmp_path, env=_env(), capture_output=True, text=True,
+    port = free_port()
+    run_peer_processes(
+        [[*command(tmp_path / "multi"), "method.parallel=matrices"]] * 2,
+        [subprocess_env(JAX_NUM_CPU_DEVICES="2", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                        JAX_PROCESS_ID=str(i)) for i in range(2)],
+        timeout=TIMEOUT_S, cwd=str(tmp_path))
+    single = subprocess.run(command(tmp_path / "single"), cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True,
                             timeout=TIMEOUT_S, check=False)
     assert single.returncode == 0, single.stderr[-4000:]
     import json

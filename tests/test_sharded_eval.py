@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_distributed import _env, _free_port
+from helpers import free_port, run_peer_processes, subprocess_env
 
 TIMEOUT_S = 240
 # 13 windows: not a multiple of 8 (or 4), so the padded last batch is exercised; batch_size 3 -> 8 rows sharded.
@@ -193,7 +193,7 @@ def test_sharded_eval_8_devices(tmp_path, reference):
     out = tmp_path / "single.json"
     proc = subprocess.run([sys.executable, __file__, "single", str(out)], check=False, capture_output=True,
                           text=True, timeout=TIMEOUT_S,
-                          env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+                          env=subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads(out.read_text())
     _check_ppl(res["ppl"], reference["ppl"])
@@ -239,25 +239,12 @@ def test_sharded_eval_two_processes(tmp_path, reference, monkeypatch):
     from cospadi_jax.eval.harness import evaluate_zero_shot
 
     task_dir = _write_task(tmp_path)
-    port = _free_port()
+    port = free_port()
     outs = [tmp_path / f"rank{i}.json" for i in range(2)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, "multi", str(outs[i]), f"127.0.0.1:{port}", "2", str(i), str(task_dir)],
-            env=_env(JAX_NUM_CPU_DEVICES="4"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for i in range(2)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    finally:
-        for p in procs:  # never leave a rank waiting on its peer
-            if p.poll() is None:
-                p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-4000:]
+    run_peer_processes(
+        [[sys.executable, __file__, "multi", str(outs[i]), f"127.0.0.1:{port}", "2", str(i), str(task_dir)]
+         for i in range(2)],
+        [subprocess_env(JAX_NUM_CPU_DEVICES="4")] * 2, timeout=TIMEOUT_S)
     res = [json.loads(o.read_text()) for o in outs]
     for rank, r in enumerate(res):
         assert r["process_index"] == rank and r["device_count"] == 8 and r["is_follower"] == (rank == 1)

@@ -102,3 +102,15 @@ def test_bad_inputs():
     with jax.enable_x64(False):
         res = whiten(G)  # default with x64 off: float32
     assert res.L.dtype == jnp.float32
+
+
+def test_large_gram_diagnostics_by_lanczos_match_the_full_spectrum():
+    """Above ``exact_spectrum_max_dim`` λ_min and cond come from Lanczos on G and on G⁻¹ (through L)."""
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((900, 300)) * np.logspace(0, -3, 300)  # spread spectrum, cond ~1e6
+    G = X.T @ X
+    eig = np.linalg.eigvalsh(G)
+    with jax.enable_x64(True):
+        res = whiten(G, dtype=np.float64, exact_spectrum_max_dim=100)
+    assert res.lambda_min == pytest.approx(eig[0], rel=1e-6)
+    assert res.condition_number == pytest.approx(eig[-1] / eig[0], rel=1e-6)
