@@ -134,17 +134,19 @@ def _eigenvalues(G: jax.Array) -> np.ndarray:
     return np.linalg.eigvalsh(np.asarray(G))
 
 
-def _extreme_eigenvalues(G: jax.Array, L: jax.Array, tol: float = 1e-8) -> np.ndarray:
+def _extreme_eigenvalues(G: jax.Array, L: jax.Array, tol: float = 1e-6) -> np.ndarray:
     """[λ_min, λ_max] of a positive definite G = LᵀL (L upper) by Lanczos: λ_max on G, λ_min as the largest
     eigenvalue of G⁻¹ applied through two triangular solves with L (never an inverse)."""
     from scipy.linalg import cho_solve
     from scipy.sparse.linalg import LinearOperator, eigsh
 
-    G_host, L_host = np.asarray(G, np.float64), np.asarray(L, np.float64)
+    # One Fortran-ordered copy of L up front: LAPACK would otherwise copy the (transposed) factor on every solve.
+    G_host, L_host = np.asarray(G, np.float64), np.asfortranarray(np.asarray(L, np.float64))
     d = G_host.shape[0]
     start = np.ones(d)  # a fixed start vector: the diagnostics are deterministic
     lam_max = eigsh(G_host, k=1, which="LA", tol=tol, v0=start, return_eigenvectors=False)[0]
-    inverse = LinearOperator((d, d), matvec=lambda x: cho_solve((L_host, False), x), dtype=np.float64)
+    inverse = LinearOperator((d, d), matvec=lambda x: cho_solve((L_host, False), x, check_finite=False),
+                             dtype=np.float64)
     lam_min = 1.0 / eigsh(inverse, k=1, which="LA", tol=tol, v0=start, return_eigenvectors=False)[0]
     return np.asarray([lam_min, lam_max])
 
