@@ -24,7 +24,7 @@ import math
 import os
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any
 
 import jax
@@ -314,6 +314,7 @@ def _strip(*arrays, n: int):
 # --------------------------------------------------------------------------- column-parallel K-SVD
 
 
+@lru_cache(maxsize=32)  # one jitted wrapper per mesh/settings: no recompilation per call
 def _update_fn(mesh: Mesh, method: str, power_iterations: int, unused: str) -> Callable:
     """update_dictionary jitted with Y, S column-sharded and D replicated (GSPMD adds the all-reduces)."""
     y_sh = logical_sharding(mesh, "features", "columns")
@@ -356,6 +357,7 @@ def sharded_update_dictionary(
     return _update_fn(mesh, method, int(power_iterations), unused)(Yg, Dg, Sg)
 
 
+@lru_cache(maxsize=32)  # one jitted wrapper per mesh/settings: no recompilation per call
 def _coding_fn(mesh: Mesh) -> Callable:
     """(D, Y) -> (Gram replicated, DᵀY column-sharded) at HIGHEST precision, like ksvd's ``code``."""
     hi = lax.Precision.HIGHEST
@@ -370,6 +372,7 @@ def _coding_fn(mesh: Mesh) -> Callable:
     )
 
 
+@lru_cache(maxsize=32)  # one jitted wrapper per mesh/settings: no recompilation per call
 def _dense_fn(mesh: Mesh, k: int) -> Callable:
     """Per-device scatter of SparseCodes into the dense S [k, n] block of its columns (no communication)."""
 
@@ -382,6 +385,7 @@ def _dense_fn(mesh: Mesh, k: int) -> Callable:
     ))
 
 
+@lru_cache(maxsize=32)  # one jitted wrapper per mesh/settings: no recompilation per call
 def _error_fn(mesh: Mesh) -> Callable:
     hi = lax.Precision.HIGHEST
 

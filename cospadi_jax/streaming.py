@@ -160,12 +160,15 @@ class MemoryPlan:
     omp_memory_mb: int  # working memory of one OMP chunk
     omp_chunk_columns: dict[str, int]  # projection type -> columns per OMP chunk (CoSpaDi)
     resident_gib: dict[str, float]
+    calib_batch_gib: float  # activations of one calibration forward batch
+    predicted_peak_gib: float  # resident + the larger of a calibration batch and an OMP chunk (never both at once)
 
     def describe(self) -> str:
         parts = ", ".join(f"{k} {v:.2f}" for k, v in self.resident_gib.items())
         chunks = ", ".join(f"{k} {v}" for k, v in self.omp_chunk_columns.items())
-        return (f"memory plan for {self.budget_gib:.1f} GiB: calibration batch {self.calib_batch} windows, "
-                f"OMP chunk {self.omp_memory_mb} MiB -> columns per chunk: {chunks}; resident GiB: {parts}")
+        return (f"memory plan for {self.budget_gib:.1f} GiB: calibration batch {self.calib_batch} windows "
+                f"({self.calib_batch_gib:.2f} GiB), OMP chunk {self.omp_memory_mb} MiB -> columns per chunk: {chunks};"
+                f" resident GiB: {parts}; predicted peak {self.predicted_peak_gib:.2f} GiB")
 
 
 def _shapes(cfg: DecoderConfig) -> dict[str, tuple[int, int]]:
@@ -190,7 +193,7 @@ def plan_memory(cfg: DecoderConfig, comp: CompressionConfig, n_windows: int, seq
     shapes = {t: s for t, s in _shapes(cfg).items() if t in comp.proj_types}
     budgets = {t: make_method(comp).budget(*s, 1) for t, s in shapes.items()}
     layer_params = sum(a * b for a, b in _shapes(cfg).values()) + 2 * cfg.hidden_size
-    gram_sources = {GRAM_SOURCE[t] for t in shapes}  # q/k/v share one Gram, gate/up another
+    gram_sources = set(GRAM_SOURCE.values())  # calibration collects all four (q/k/v share one, gate/up one)
 
     def fit_bytes(t: str) -> int:
         d_in, d_out = shapes[t]
@@ -215,7 +218,9 @@ def plan_memory(cfg: DecoderConfig, comp: CompressionConfig, n_windows: int, seq
     omp_mb = int(max(16, min(4096, free / 2 * 1024)))
     chunks = {t: omp_chunk_size(b.n_atoms, b.sparsity, 4, omp_mb * 2**20)
               for t, b in budgets.items() if b.n_atoms is not None}
-    return MemoryPlan(budget_gib, calib_batch, omp_mb, chunks, resident)
+    calib_gib = calib_batch * per_window / GIB
+    peak = sum(resident.values()) + max(calib_gib, omp_mb / 1024 if chunks else 0.0)
+    return MemoryPlan(budget_gib, calib_batch, omp_mb, chunks, resident, calib_gib, peak)
 
 
 def peak_rss_gib() -> float:

@@ -64,6 +64,7 @@ def test_memory_plan_for_llama3_8b_shapes():
     assert plan.resident_gib["layer weights"] == pytest.approx(218_112_000 * 2 / 2**30, rel=1e-3)
     assert plan.resident_gib["Grams (float64)"] == pytest.approx(8 * (3 * 4096**2 + 14336**2) / 2**30)
     assert 16 <= plan.omp_memory_mb <= 4096 and plan.calib_batch >= 1
+    assert sum(plan.resident_gib.values()) < plan.predicted_peak_gib <= 20.0
     # Chunks follow the OMP state per column (s·k + s² + ...): the widest dictionaries get the fewest columns.
     assert plan.omp_chunk_columns["k_proj"] > plan.omp_chunk_columns["q_proj"] > plan.omp_chunk_columns["up_proj"]
     with pytest.raises(ValueError, match="below the resident need"):
