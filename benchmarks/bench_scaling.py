@@ -22,14 +22,9 @@ concurrently, on the same inputs written once by the parent:
 * K-SVD iteration: :func:`cospadi_jax.distributed.sharded_ksvd` with ``n_iterations=1`` (seeded
   initial dictionary, coding GEMMs, OMP, dense S, the power update and both objective evaluations).
 
-Two things in ``cospadi_jax.distributed`` shape how this is measured (reported, not fixed here):
+One thing in ``cospadi_jax.distributed`` shapes how this is measured (reported, not fixed):
 
-1. As shipped, ``sharded_update_dictionary`` and ``sharded_ksvd`` build fresh ``jax.jit`` wrappers
-   (``_update_fn``, ``_coding_fn``, ``_dense_fn``, ``_error_fn``) on every call, so every call
-   retraces and recompiles them. The K-SVD iteration is timed both as shipped and with those four
-   builders memoised (``functools.lru_cache``, a benchmark-local patch) to get the steady state;
-   ``update`` is timed memoised.
-2. With jax/jaxlib 0.10.2 the sharded OMP deadlocks on XLA:CPU at real sizes when the process has
+* With jax/jaxlib 0.10.2 the sharded OMP deadlocks on XLA:CPU at real sizes when the process has
    only N devices. The batched LAPACK triangular solve at the end of each OMP chunk (jaxlib's
    ``lapack_strsm_ffi``) splits its batch over XLA:CPU's intra-op pool (``jax::ParallelBatchMap``)
    and blocks its pool thread until the pieces are done; the pool has max(cores, devices) threads,
@@ -54,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import json
 import os
 import platform
@@ -173,7 +167,6 @@ def child(args: argparse.Namespace) -> None:
     import jax
     import jax.numpy as jnp
 
-    import cospadi_jax.distributed as dist
     from cospadi_jax.distributed import (
         make_mesh,
         sharded_batch_omp,
@@ -227,15 +220,6 @@ def child(args: argparse.Namespace) -> None:
         times, load = _timed(fn, args.reps, meter)
         out[name] = {"times": times, "median": statistics.median(times), "min": min(times), **load}
 
-    # As shipped, sharded_update_dictionary / sharded_ksvd build fresh jax.jit wrappers (_update_fn,
-    # _coding_fn, _dense_fn, _error_fn) on every call, so every call retraces and recompiles them.
-    t0 = time.perf_counter()
-    ksvd_iteration()
-    first_ksvd_shipped = time.perf_counter() - t0
-    record("ksvd_shipped", ksvd_iteration)
-    # Steady state: memoise those builders (benchmark-local patch) so the compiled programs are reused.
-    for name in ("_update_fn", "_coding_fn", "_dense_fn", "_error_fn"):
-        setattr(dist, name, functools.lru_cache(maxsize=None)(getattr(dist, name)))
     t0 = time.perf_counter()
     update()
     first_update = time.perf_counter() - t0
@@ -245,8 +229,7 @@ def child(args: argparse.Namespace) -> None:
     out["threads"] = _thread_names()
     for name, fn in (("omp", omp), ("update", update), ("ksvd", ksvd_iteration)):
         record(name, fn)
-    out["first_call"] = {"omp": first_omp, "update": first_update, "ksvd": first_ksvd,
-                         "ksvd_shipped": first_ksvd_shipped}
+    out["first_call"] = {"omp": first_omp, "update": first_update, "ksvd": first_ksvd}
     out["loadavg_end"] = os.getloadavg()
     out["objective"] = [float(x) for x in result.objective]
     out["n_early_stopped"] = int(codes.n_early_stopped)
@@ -346,24 +329,22 @@ def print_table(results: list[dict[str, Any]], desc: dict[str, Any], args: argpa
 
     print(f"\nseconds: median (min) of {args.reps} timed call(s) after warm-up; cols/s = {n} columns / median; "
           "× = 1-device median / median")
-    print("| devices | OMP chunks/device | OMP s | OMP cols/s | × | update s | × | K-SVD iteration s | K-SVD cols/s | × "
-          "| K-SVD iteration as shipped s | × |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| devices | OMP chunks/device | OMP s | OMP cols/s | × | update s | × | K-SVD iteration s | K-SVD cols/s | × |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['devices']} | {r['chunks_per_device']}×{r['chunk']} | {cell(r, 'omp', True)} | {cell(r, 'update')} "
-              f"| {cell(r, 'ksvd', True)} | {cell(r, 'ksvd_shipped')} |")
+              f"| {cell(r, 'ksvd', True)} |")
     print("\n| devices | devices in process / XLA intra-op threads | cores ours / others (K-SVD calls) "
-          "| first call s: OMP, K-SVD as shipped | supports = 1 device | objective after 1 iteration |")
+          "| first call s: OMP, K-SVD | supports = 1 device | objective after 1 iteration |")
     print("|---|---|---|---|---|---|")
     for r in results:
         same = float(np.mean(np.all(np.sort(r["indices"], 1) == np.sort(ref["indices"], 1), axis=1)))
         print(f"| {r['devices']} | {r['process_devices']} / {r['threads'].get('tf_XLAEigen', 0)} "
               f"| {r['ksvd']['cores_ours']:.2f} / {r['ksvd']['cores_others']:.2f} "
-              f"| {r['first_call']['omp']:.1f}, {r['first_call']['ksvd_shipped']:.1f} | {same:.1%} "
+              f"| {r['first_call']['omp']:.1f}, {r['first_call']['ksvd']:.1f} | {same:.1%} "
               f"| {r['objective'][-1]:.6f} |")
     print("cores ours / others: CPU-seconds of our process per wall second during the timed K-SVD calls, and the "
-          "rest of the machine's busy cores (/proc/stat) over the same interval. 'As shipped' = sharded_ksvd "
-          "without the benchmark's memoisation of its jit builders (it recompiles them on every call).")
+          "rest of the machine's busy cores (/proc/stat) over the same interval.")
 
 
 if __name__ == "__main__":

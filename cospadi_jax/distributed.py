@@ -500,17 +500,23 @@ def map_units(
     devices: Sequence[jax.Device] | None = None,
     skip: Collection[int] = (),
     progress: bool = False,
+    concurrent: bool | None = None,
 ) -> dict[int, Any]:
-    """Fit this rank's share of independent ``units`` concurrently; returns {unit index: fit(index, unit)}.
+    """Fit this rank's share of independent ``units``; returns {unit index: fit(index, unit)}.
 
     The rank owns units ``i % world == rank`` (:func:`assign_units`), minus ``skip`` (e.g. units a killed run
-    already finished). They run on one worker thread per device of ``devices`` (default: this process's local
-    devices), each thread under ``jax.default_device``, so independent matrices of different shapes run side by
-    side (XLA releases the GIL while it computes). Every unit keeps its global index, so its key and result are
-    those of a sequential run. Merge the dicts of all ranks (e.g. through the artifact directory, as
-    :func:`cospadi_jax.compress.compress` does) to get the sequential result.
+    already finished). Unit j of the rank runs on ``devices[j % len(devices)]`` (default: this process's local
+    devices) under ``jax.default_device``. With ``concurrent`` there is one worker thread per device, so
+    independent matrices of different shapes run side by side (XLA releases the GIL while it computes). The
+    default is concurrent except on CPU: XLA:CPU devices share one intra-op thread pool (no gain), and in jax
+    0.10.2 concurrent batched triangular solves can exhaust that pool and deadlock (docs/distributed.md). Every
+    unit keeps its global index, so its key and result are those of a sequential run. Merge the dicts of all
+    ranks (e.g. through the artifact directory, as :func:`cospadi_jax.compress.compress` does) to get the
+    sequential result.
     """
     devices = list(jax.local_devices() if devices is None else devices)
+    if concurrent is None:
+        concurrent = devices[0].platform != "cpu"
     todo = [i for i in assign_units(len(units), rank, world) if i not in set(skip)]
     results: dict[int, Any] = {}
     bar = tqdm(total=len(todo), desc=f"units of process {jax.process_index()} on {len(devices)} devices",
@@ -522,9 +528,13 @@ def map_units(
                 results[i] = fit(i, units[i])
                 bar.update()
 
-    with ThreadPoolExecutor(max_workers=max(1, min(len(devices), len(todo)))) as pool:
-        futures = [pool.submit(worker, slot) for slot in range(min(len(devices), len(todo)))]
-        for future in futures:
-            future.result()  # re-raise a worker's error here
+    slots = range(min(len(devices), len(todo)))
+    if concurrent:
+        with ThreadPoolExecutor(max_workers=max(1, len(slots))) as pool:
+            for future in [pool.submit(worker, slot) for slot in slots]:
+                future.result()  # re-raise a worker's error here
+    else:
+        for slot in slots:
+            worker(slot)
     bar.close()
     return results

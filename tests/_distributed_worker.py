@@ -94,7 +94,7 @@ def run_single(out: str) -> None:
     units = make_units()
     merged = {}
     for rank in range(2):
-        merged.update(dist.map_units(fit_unit, units, rank=rank, world=2))
+        merged.update(dist.map_units(fit_unit, units, rank=rank, world=2, concurrent=True))  # the threaded path
     for i in range(N_UNITS):
         seq = fit_unit(i, units[i])
         res[f"unit{i}_D"], res[f"unit{i}_indices"] = merged[i]["D"], merged[i]["indices"]

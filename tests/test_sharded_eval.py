@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from helpers import free_port, run_peer_processes, subprocess_env
 
-TIMEOUT_S = 240
+TIMEOUT_S = 480  # generous: a loaded 2-core CI box; a hang still fails, after this long
 # 13 windows: not a multiple of 8 (or 4), so the padded last batch is exercised; batch_size 3 -> 8 rows sharded.
 N_WINDOWS, SEQLEN, BATCH = 13, 32, 3
 REQUESTS = [  # (context, continuation): lm-eval loglikelihood requests, tokenised one byte per token
