@@ -70,6 +70,9 @@ class EvalConf:
     task_include_path: Optional[str] = None
     task_batch_size: int = 8
     data_parallel: bool = True  # batches split over all devices (and processes) when there is more than one
+    # The dense model's scores, keyed by model and tokenizer fingerprints and this eval config, are reused by
+    # every job of a sweep instead of being recomputed per job (single-process runs; null disables).
+    dense_cache_dir: Optional[str] = ".cache/dense_eval"
 
 
 @dataclass

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import json
 import logging
 import subprocess
 import time
@@ -81,6 +82,36 @@ def _evaluate(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, Any]:
     return out
 
 
+def _dense_baseline(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, Any]:
+    """:func:`_evaluate` on the dense model, read from ``eval.dense_cache_dir`` when this model, tokenizer and
+    eval config were scored before. The key is stored in the file and compared on load, so a file from another
+    setting is never reused. Multi-process runs always evaluate (every process must join the collectives)."""
+    import jax
+
+    if not cfg.eval.dense_cache_dir or jax.process_count() > 1:
+        return _evaluate(model, tokenizer, cfg)
+    from .calib.cache import model_fingerprint
+    from .data.calibration import tokenizer_fingerprint
+
+    eval_conf = {k: v for k, v in dataclasses.asdict(cfg.eval).items() if k not in ("dense_baseline", "dense_cache_dir")}
+    key = {"model": model_fingerprint(model), "tokenizer": tokenizer_fingerprint(tokenizer), "eval": eval_conf,
+           "versions": {n: environment()["versions"][n] for n in ("cospadi-jax", "lm-eval")}}
+    path = Path(cfg.eval.dense_cache_dir) / f"dense-{fingerprint(key)}.json"
+    if path.is_file():
+        try:
+            stored = json.loads(path.read_text())
+        except ValueError:
+            stored = {}
+        if stored.get("key") == key:
+            log.info("dense baseline read from %s", path)
+            return stored["scores"]
+        log.warning("%s is unreadable or holds another setting's dense scores; re-evaluating", path)
+    scores = _evaluate(model, tokenizer, cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {"key": key, "scores": scores})
+    return scores
+
+
 def _tracker(cfg: RunConfig, resolved: dict) -> Any:
     from .tracking import Tracker
 
@@ -108,7 +139,7 @@ def run_compress(cfg: RunConfig, resolved: dict) -> dict[str, Any]:
         metrics: dict[str, Any] = {"config": resolved, **environment(), "timings": {"load_s": time.perf_counter() - t0}}
         if cfg.eval.dense_baseline:
             t0 = time.perf_counter()
-            metrics["dense"] = _evaluate(model, tokenizer, cfg)
+            metrics["dense"] = _dense_baseline(model, tokenizer, cfg)
             metrics["timings"]["dense_eval_s"] = time.perf_counter() - t0
 
         def on_unit(index: int, rows: list) -> None:

@@ -13,6 +13,7 @@ the others follow it (:meth:`FlaxLM.follow`), which :func:`evaluate_zero_shot` a
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from ..distributed import is_primary
 from ..models.transformer import CausalLM
 from .sharded import ShardedScorer
+from .tasks import include_paths
 
 # The paper's tasks and its headline rule: acc_norm where the task reports it, acc otherwise (method.md §5).
 PAPER_TASKS = ("piqa", "hellaswag", "lambada_openai", "arc_easy", "arc_challenge", "sciq", "race", "mmlu")
@@ -182,15 +184,26 @@ class FlaxLM(LM):
         return outputs
 
 
-def headline_scores(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Per task acc and acc_norm (with stderr), and the paper's headline average."""
+def headline_scores(results: dict[str, dict[str, Any]], n_samples: dict[str, int] | None = None) -> dict[str, Any]:
+    """Per task acc and acc_norm (with stderr), and the paper's headline average.
+
+    ``n_samples``: documents scored per task. lm-eval reports no stderr when run without bootstrap (we run
+    without: its bootstrap forks a process pool, unsafe under JAX); the stderr of an accuracy is then the
+    closed form lm-eval itself uses for a mean, sqrt(p (1 - p) / (n - 1)).
+    """
     per_task, headline = {}, []
     for task, metrics in results.items():
         entry = {m: metrics.get(f"{m},none") for m in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr",
                                                        "perplexity", "word_perplexity")}
-        entry = {m: v for m, v in entry.items() if v is not None}
+        entry = {m: v for m, v in entry.items() if v is not None and v != "N/A"}
         if not entry:
             continue
+        n = (n_samples or {}).get(task, 0)
+        for m in ("acc", "acc_norm"):
+            if m in entry and f"{m}_stderr" not in entry and n > 1:
+                entry[f"{m}_stderr"] = math.sqrt(entry[m] * (1 - entry[m]) / (n - 1))
+        if n:
+            entry["n"] = n
         per_task[task] = entry
         if "acc" in entry:  # perplexity-only tasks (wikitext) are reported but not averaged
             entry["headline"] = "acc_norm" if "acc_norm" in entry else "acc"
@@ -206,12 +219,15 @@ def evaluate_zero_shot(model: CausalLM, tokenizer: Any, tasks: list[str] | tuple
     'lm_eval_version', 'raw'}.
 
     ``limit``: documents per task (an int) or a fraction of them (a float), as lm-eval's ``limit``.
+    ``include_path``: a directory of extra task YAMLs; the shipped offline tasks (:mod:`cospadi_jax.eval.tasks`,
+    e.g. ``kjv_lambada``) are found without it.
     ``mesh``: score data-parallel over it (see :class:`FlaxLM`). With a mesh over several processes call this on
     every process: process 0 runs lm-eval and returns the results, the others follow it and return None.
     """
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    paths = include_paths(tasks, include_path)
     lm = FlaxLM(model, tokenizer, batch_size=batch_size, max_length=max_length, progress=progress, mesh=mesh)
     if lm.is_follower:
         lm.follow()
@@ -219,11 +235,12 @@ def evaluate_zero_shot(model: CausalLM, tokenizer: Any, tasks: list[str] | tuple
     try:
         out = lm_eval.simple_evaluate(
             model=lm, tasks=list(tasks), num_fewshot=0, limit=limit, log_samples=False, bootstrap_iters=0,
-            task_manager=TaskManager(include_path=include_path) if include_path else None,
+            task_manager=TaskManager(include_path=paths) if paths else None,
         )
     finally:  # also on an lm-eval error, so that the followers return instead of waiting forever
         lm.release_followers()
-    summary = headline_scores(out["results"])
+    n_samples = {t: int(v.get("effective", v.get("original", 0))) for t, v in out.get("n-samples", {}).items()}
+    summary = headline_scores(out["results"], n_samples)
     summary["lm_eval_version"] = lm_eval.__version__ if hasattr(lm_eval, "__version__") else "unknown"
     summary["raw"] = out["results"]
     return summary
