@@ -41,6 +41,7 @@ def test_grams_match_pytorch_hooks(tmp_path):
     for name, expected in captured.items():
         got = grams.gram(name)  # k_proj resolves to q_proj's input, up_proj to gate_proj's
         assert got.dtype == np.float64
+        np.testing.assert_array_equal(got, got.T, err_msg=name)  # exactly symmetric: whitening checks in float64
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max(), err_msg=name)
         np.testing.assert_allclose(grams.mean_abs(name), abs_sums[name] / windows.size, rtol=1e-4, err_msg=name)
 

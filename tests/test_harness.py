@@ -79,3 +79,36 @@ def test_loglikelihood_equals_direct_scoring(smollm2):
     rolling = lm.loglikelihood_rolling([SimpleNamespace(args=(text,))])[0]
     ids = np.asarray([[lm.prefix_token_id] + lm._encode(text)], np.int32)
     assert math.isclose(rolling, float(np.asarray(token_logprobs(model, ids)).sum()), rel_tol=1e-4)
+
+
+def test_shipped_kjv_lambada_task(smollm2):
+    """The shipped offline task: held-out text only, last words as targets, short items, scored through lm-eval
+    with acc, its stderr and the target perplexity."""
+    from cospadi_jax.data.text import load_text
+    from cospadi_jax.eval.harness import evaluate_zero_shot
+    from cospadi_jax.eval.tasks import DATA_DIR, include_paths, task_dir
+
+    model, tok = smollm2
+    docs = [json.loads(line) for line in (DATA_DIR / "kjv_lambada.jsonl").read_text().splitlines()]
+    assert len(docs) == 400
+    heldout, calibration = load_text("embedded:heldout"), load_text("embedded:calibration")
+    for d in docs:
+        assert f"{d['context']} {d['target']}" in heldout and d["context"][-40:] not in calibration
+        assert len(d["target"]) >= 4 and d["target"].isalpha()
+        assert len(tok(d["context"] + " " + d["target"])["input_ids"]) <= 64
+    assert include_paths(["piqa"], None) is None
+    assert include_paths(["kjv_lambada"], "/x") == ["/x", task_dir()]
+
+    n = 24
+    out = evaluate_zero_shot(model, tok, ["kjv_lambada"], limit=n, batch_size=8, progress=False)
+    task = out["tasks"]["kjv_lambada"]
+    assert task["headline"] == "acc" and task["n"] == n and out["average"] == task["acc"]
+    assert task["acc_stderr"] == pytest.approx(math.sqrt(task["acc"] * (1 - task["acc"]) / (n - 1)))
+    # acc is lm-eval's is_greedy: recompute it for the first items with our own greedy check
+    from types import SimpleNamespace
+
+    from cospadi_jax.eval.harness import FlaxLM
+
+    greedy = [g for _, g in FlaxLM(model, tok, batch_size=8, progress=False).loglikelihood(
+        [SimpleNamespace(args=(d["context"], " " + d["target"])) for d in docs[:n]])]
+    assert task["acc"] == pytest.approx(np.mean(greedy)) and 1 < task["perplexity"] < 1e4

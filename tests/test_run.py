@@ -31,7 +31,8 @@ def tiny_dir(tmp_path_factory):
 def _overrides(tiny_dir, out, *extra):
     return [f"model.spec={tiny_dir}", "model.name=tiny", f"output_dir={out}", "logger.mode=offline",
             "calib.nsamples=8", "calib.seqlen=32", "calib.heldout_nsamples=4", "calib.batch_size=4",
-            f"calib.cache_dir={out}/../gram-cache", "eval.seqlen=32", "eval.max_windows=4",
+            f"calib.cache_dir={out}/../gram-cache", f"eval.dense_cache_dir={out}/../dense-cache", "eval.seqlen=32",
+            "eval.max_windows=4",
             "method.ksvd_iterations=2", "method.power_iterations=2", *extra]
 
 
@@ -175,3 +176,25 @@ def test_demo_main_job_runs_end_to_end(tiny_dir, tmp_path, capsys):
     for label in ("SVD-LLM", "CoSpaDi"):
         assert abs(results[label]["realised_ratio"] - 0.2) < 0.05 and np.isfinite(results[label]["perplexity"])
     assert json.loads((tmp_path / "demo.json").read_text())["dense"] == results["dense"]
+
+
+def test_dense_baseline_is_cached_per_setting(tiny_dir, tmp_path, monkeypatch):
+    """A sweep scores the dense model once: later jobs read it back; another eval setting, or a file whose
+    stored key does not match, is evaluated afresh."""
+    calls = []
+    evaluate = run_app._evaluate
+    monkeypatch.setattr(run_app, "_evaluate", lambda *a: calls.append(a) or evaluate(*a))
+    first = run_app.execute(_compose(_overrides(tiny_dir, tmp_path / "a", "method.name=svd_llm")))
+    assert len(calls) == 2  # dense + compressed
+    cached = list((tmp_path / "dense-cache").glob("dense-*.json"))
+    assert len(cached) == 1
+    second = run_app.execute(_compose(_overrides(tiny_dir, tmp_path / "b", "method.name=svd_llm",
+                                                 "method.ratio=0.3")))
+    assert len(calls) == 3 and second["dense"] == first["dense"]  # only the compressed model was evaluated
+    run_app.execute(_compose(_overrides(tiny_dir, tmp_path / "c", "method.name=svd_llm", "eval.max_windows=3")))
+    assert len(calls) == 5  # another eval setting: dense evaluated again
+    stored = json.loads(cached[0].read_text())
+    stored["key"]["model"] = "another-model"
+    cached[0].write_text(json.dumps(stored))
+    run_app.execute(_compose(_overrides(tiny_dir, tmp_path / "d", "method.name=svd_llm")))
+    assert len(calls) == 7 and json.loads(cached[0].read_text())["key"]["model"] != "another-model"

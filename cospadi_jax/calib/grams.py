@@ -114,7 +114,11 @@ def advance_layer(layer: DecoderLayer, index: int, hidden: list[np.ndarray], *, 
     for name, g in acc.items():
         if not all(np.all(np.isfinite(v)) for v in g):
             raise FloatingPointError(f"non-finite calibration Gram at layer {index} ({name})")
-        out[projection_path(index, _INPUT_TO_TYPE[name])] = g
+        # XᵀX is symmetric, but a float32 GEMM need not round G[i, j] and G[j, i] alike (XLA:CPU's tiling
+        # depends on its threads): symmetrise here, so that whitening's float64 symmetry check holds. Exact
+        # (bit-identical) where the GEMM already was symmetric.
+        gram, abs_sum = g
+        out[projection_path(index, _INPUT_TO_TYPE[name])] = (0.5 * (gram + gram.T), abs_sum)
     return out
 
 
