@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .calib.grams import Grams, advance_layer
 from .compress import CompressionConfig, CompressionReport, MatrixReport, fit_unit, work_units
 from .methods import make_method
-from .methods.base import Factors
+from .methods.base import Factors, clear_whitening_cache
 from .models.config import DecoderConfig, decoder_config_from_hf
 from .models.convert import assign_tensors
 from .models.paths import GRAM_SOURCE, get_module, parse_projection_path
@@ -291,6 +291,7 @@ def compress_streaming(
                 if keep_factors:
                     factors_by_path.update(zip(paths, unit_factors))
             del grams
+            clear_whitening_cache()  # this layer's factors are never needed again: free them before the next
             bar.update()
         del layer, by_path
         stats = {"calibration_s": t_calib, "seconds": time.perf_counter() - t0, "peak_rss_gib": peak_rss_gib()}

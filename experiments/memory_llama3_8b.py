@@ -130,7 +130,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"memory_llama3_8b_{tag}.json"
     path.write_text(json.dumps(out, indent=1, default=float))
-    _plot(out, RESULTS / f"memory_llama3_8b_{tag}.png")
+    _plot(out, RESULTS / f"memory_llama3_8b_{tag}.png")  # redraw from the JSON: _plot(json.load(...), path)
     print(f"peak RSS {out['peak_rss_gib']:.2f} GiB (whole model {out['whole_model_gib_bf16']:.1f} GiB in bf16); "
           f"{report.seconds:.0f} s; wrote {path}")
 
@@ -152,12 +152,15 @@ def _plot(out: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 3.5))
     ax.plot(np.asarray(t) / 60, rss, lw=1.2, label="resident set size")
     ax.axhline(out["peak_rss_gib"], color="C1", ls="--", lw=1, label=f"peak {out['peak_rss_gib']:.1f} GiB")
+    predicted = out["plan"].get("predicted_peak_gib")
+    if predicted:
+        ax.axhline(predicted, color="C2", ls="-.", lw=1, label=f"planned peak {predicted:.1f} GiB")
     ax.axhline(24, color="k", ls=":", lw=1, label="host RAM (24 GB)")
     for index, stats in out["layers"].items():
         ax.axvline(stats["t_end_s"] / 60, color="0.7", lw=0.8)
         ax.text(stats["t_end_s"] / 60, 0.5, f" L{index}", color="0.4", fontsize=8)
-    ax.set(xlabel="minutes", ylabel="GiB", ylim=(0, 25),
-           title=f"Streaming {out['model']}: {out['plan']['omp_memory_mb']} MiB OMP chunks")
+    ax.set(xlabel="minutes", ylabel="GiB", ylim=(0, 25))
+    ax.set_title(f"Streaming {out['model']}\n{out['command'].split('.py ')[1]}", fontsize=9)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
