@@ -34,6 +34,11 @@ def row_from_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     zero_shot = metrics.get("compressed", {}).get("zero_shot")
     if zero_shot:
         row["avg_acc"] = zero_shot.get("average")
+        row["acc_tasks"] = ",".join(sorted(zero_shot.get("tasks", {})))
+        errors = [t[t["headline"] + "_stderr"] for t in zero_shot.get("tasks", {}).values()
+                  if "headline" in t and t.get(t["headline"] + "_stderr") is not None]
+        if errors and len(errors) == sum("headline" in t for t in zero_shot["tasks"].values()):
+            row["avg_acc_stderr"] = float(sum(e * e for e in errors) ** 0.5 / len(errors))  # tasks independent
     dense_zs = metrics.get("dense", {}).get("zero_shot")
     if dense_zs:
         row["dense_avg_acc"] = dense_zs.get("average")
@@ -59,17 +64,19 @@ def wandb_rows(project: str) -> list[dict[str, Any]]:
 
 
 def _figure(rows: list[dict], model: str, metric: str, out_dir: Path, *, log_y: bool, ylabel: str) -> list[str]:
-    by_method: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    by_method: dict[str, list[tuple[float, float, float | None]]] = defaultdict(list)
     for r in rows:
         if r["model"] == model and r.get(metric) is not None:
             x = r["realised_ratio"] if r.get("realised_ratio") is not None else r["ratio"]
-            by_method[r["method"]].append((x, r[metric]))
+            by_method[r["method"]].append((x, r[metric], r.get(metric + "_stderr")))
     if not by_method:
         return []
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for method, points in sorted(by_method.items()):
         points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        errors = [p[2] for p in points]
+        ax.errorbar([p[0] for p in points], [p[1] for p in points], marker="o", label=method, capsize=3,
+                    yerr=errors if all(e is not None for e in errors) else None)
     dense_key = "dense_" + metric if not metric.startswith("ppl/") else "dense_ppl/" + metric[4:]
     dense = [r[dense_key] for r in rows if r["model"] == model and r.get(dense_key) is not None]
     if dense:
@@ -99,7 +106,8 @@ def markdown_table(rows: list[dict]) -> str:
     for r in sorted(rows, key=lambda r: (r["model"], r["method"], r["ratio"])):
         cells = [r["model"], r["method"], f"{r['ratio']:g}",
                  f"{r['realised_ratio']:.4f}" if r.get("realised_ratio") is not None else "-"]
-        cells += [f"{r[m]:.4g}" if r.get(m) is not None else "-" for m in metrics]
+        cells += [("-" if r.get(m) is None else f"{r[m]:.4g}" + (f" ± {r[m + '_stderr']:.2g}"
+                   if r.get(m + "_stderr") is not None else "")) for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -118,7 +126,9 @@ def plot_results(paths: list[str | Path], out_dir: str | Path, *, wandb_project:
     for model in sorted({r["model"] for r in rows}):
         for metric in sorted({k for r in rows for k in r if k.startswith("ppl/")}):
             figures += _figure(rows, model, metric, out_dir, log_y=True, ylabel=f"perplexity ({metric[4:]})")
-        figures += _figure(rows, model, "avg_acc", out_dir, log_y=False, ylabel="average zero-shot accuracy")
+        tasks = sorted({r["acc_tasks"] for r in rows if r["model"] == model and r.get("acc_tasks")})
+        label = "zero-shot accuracy" + (f" ({tasks[0].replace(',', ', ')})" if len(tasks) == 1 else " (average)")
+        figures += _figure(rows, model, "avg_acc", out_dir, log_y=False, ylabel=label)
     table = markdown_table(rows)
     (out_dir / "results.md").write_text(table)
     return {"figures": figures, "table": str(out_dir / "results.md"), "rows": rows}
