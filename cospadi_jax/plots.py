@@ -85,7 +85,7 @@ def _figure(rows: list[dict], model: str, metric: str, out_dir: Path, *, log_y: 
         ax.set_yscale("log")
     ax.set_xlabel("compression ratio (fraction of parameters removed)")
     ax.set_ylabel(ylabel)
-    ax.set_title(f"{model}: {ylabel} vs compression")
+    ax.set_title(model)  # the y label names the metric; a long title is cut off
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
