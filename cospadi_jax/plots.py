@@ -35,10 +35,9 @@ def row_from_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     if zero_shot:
         row["avg_acc"] = zero_shot.get("average")
         row["acc_tasks"] = ",".join(sorted(zero_shot.get("tasks", {})))
-        errors = [t[t["headline"] + "_stderr"] for t in zero_shot.get("tasks", {}).values()
-                  if "headline" in t and t.get(t["headline"] + "_stderr") is not None]
-        if errors and len(errors) == sum("headline" in t for t in zero_shot["tasks"].values()):
-            row["avg_acc_stderr"] = float(sum(e * e for e in errors) ** 0.5 / len(errors))  # tasks independent
+        errors = [t.get(t["headline"] + "_stderr") for t in zero_shot.get("tasks", {}).values() if "headline" in t]
+        if errors and None not in errors:  # SE of the mean of independent tasks
+            row["avg_acc_stderr"] = float(sum(e * e for e in errors) ** 0.5 / len(errors))
     dense_zs = metrics.get("dense", {}).get("zero_shot")
     if dense_zs:
         row["dense_avg_acc"] = dense_zs.get("average")

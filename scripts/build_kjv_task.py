@@ -37,7 +37,8 @@ def build(items: int, seed: int) -> list[dict]:
     for chapter, sents in enumerate(sentences_by_chapter(SOURCE.read_text(encoding="utf-8"))):
         for i in range(len(sents)):
             # Two sentences when they fit (more context), else one.
-            passage = " ".join(sents[i - 1:i + 1]) if i and len(" ".join(sents[i - 1:i + 1])) <= MAX_CHARS else sents[i]
+            pair = " ".join(sents[i - 1:i + 1])
+            passage = pair if i and len(pair) <= MAX_CHARS else sents[i]
             match = LAST_WORD.match(passage)
             if match and MIN_CHARS <= len(passage) <= MAX_CHARS:
                 candidates.append({"context": match.group(1), "target": match.group(2), "chapter": chapter})
