@@ -76,9 +76,10 @@ class ArtifactWriter:
         self.directory = Path(directory)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            probe = self.directory / ".write-test"
-            probe.write_text("")
-            probe.unlink()
+            # A unique probe name: the processes of a multi-process run probe the same directory at once.
+            fd, probe = tempfile.mkstemp(dir=self.directory, prefix=".write-test-")
+            os.close(fd)
+            os.unlink(probe)
         except OSError as exc:
             raise PermissionError(f"cannot write to the output directory {self.directory}: {exc}") from exc
         (self.directory / "units").mkdir(exist_ok=True)
