@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -27,6 +28,8 @@ from typing import Any
 import numpy as np
 
 from .methods.base import DictFactors, Factors, LowRankFactors
+
+log = logging.getLogger(__name__)
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -95,6 +98,12 @@ class ArtifactWriter:
                     f"(fingerprint {stored.get('config_fingerprint')} != {metadata['config_fingerprint']}); "
                     "it is never reused. Use a new output directory, or the original configuration to resume."
                 )
+            if stored.get("host") is not None and stored.get("host") != metadata.get("host"):
+                # Still a valid result, but not bit-identical to an uninterrupted run on either host: another
+                # XLA:CPU thread pool (core count) reorders float32 reductions and flips some OMP atom choices.
+                log.warning("resuming %s on another host setting (%s, was %s): the resumed units will not be "
+                            "bit-identical to an uninterrupted run", self.directory, metadata.get("host"),
+                            stored.get("host"))
         else:
             atomic_write_json(meta_path, metadata)
         self.metadata = metadata

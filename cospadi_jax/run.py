@@ -17,6 +17,8 @@ import dataclasses
 import importlib.metadata
 import json
 import logging
+import os
+import platform
 import subprocess
 import time
 from pathlib import Path
@@ -51,8 +53,14 @@ def environment() -> dict[str, Any]:
             versions[name] = None
     import jax
 
+    # CoSpaDi is bit-reproducible only with the same device kind and XLA:CPU thread pool, which XLA sizes from the
+    # usable cores: another pool reorders float32 reductions and flips some of OMP's atom choices
+    # (docs/benchmarks.md, "Reproducibility across hosts").
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    host = {"machine": platform.machine(), "cpu_count": os.cpu_count(), "cpus_usable": usable,
+            "device_kind": jax.devices()[0].device_kind, "xla_flags": os.environ.get("XLA_FLAGS", "")}
     return {"git_sha": sha, "versions": versions, "backend": jax.default_backend(),
-            "devices": jax.device_count(), "processes": jax.process_count()}
+            "devices": jax.device_count(), "processes": jax.process_count(), "host": host}
 
 
 def _evaluate(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, Any]:

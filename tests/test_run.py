@@ -46,8 +46,9 @@ def test_compress_job_writes_metrics_artifact_and_wandb(tiny_dir, tmp_path):
     metrics = run_app.execute(_compose(_overrides(tiny_dir, out)))
     saved = json.loads((out / "metrics.json").read_text())
     for key in ("config", "realised_ratio", "dense", "compressed", "matrices", "timings", "git_sha", "versions",
-                "calibration_key"):
+                "calibration_key", "host"):
         assert key in saved, key
+    assert saved["host"]["cpu_count"] == os.cpu_count() and "xla_flags" in saved["host"]
     assert saved["config"]["method"]["ratio"] == 0.2 and abs(saved["realised_ratio"] - 0.2) < 0.05
     assert len(saved["matrices"]) == 2 * 7 and saved["versions"]["jax"]
     assert saved["calibration_key"]["nsamples"] == 8
@@ -163,6 +164,20 @@ def test_corrupted_checkpoint_is_refused(tmp_path):
     (tmp_path / "progress.json").write_text("{not json")
     with pytest.raises(CorruptCheckpointError, match="progress.json is corrupted"):
         ArtifactWriter(tmp_path, meta).finished_units()
+
+
+def test_resume_on_another_host_setting_warns(tmp_path, caplog):
+    """Resuming is allowed, but a different XLA thread setting breaks bit-identity, so the resumed run says so."""
+    from cospadi_jax.checkpoint import ArtifactWriter
+
+    host = {"machine": "x86_64", "cpu_count": 2, "cpus_usable": 2, "device_kind": "cpu", "xla_flags": ""}
+    ArtifactWriter(tmp_path, {"config_fingerprint": "abc", "host": host})
+    with caplog.at_level("WARNING", logger="cospadi_jax.checkpoint"):
+        ArtifactWriter(tmp_path, {"config_fingerprint": "abc", "host": host})
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="cospadi_jax.checkpoint"):
+        ArtifactWriter(tmp_path, {"config_fingerprint": "abc", "host": {**host, "cpus_usable": 1}})
+    assert "not be bit-identical" in caplog.text
 
 
 def test_demo_main_job_runs_end_to_end(tiny_dir, tmp_path, capsys):
