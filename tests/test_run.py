@@ -167,7 +167,7 @@ def test_corrupted_checkpoint_is_refused(tmp_path):
 
 
 def test_resume_on_another_host_setting_warns(tmp_path, caplog):
-    """Resuming is allowed, but a different XLA thread setting breaks bit-identity, so the resumed run says so."""
+    """Resuming is allowed, but another core count (XLA:CPU thread pool) breaks bit-identity: the resume says so."""
     from cospadi_jax.checkpoint import ArtifactWriter
 
     host = {"machine": "x86_64", "cpu_count": 2, "cpus_usable": 2, "device_kind": "cpu", "xla_flags": ""}
