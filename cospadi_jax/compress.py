@@ -26,6 +26,7 @@ from .methods import METHODS, make_method
 from .methods.base import DictFactors, Factors, functional_error, weight_error
 from .models.paths import PROJECTION_TYPES, projection_path, projection_weight
 from .models.transformer import CausalLM
+from .sparse.backend import check_omp_backend
 
 # The paper's grouping (Basis Sharing protocol): q, k, v, gate, up shared across consecutive layers; o, down private.
 DEFAULT_SHARED_TYPES = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
@@ -67,6 +68,7 @@ class CompressionConfig:
     # matrices/groups spread over processes and their local devices)
     parallel: str = "none"
     omp_memory_mb: int = 16  # working memory of one OMP chunk (per device); larger = fewer, bigger chunks
+    omp_backend: str = "auto"  # auto | xla | cpu_kernel | gemm (cospadi_jax.sparse.backend)
 
     def validate(self, n_layers: int | None = None) -> None:
         """Raise ValueError naming the bad field before any work starts (layer checks need ``n_layers``)."""
@@ -103,6 +105,10 @@ class CompressionConfig:
             raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
         if self.omp_memory_mb < 1:
             raise ValueError(f"omp_memory_mb must be >= 1, got {self.omp_memory_mb}")
+        check_omp_backend(self.omp_backend)
+        if self.parallel == "columns" and self.omp_backend not in ("auto", "xla"):
+            raise ValueError(f"parallel='columns' shards the XLA Batch-OMP over devices; omp_backend="
+                             f"{self.omp_backend!r} cannot be sharded: use omp_backend=auto or xla.")
         if self.mode not in ("dense", "factored"):
             raise ValueError(f"mode must be 'dense' or 'factored', got {self.mode!r}")
 
@@ -131,6 +137,9 @@ class MatrixReport:
     early_stopped_columns: int | None = None
     quantization_error: float | None = None
     objective: list[float] | None = None
+    # CoSpaDi: resolved Batch-OMP backend and fitting time per phase (whitening, omp, update, gemm).
+    omp_backend: str | None = None
+    phase_seconds: dict | None = None
 
 
 @dataclass
@@ -228,6 +237,7 @@ def fit_unit(Ws: list[np.ndarray], paths: list[str], method: Any, config: Compre
             condition_number=info.get("condition_number"),
             early_stopped_columns=info.get("early_stopped_columns"),
             quantization_error=quant_err, objective=info.get("objective"),
+            omp_backend=info.get("omp_backend"), phase_seconds=info.get("phase_seconds"),
         )))
         unit_factors.append(factors)
     return unit_factors, unit_rows

@@ -7,12 +7,17 @@ wrong type is an error from OmegaConf, and impossible values are errors from :fu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
 from .compress import DEFAULT_SHARED_TYPES, CalibrationSpec, CompressionConfig
 from .models.paths import PROJECTION_TYPES
+from .sparse.backend import OMP_BACKENDS
+
+# An Enum, so that OmegaConf refuses an unknown backend when the config is composed, before any work.
+OmpBackend = Enum("OmpBackend", {name: name for name in OMP_BACKENDS}, type=str)
 
 
 @dataclass
@@ -44,6 +49,8 @@ class MethodConf:
     # matrices/groups spread over processes and their local devices)
     parallel: str = "none"
     omp_memory_mb: int = 16  # working memory of one OMP chunk per device (GPU/TPU: raise it for bigger chunks)
+    # Batch-OMP implementation: auto (cpu_kernel on CPU, gemm on GPU/TPU) | xla | cpu_kernel | gemm
+    omp_backend: OmpBackend = OmpBackend.auto
 
 
 @dataclass
@@ -120,6 +127,7 @@ def compression_config(cfg: RunConfig) -> CompressionConfig:
         proj_types=tuple(m.proj_types), ksvd_iterations=m.ksvd_iterations, power_iterations=m.power_iterations,
         dict_update=m.dict_update, reseed_unused=m.reseed_unused, seed=cfg.seed, mode=m.mode,
         quantization=m.quantization, parallel=m.parallel, omp_memory_mb=m.omp_memory_mb,
+        omp_backend=OmpBackend(m.omp_backend).value,
     )
 
 

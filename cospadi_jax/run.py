@@ -221,7 +221,7 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
     """Run one job from a composed config (used by the Hydra entry point and by tests)."""
     run_cfg: RunConfig = OmegaConf.to_object(cfg)  # structured schema: unknown keys and wrong types fail here
     validate(run_cfg)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     if run_cfg.task == "compress":
         return run_compress(run_cfg, resolved)
     if run_cfg.task == "evaluate":

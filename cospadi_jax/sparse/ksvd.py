@@ -18,6 +18,7 @@ up to date. All data-dependent control flow is masks inside ``lax.fori_loop``.
 
 from __future__ import annotations
 
+import time
 from functools import partial
 from typing import NamedTuple
 
@@ -26,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from cospadi_jax.sparse.backend import resolve_omp_backend, sparse_code
 from cospadi_jax.sparse.omp import (
     DEFAULT_MEMORY_BUDGET_BYTES,
     SparseCodes,
-    batch_omp,
     check_finite,
     resolve_float_dtype,
 )
@@ -53,6 +54,8 @@ class KSVDResult(NamedTuple):
     objective_after_coding: [T] the same error right after the OMP of iteration t.
     n_unused_atoms: [T] int, atoms with no column in iteration t (skipped or re-seeded).
     n_early_stopped: [T] int, OMP columns that stopped before s non-zeros.
+    seconds: wall time per phase over all iterations: "omp", "update", "gemm" (DᵀD, DᵀY, the residual and
+        the objectives) and "backend" (the resolved ``omp_backend``, a string).
     """
 
     dictionary: jax.Array
@@ -62,6 +65,7 @@ class KSVDResult(NamedTuple):
     objective_after_coding: np.ndarray
     n_unused_atoms: np.ndarray
     n_early_stopped: np.ndarray
+    seconds: dict | None = None
 
 
 def relative_error(Y: jax.Array, D: jax.Array, S: jax.Array) -> jax.Array:
@@ -205,6 +209,8 @@ def ksvd(
     dtype=None,
     omp_chunk_size: int | None = None,
     omp_memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    omp_backend: str = "auto",
+    threads: int | None = None,
     progress: bool = False,
 ) -> KSVDResult:
     """Learn D [d, k] and column-sparse S [k, n] with Y ≈ D S.
@@ -220,7 +226,11 @@ def ksvd(
         unused: "skip" (paper) or "reseed" (worst-represented column of Y).
         init: optional initial dictionary [d, k] (normalised here) instead of random columns.
         dtype: float32 / float64 (default: float64 if x64 is on and Y is f64, else float32).
-        omp_chunk_size, omp_memory_budget_bytes: passed to :func:`batch_omp`.
+        omp_chunk_size, omp_memory_budget_bytes: passed to the xla / gemm Batch-OMP.
+        omp_backend: "auto" | "xla" | "cpu_kernel" | "gemm" (:mod:`.backend`). With ``cpu_kernel`` and
+            the power update the whole iteration runs on the host in fused Numba kernels
+            (:func:`_ksvd_host`); the other updates stay in JAX.
+        threads: CPU threads of the ``cpu_kernel`` backend (default: all); results do not depend on it.
         progress: show a tqdm bar with ETA over the iterations.
     """
     check_ksvd_arguments(Y, n_atoms, sparsity, n_iterations, method, power_iterations, unused)
@@ -238,25 +248,30 @@ def ksvd(
         D = jnp.asarray(init, dtype)
         D = D / jnp.linalg.norm(D, axis=0)
 
-    def code(D):
-        gram = jnp.matmul(D.T, D, precision=_HI)
-        corr = jnp.matmul(D.T, Y, precision=_HI)
-        return batch_omp(
-            gram, corr, int(sparsity), dtype=dtype, chunk_size=omp_chunk_size, memory_budget_bytes=omp_memory_budget_bytes
-        )
-
-    objective, after_coding, n_unused, n_early = [], [], [], []
+    backend = resolve_omp_backend(omp_backend)
     iterator = range(max(int(n_iterations), 1))
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(iterator, desc=f"K-SVD ({method})", unit="it")
+        iterator = tqdm(iterator, desc=f"K-SVD ({method}, {backend})", unit="it")
+    if backend == "cpu_kernel" and method == "power":
+        return _ksvd_host(np.asarray(Y), np.asarray(D), int(n_atoms), int(sparsity), int(n_iterations), iterator,
+                          power_iterations=int(power_iterations), unused=unused, threads=threads, progress=progress)
+
+    objective, after_coding, n_unused, n_early = [], [], [], []
+    clock = _PhaseClock(backend)
     codes = None
     S = None
     for t in iterator:
-        codes = code(D)
+        gram = jnp.matmul(D.T, D, precision=_HI)
+        corr = jnp.matmul(D.T, Y, precision=_HI)
+        clock.lap("gemm", gram, corr)
+        codes = sparse_code(gram, corr, int(sparsity), backend=backend, dtype=dtype, chunk_size=omp_chunk_size,
+                            memory_budget_bytes=omp_memory_budget_bytes, threads=threads)
+        clock.lap("omp", codes.values)
         S = codes.to_dense(int(n_atoms))
         err = float(relative_error(Y, D, S))
+        clock.lap("gemm")
         if t == 0:
             objective.append(err)
         if n_iterations == 0:
@@ -265,7 +280,9 @@ def ksvd(
         n_early.append(int(codes.n_early_stopped))
         D, S, unused_count = update_dictionary(Y, D, S, method=method, power_iterations=int(power_iterations), unused=unused)
         n_unused.append(int(unused_count))
+        clock.lap("update", D, S)
         objective.append(float(relative_error(Y, D, S)))
+        clock.lap("gemm")
         if progress:
             iterator.set_postfix(err=f"{objective[-1]:.4f}")
     return KSVDResult(
@@ -276,4 +293,82 @@ def ksvd(
         objective_after_coding=np.asarray(after_coding),
         n_unused_atoms=np.asarray(n_unused, dtype=np.int32),
         n_early_stopped=np.asarray(n_early, dtype=np.int32),
+        seconds=clock.seconds,
+    )
+
+
+class _PhaseClock:
+    """Accumulates wall time per K-SVD phase; ``lap`` waits for the phase's arrays (JAX is asynchronous)."""
+
+    def __init__(self, backend: str):
+        self.seconds: dict = {"omp": 0.0, "update": 0.0, "gemm": 0.0, "backend": backend}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str, *arrays) -> None:
+        if arrays:
+            jax.block_until_ready(arrays)
+        now = time.perf_counter()
+        self.seconds[phase] += now - self._last
+        self._last = now
+
+
+def _dense_codes(codes: SparseCodes, n_atoms: int) -> np.ndarray:
+    """S [k, n] (NumPy) from SparseCodes [n, s]; atoms within a column are distinct, so no accumulation."""
+    indices, values = np.asarray(codes.indices), np.asarray(codes.values)
+    n, s = indices.shape
+    col, slot = np.nonzero(np.arange(s)[None, :] < np.asarray(codes.n_nonzero)[:, None])
+    S = np.zeros((n_atoms, n), values.dtype)
+    S[indices[col, slot], col] = values[col, slot]
+    return S
+
+
+def _ksvd_host(Y, D, n_atoms, sparsity, n_iterations, iterator, *, power_iterations, unused, threads, progress):
+    """K-SVD with the power update entirely on the host: BLAS GEMMs, fused Numba OMP and update.
+
+    Y: [d, n], D: [d, k] (unit-norm, the working dtype). The residual is kept transposed, Eᵀ [n, d], and
+    updated in place by the atom updates, so the objective after an update is ‖E‖ with no extra GEMM.
+    """
+    from cospadi_jax.sparse.cpu_kernel import batch_omp_cpu, power_update_cpu
+
+    Y_t = np.ascontiguousarray(Y.T)
+    y_norm = float(np.linalg.norm(Y_t))
+    objective, after_coding, n_unused, n_early = [], [], [], []
+    clock = _PhaseClock("cpu_kernel")
+    codes = S = None
+    for t in iterator:
+        gram, corr = D.T @ D, D.T @ Y
+        clock.lap("gemm")
+        codes = batch_omp_cpu(gram, corr, sparsity, dtype=Y.dtype, threads=threads)
+        clock.lap("omp")
+        S = _dense_codes(codes, n_atoms)
+        E_t = Y_t - S.T @ D.T  # [n, d]
+        err = float(np.linalg.norm(E_t)) / y_norm
+        clock.lap("gemm")
+        if t == 0:
+            objective.append(err)
+        if n_iterations == 0:
+            break
+        after_coding.append(err)
+        n_early.append(int(codes.n_early_stopped))
+        D_t = np.ascontiguousarray(D.T)
+        values, unused_count = power_update_cpu(E_t, D_t, codes, power_iterations=power_iterations, unused=unused,
+                                                Y_t=Y_t)
+        D = np.ascontiguousarray(D_t.T)
+        S = _dense_codes(codes._replace(values=values), n_atoms)
+        n_unused.append(unused_count)
+        objective.append(float(np.linalg.norm(E_t)) / y_norm)
+        clock.lap("update")
+        if progress:
+            iterator.set_postfix(err=f"{objective[-1]:.4f}")
+    for name, value in (("dictionary", D), ("coefficients", S)):
+        check_finite(name, value)
+    return KSVDResult(
+        dictionary=jnp.asarray(D),
+        coefficients=jnp.asarray(S),
+        codes=codes,
+        objective=np.asarray(objective),
+        objective_after_coding=np.asarray(after_coding),
+        n_unused_atoms=np.asarray(n_unused, dtype=np.int32),
+        n_early_stopped=np.asarray(n_early, dtype=np.int32),
+        seconds=clock.seconds,
     )
