@@ -1,43 +1,45 @@
-"""One K-SVD iteration (OMP + sequential power update, 8 power steps) on real whitened SmolLM2 weights.
+"""One representative K-SVD iteration (OMP + sequential power update, 8 steps) on real whitened SmolLM2 weights.
 
-    python benchmarks/bench_ksvd.py [--projections mlp.up_proj]
+    python benchmarks/bench_ksvd.py [--projection mlp.up_proj] [--rounds 2]
 
-Ours (JAX) against a straightforward NumPy/sklearn reference written below:
-sklearn orthogonal_mp_gram for the codes, then a per-atom loop over Ω_i with
-a warm-started 8-step power iteration on E[:, Ω_i] + d_i s_i(Ω_i)ᵀ.
+Starts from the dictionary after 2 K-SVD iterations (the inputs of ``bench_omp.py``, same cache), so no
+column is an atom. Ours is the library call ``ksvd(Y, k, s, 1, init=D)`` (OMP, update, both objectives,
+DᵀD, DᵀY and the residual included) with ``omp_backend`` xla and cpu_kernel, in float64 and float32; the
+reference is the NumPy + sklearn iteration written below (sklearn ``orthogonal_mp_gram`` for the codes,
+then a per-atom loop over Ω_i with a warm-started 8-step power iteration on E[:, Ω_i] + d_i s_i(Ω_i)ᵀ).
+Each core count runs in its own process pinned with ``taskset`` (references with 1 BLAS thread, ours on
+all pinned cores), implementations interleaved, median of ``--rounds``. The last line is the summary.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
+import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
-import jax
+import numpy as np
 
-jax.config.update("jax_enable_x64", True)
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(__file__))
-from _real_problem import build_real_problems, initial_dictionary  # noqa: E402
-
-from cospadi_jax.sparse import batch_omp, update_dictionary  # noqa: E402
+HERE = Path(__file__).resolve().parent
+IMPLS = ("numpy+sklearn f64", "ours xla f64", "ours xla f32", "ours cpu_kernel f64", "ours cpu_kernel f32")
 
 
 def reference_iteration(Y, D, s, power_iterations=8):
-    """NumPy + sklearn K-SVD iteration (the readable baseline)."""
+    """NumPy + sklearn K-SVD iteration (the readable baseline). Returns D, S, seconds of the OMP."""
     from sklearn.linear_model import orthogonal_mp_gram
 
     D = D.copy()
+    t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         S = orthogonal_mp_gram(D.T @ D, D.T @ Y, n_nonzero_coefs=s)
-    t_omp = time.perf_counter()
+    t_omp = time.perf_counter() - t
     E = Y - D @ S
     for i in range(D.shape[1]):
         omega = np.flatnonzero(S[i])
@@ -56,48 +58,89 @@ def reference_iteration(Y, D, s, power_iterations=8):
     return D, S, t_omp
 
 
-def ours_iteration(Y, D, s, dtype):
-    G = jnp.matmul(D.T, D, precision="highest")
-    C = jnp.matmul(D.T, Y, precision="highest")
-    codes = batch_omp(G, C, s, dtype=dtype)
-    S = codes.to_dense(D.shape[1]).block_until_ready()
-    t_omp = time.perf_counter()
-    D, S, _ = update_dictionary(Y, D, S, method="power", power_iterations=8)
-    return D.block_until_ready(), S.block_until_ready(), t_omp
+def worker(args) -> None:
+    import jax
 
+    jax.config.update("jax_enable_x64", True)
+    from cospadi_jax.sparse import ksvd
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--projections", nargs="+", default=["mlp.up_proj"])
-    ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=256)
-    args = ap.parse_args()
-    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M}  {platform.processor() or platform.machine()}  "
-          f"cpus={os.cpu_count()}  jax {jax.__version__}")
-    problems = build_real_problems(tuple(args.projections), nsamples=args.nsamples, seqlen=args.seqlen)
-    print(f"{'projection':18s} {'impl':10s} {'total s':>8s} {'OMP s':>7s} {'update s':>8s} {'speedup':>7s} {'rel.err':>9s}")
-    summary = []
-    for name, p in problems.items():
-        D0 = initial_dictionary(p.Y, p.n_atoms)
-        t = time.perf_counter()
-        Dr, Sr, t_omp = reference_iteration(p.Y, D0, p.sparsity)
-        t_ref = time.perf_counter() - t
-        err_ref = np.linalg.norm(p.Y - Dr @ Sr) / np.linalg.norm(p.Y)
-        print(f"{name:18s} {'numpy+sk':10s} {t_ref:8.2f} {t_omp - t:7.2f} {t_ref - (t_omp - t):8.2f} {1.0:7.1f} {err_ref:9.5f}")
-        for dt in (jnp.float64, jnp.float32):
-            Y, D = jnp.asarray(p.Y, dt), jnp.asarray(D0, dt)
-            ours_iteration(Y, D, p.sparsity, dt)  # compile
+    import sklearn.linear_model  # noqa: F401  (imported before timing)
+
+    cores = len(os.sched_getaffinity(0))
+    data = np.load(args.cache)
+    Y, D = data[f"{args.projection}/Y"], data[f"{args.projection}/representative"]
+    k, s = (int(x) for x in data[f"{args.projection}/ks"])
+
+    def ours(backend, dt):
+        r = ksvd(Y.astype(dt), k, s, 1, init=D.astype(dt), dtype=dt, omp_backend=backend, threads=cores
+                 if backend == "cpu_kernel" else None)
+        return float(r.objective[-1]), r.seconds
+
+    def reference():
+        Dr, Sr, t_omp = reference_iteration(Y, D, s)
+        return float(np.linalg.norm(Y - Dr @ Sr) / np.linalg.norm(Y)), {"omp": t_omp}
+
+    runners = {"numpy+sklearn f64": reference}
+    for backend in ("xla", "cpu_kernel"):
+        for dt, tag in ((np.float64, "f64"), (np.float32, "f32")):
+            runners[f"ours {backend} {tag}"] = lambda b=backend, d=dt: ours(b, d)
+    for name in IMPLS[1:]:
+        runners[name]()  # compile (not timed)
+    times = {name: [] for name in IMPLS}
+    res = {}
+    for _ in range(args.rounds):
+        for name in IMPLS:
             t = time.perf_counter()
-            Do, So, t_omp = ours_iteration(Y, D, p.sparsity, dt)
-            t_ours = time.perf_counter() - t
-            err = float(jnp.linalg.norm(Y - Do @ So) / jnp.linalg.norm(Y))
-            print(f"{name:18s} {'ours ' + jnp.dtype(dt).name:10s} {t_ours:8.2f} {t_omp - t:7.2f} {t_ours - (t_omp - t):8.2f} "
-                  f"{t_ref / t_ours:7.1f} {err:9.5f}", flush=True)
-            summary.append((name, jnp.dtype(dt).name, t_ref, t_ours, err - err_ref))
-    n, dtn, tr, to, de = summary[0]
-    _, _, _, to32, de32 = summary[1]
-    print(f"SUMMARY K-SVD iteration ({n}): numpy+sklearn {tr:.2f} s, ours f64 {to:.2f} s ({tr / to:.1f}x, Δerr {de:+.1e}), "
-          f"ours f32 {to32:.2f} s ({tr / to32:.1f}x, Δerr {de32:+.1e})")
+            err, phases = runners[name]()
+            times[name].append(time.perf_counter() - t)
+            res[name] = {"rel_error": err, "phases": phases}
+    out = {"cores": cores, "k": k, "s": s, "shape": list(Y.shape)}
+    for name in IMPLS:
+        out[name] = {**res[name], "seconds": float(np.median(times[name])), "rounds": times[name]}
+    print("RESULT " + json.dumps(out))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--projection", default="mlp.up_proj")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--cache", default=".cache/bench_omp_inputs.npz")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    if not Path(args.cache).exists():
+        sys.path.insert(0, str(HERE))
+        from bench_omp import build_inputs
+
+        Path(args.cache).parent.mkdir(parents=True, exist_ok=True)
+        build_inputs(Path(args.cache), [args.projection])
+    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M}  {platform.machine()}  cpus={os.cpu_count()}  "
+          "references with 1 BLAS thread; 'N cores' = taskset to cpus 0..N-1")
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    results = {}
+    for cores, cpus in ((1, "0"), (2, "0,1")):
+        cmd = ["taskset", "-c", cpus, sys.executable, __file__, "--worker", "--projection", args.projection,
+               "--rounds", str(args.rounds), "--cache", args.cache]
+        text = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+        r = json.loads(next(line for line in text.splitlines() if line.startswith("RESULT "))[7:])
+        results[cores] = r
+        base = r[IMPLS[0]]["seconds"]
+        print(f"\n{args.projection} {r['shape'][0]}x{r['shape'][1]}, k {r['k']}, s {r['s']}, {cores} core(s)")
+        print(f"{'implementation':22s} {'total s':>8s} {'OMP s':>7s} {'update s':>8s} {'GEMMs s':>7s} "
+              f"{'speed-up':>8s} {'rel.err after':>13s}")
+        for name in IMPLS:
+            x = r[name]
+            ph = x["phases"]
+            upd = ph.get("update", x["seconds"] - ph["omp"])
+            print(f"{name:22s} {x['seconds']:8.2f} {ph['omp']:7.2f} {upd:8.2f} {ph.get('gemm', float('nan')):7.2f} "
+                  f"{base / x['seconds']:8.1f} {x['rel_error']:13.6f}", flush=True)
+    r = results[2]
+    short = args.projection.split(".")[-1]
+    print(f"summary: ksvd iteration {short} f32 2 cores: "
+          f"{r[IMPLS[0]]['seconds'] / r['ours cpu_kernel f32']['seconds']:.1f}x over numpy+sklearn "
+          f"(rel. error after {r['ours cpu_kernel f32']['rel_error']:.6f} vs {r[IMPLS[0]]['rel_error']:.6f})")
 
 
 if __name__ == "__main__":

@@ -21,18 +21,21 @@ Batch-OMP, "compact B-form". Per column y with correlations α⁰ = Dᵀy [k] an
 
 A new atom a = argmax |α| gives w = B[:, a] (the new row of L, a gather: no triangular solve),
 Lₜₜ = √(GD[a, a] − w·w), zₜ = (α⁰[a] − w·z)/Lₜₜ, bₜ = (GD[a, :] − wᵀB)/Lₜₜ and α ← α − zₜ bₜ.
-The atom positions are permuted as sklearn's ``_gram_omp`` permutes its Gram: the selected atom is
-swapped to position t, so the active atoms occupy positions [0, t) and the step's GEMV ``wᵀB`` runs
-only over the inactive positions [t+1, k): t·(k − t − 1) multiply-adds instead of t·k, and the
-active block of B becomes Lᵀ in place (B[r, j] = L[j, r] for r ≤ j), which the final back
-substitution γ = L⁻ᵀ z reads row by row. The working set of one step, t·(k − t) values, is at most
-k²/4 (277 KiB in f32 for k = 526, inside a 512 KiB L2).
+The atom positions are permuted as sklearn's ``_gram_omp`` permutes its Gram, mirrored: position q
+here holds what sklearn keeps at position k − 1 − q, so the m = k − t inactive atoms occupy positions
+[0, m) (every loop over them starts at 0 and vectorises) and the selected atom is swapped to position
+m − 1. The step's GEMV ``wᵀB`` then runs only over the inactive positions: t·(k − t − 1) multiply-adds
+instead of t·k ("compact"), rows taken eight at a time so each pass over the accumulator serves eight
+rows of B. The active block of B becomes L in place (B[r, k − 1 − j] = L[j, r] for r ≤ j), which the
+final back substitution γ = L⁻ᵀ z reads along rows of B. The working set of one step, t·(k − t)
+values, is at most k²/4 (277 KiB in f32 for k = 526): it stays in the core's L2.
 
 Stopping rule: sklearn's (see :mod:`.omp`): stop when max |α|² < eps or the new pivot Lₜₜ² ≤ eps,
 eps the machine epsilon of the working dtype. The correlations of active atoms are exactly zero in
 exact arithmetic and are not computed here, so sklearn's third rule ("the argmax is an already active
 atom", which only fires when every inactive correlation is below the active atoms' rounding noise)
-becomes the first one. Ties in |α| are broken by the lowest position, i.e. in sklearn's swap order.
+becomes the first one. Ties in |α| go to the last maximal position here, which is sklearn's first
+(tested with duplicated atoms).
 
 Determinism: a column is computed by one thread from its own inputs in a fixed order, so its result is
 bit-identical whatever the number of threads or the schedule (tested).
@@ -182,17 +185,16 @@ def _build_kernels():
             inv = one / pivot
             Bt = B[t]
             Bt[m] = pivot
-            for j in range(m):
+            best = zero
+            for j in range(m):  # vectorised: the update and max |α| in one pass
                 b = acc[j] * inv
                 Bt[j] = b
-                alpha[j] -= zt * b
-            best = -one
-            p = 0
-            for j in range(m):
-                v = abs(alpha[j])
-                if v >= best:
-                    best = v
-                    p = j
+                aj = alpha[j] - zt * b
+                alpha[j] = aj
+                best = max(best, abs(aj))
+            p = m - 1  # the last position holding the maximum (sklearn's first)
+            while p > 0 and abs(alpha[p]) != best:
+                p -= 1
             t += 1
         # γ = L⁻ᵀ z with L[j, r] = B[r, k − 1 − j] (r ≤ j): back substitution along rows of B.
         for j in range(t - 1, -1, -1):
