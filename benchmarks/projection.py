@@ -36,6 +36,18 @@ k, s from ``cospadi_jax.budget.budget(d, n, CR, rho=ρ)``; float32 K-SVD, 4-byte
     Sequential steps: s per chunk, chunks one after another; chunk = ``omp_chunk_size`` for the
     memory budget (16 MiB on the CPU, the library default; on accelerators 25 % of device memory is
     assumed, see below).
+  - Batch-OMP, GEMM form (omp_gemm.py, the accelerator OMP): per column and step t the row of the one
+    shared-Gram GEMM α = α⁰ − X·GD over the chunk, 2·k² flops at the chosen precision (compute-bound;
+    reads X, α⁰ and writes α: 3 k-vectors), then the per-column triangular work: two passes (w = L⁻¹ g,
+    u = L⁻ᵀ w) over the column's stored factor, the lower block-triangle of L⁻¹ with blocks of 64 steps
+    (Σ_{i ≤ t/64} rows_i·cols_i values), 2 flops and 4 bytes per value and pass, plus ≈ 4 k-vectors (argmax,
+    X zero-fill and scatter, mask): bandwidth-bound, ≈ (2/3)·(s/k) of the B-form's bytes. The two parts are
+    separate kernels in each step, so their roofline times add. Latency: s steps per chunk plus, per step,
+    one kernel pair per stored block-row. Chunks from ``gemm_chunk_size`` (per column ≈ s²/2 + 6·k values)
+    for 25 % of device memory, balanced; early stops not counted. Precision classes: "f32_highest"
+    (Precision.HIGHEST), "bf16x3" (3 bf16 passes), "tf32" (Precision.DEFAULT: TF32 on GPU, 1 bf16 pass on TPU).
+    ``passes=1`` in ``omp_gemm_work`` models a fused kernel that reads the factor once per step (not
+    implemented; reported as a lever).
   - Dictionary update, ``power`` (ksvd.py): k atoms one after another; per atom 2·P + 1 masked GEMVs
     over the full residual E [d, n] (P power steps of R v and Rᵀu, one final Rᵀu; the mask is a
     multiply, not a gather) and the in-place rank-2 refresh of E (read + write): flops
@@ -49,17 +61,22 @@ CPU rows use the measured L3-resident streaming rate; the accelerator rows use H
 Accelerator assumptions (all editable below, all printed):
 
 * Peaks: A100 SXM 80GB: FP32 19.5 TFLOP/s (non-tensor; what f32 ``Precision.HIGHEST`` gets: no
-  TF32), TF32 156, BF16 312, FP64 19.5 (tensor core), HBM 2.0 TB/s. H100 SXM: FP32 67, TF32 495
-  (dense), BF16 989 (dense), FP64 67 (tensor core), 3.35 TB/s. TPU v5e: 197 TFLOP/s bf16 per chip,
+  TF32), TF32 156, BF16 312 (bf16x3: 104), FP64 19.5 (tensor core), HBM 2.0 TB/s. H100 SXM: FP32 67,
+  TF32 495 (dense), BF16 989 (dense; bf16x3: 330), FP64 67 (tensor core), 3.35 TB/s. H200 SXM: the H100's
+  rates with 141 GB at 4.8 TB/s (the device tool's machine). TPU v5e: 197 TFLOP/s bf16 per chip,
   819 GB/s HBM and 16 GiB per chip, 8 chips; no native f32 matmul at full rate: f32 at
-  ``Precision.HIGHEST`` is taken as 6 bf16 passes (197/6 ≈ 33 TFLOP/s), no FP64 unit (float64
-  whitening is emulated; assumed 2 TFLOP/s, it is < 0.1 % of the total either way).
+  ``Precision.HIGHEST`` is taken as 6 bf16 passes (197/6 ≈ 33 TFLOP/s), DEFAULT as 1 pass, bf16x3 as 3;
+  no FP64 unit (float64 whitening is emulated; assumed 2 TFLOP/s, it is < 0.1 % of the total either way).
+* The CPU row (2-core EPYC VM) uses the rates its calibration recorded on 2026-11-23 (GEMM 57.2 GFLOP/s,
+  L3 64.5 GB/s, DRAM 13.5 GB/s, 23.5 µs per OMP step, 5.6 µs per atom; η = 1) with the B-form OMP of the
+  16 MiB default chunks from L3 and larger working sets (update residuals, GEMM-form chunks) from DRAM.
 * Efficiency: η_flop = 0.6 of peak for GEMM-class phases, η_bw = 0.7 of peak HBM bandwidth for the
   streaming GEMV phases (OMP, update).
 * Latency: an OMP step is one iteration of an XLA while loop whose body is ~25 kernels/thunks
   (docs/benchmarks.md); a dictionary-update atom is ~45 (8 power steps of ~4 plus ~10). Assumed
   30 µs per OMP step and 100 µs per atom on a GPU (a few µs per launch plus the loop predicate's
-  device-to-host read), 10 µs and 40 µs on a TPU (loops stay on the device). On the CPU both are
+  device-to-host read), 10 µs and 40 µs on a TPU (loops stay on the device); the GEMM form adds 10 µs
+  (GPU) / 2 µs (TPU) per stored block-row and step (its two small matrix-vector kernels). On the CPU both are
   measured. The tables also give the pure roofline (latency 0).
 * OMP chunk budget on accelerators: 25 % of device memory (the library default of 16 MiB is a CPU
   cache setting; on a GPU it would make 8B chunks of one column and ~30 M sequential steps per
@@ -99,9 +116,12 @@ from cospadi_jax.sparse.omp import (
     DEFAULT_STEP_BLOCK,
     omp_chunk_size,
 )
+from cospadi_jax.sparse.omp_gemm import DEFAULT_STEP_BLOCK as GEMM_STEP_BLOCK
+from cospadi_jax.sparse.omp_gemm import gemm_chunk_size
 
 ITEMSIZE = 4  # float32 K-SVD
 OMP_EXTRA_VECTORS = 6  # k-vectors read/written per OMP column-step besides the B GEMV (see docstring)
+OMP_GEMM_EXTRA_VECTORS = 4  # GEMM form: k-vectors per column-step besides the GEMM's X, α⁰, α (omp_gemm_work)
 PAPER_A100_MIN = {"total": 646.8, "omp": 178.5, "update": 467.6, "misc": 0.7}
 
 
@@ -112,11 +132,15 @@ PAPER_A100_MIN = {"total": 646.8, "omp": 178.5, "update": 467.6, "misc": 0.7}
 class Machine:
     """Peak rates (per chip), efficiency assumptions and loop latencies of one machine.
 
-    flops: peak FLOP/s by precision class ("f32_highest", "bf16", "f64").
+    flops: peak FLOP/s by precision class: "f32_highest" (f32 at Precision.HIGHEST), "tf32" (f32 at
+        Precision.DEFAULT: TF32 on Ampere+, one bf16 pass on TPU), "bf16x3" (3 bf16 passes), "bf16", "f64".
     bandwidth: bytes/s of the memory the streaming phases run from.
     latency_step / latency_atom: seconds per sequential OMP step / dictionary-update atom.
+    latency_block_row: extra seconds per stored block-row per step in the GEMM form (two small
+        matrix-vector kernels per block-row of L⁻¹; omp_gemm.py).
     memory: device memory per chip in bytes (sizes the OMP chunks on accelerators).
     chips: devices working in parallel (units scheduled longest-first).
+    cache_bytes / bandwidth_dram: for the CPU: working sets above cache_bytes stream at bandwidth_dram.
     """
 
     name: str
@@ -129,22 +153,46 @@ class Machine:
     eta_flop: float = 0.6
     eta_bw: float = 0.7
     omp_budget: float | None = None  # bytes per OMP chunk; None = 25 % of memory
+    latency_block_row: float = 0.0
+    cache_bytes: float | None = None
+    bandwidth_dram: float | None = None
     notes: str = ""
 
     def chunk_budget(self) -> int:
         return int(self.omp_budget if self.omp_budget is not None else 0.25 * self.memory)
 
+    def stream_rate(self, working_set: float) -> float:
+        """Bandwidth for a phase whose working set is ``working_set`` bytes (cache vs DRAM on the CPU)."""
+        if self.cache_bytes is not None and self.bandwidth_dram is not None and working_set > self.cache_bytes:
+            return self.bandwidth_dram
+        return self.bandwidth
+
 
 TB = 1e12
 GIB = 2**30
 ACCELERATORS = [
-    Machine("A100-SXM-80GB", {"f32_highest": 19.5 * TB, "bf16": 312 * TB, "f64": 19.5 * TB}, 2.0 * TB,
-            30e-6, 100e-6, 80e9, notes="f32 HIGHEST = FP32 non-tensor 19.5 (TF32 156 unused)"),
-    Machine("H100-SXM", {"f32_highest": 67 * TB, "bf16": 989 * TB, "f64": 67 * TB}, 3.35 * TB,
-            30e-6, 100e-6, 80e9, notes="f32 HIGHEST = FP32 non-tensor 67 (TF32 495 unused)"),
-    Machine("TPU-v5e-8", {"f32_highest": 197 * TB / 6, "bf16": 197 * TB, "f64": 2 * TB}, 819e9,
-            10e-6, 40e-6, 16 * GIB, chips=8, notes="per chip; f32 HIGHEST = 6 bf16 passes; f64 emulated (assumed)"),
+    Machine("A100-SXM-80GB", {"f32_highest": 19.5 * TB, "tf32": 156 * TB, "bf16x3": 312 * TB / 3, "bf16": 312 * TB,
+                              "f64": 19.5 * TB}, 2.0 * TB, 30e-6, 100e-6, 80e9, latency_block_row=10e-6,
+            notes="f32 HIGHEST = FP32 non-tensor 19.5; TF32 156; bf16x3 = 312/3"),
+    Machine("H100-SXM", {"f32_highest": 67 * TB, "tf32": 495 * TB, "bf16x3": 989 * TB / 3, "bf16": 989 * TB,
+                         "f64": 67 * TB}, 3.35 * TB, 30e-6, 100e-6, 80e9, latency_block_row=10e-6,
+            notes="f32 HIGHEST = FP32 non-tensor 67; TF32 495; bf16x3 = 989/3"),
+    Machine("H200-SXM", {"f32_highest": 67 * TB, "tf32": 495 * TB, "bf16x3": 989 * TB / 3, "bf16": 989 * TB,
+                         "f64": 67 * TB}, 4.8 * TB, 30e-6, 100e-6, 141e9, latency_block_row=10e-6,
+            notes="H100 rates, 141 GB HBM3e at 4.8 TB/s (the device tool's machine)"),
+    Machine("TPU-v5e-8", {"f32_highest": 197 * TB / 6, "tf32": 197 * TB, "bf16x3": 197 * TB / 3, "bf16": 197 * TB,
+                          "f64": 2 * TB}, 819e9, 10e-6, 40e-6, 16 * GIB, chips=8, latency_block_row=2e-6,
+            notes="per chip; f32 HIGHEST = 6 bf16 passes, 'tf32' (DEFAULT) = 1 bf16 pass; f64 emulated (assumed)"),
 ]
+# The project's CPU with the rates its calibration measured on 2026-11-23 (docs/benchmarks.md, run 2), for the
+# --no-calibrate CPU row (η = 1: achieved rates). OMP chunks (16 MiB) stream from L3, larger sets from DRAM.
+CPU_RECORDED = Machine("2-core EPYC VM (rates of 2026-11-23)",
+                       {k_: 57.2e9 for k_ in ("f32_highest", "tf32", "bf16x3", "bf16")} | {"f64": 28.6e9},
+                       64.5e9, 23.5e-6, 5.6e-6, 24e9, eta_flop=1.0, eta_bw=1.0,
+                       omp_budget=DEFAULT_MEMORY_BUDGET_BYTES, cache_bytes=32 * 2**20, bandwidth_dram=13.5e9,
+                       notes="measured rates, not peaks")
+# Precision classes of the GEMM-form OMP and their names in omp_gemm.batch_omp_gemm(precision=...).
+GEMM_FORM_PRECISIONS = {"f32_highest": "highest", "bf16x3": "bf16x3", "tf32": "tf32"}
 
 
 # --------------------------------------------------------------------------- models
@@ -215,9 +263,59 @@ def omp_work(k: int, s: int, n: int, chunk_budget: int, devices: int = 1) -> Wor
                        "chunk_state_bytes": chunk * ITEMSIZE * (s * k + s * s + 3 * k + 3 * s)})
 
 
-def omp_gemm_form_flops(k: int, s: int, n: int) -> float:
-    """Alternative (not implemented): per step α = α⁰ − GD·x over the chunk, 2·k² flops per column-step."""
-    return 2.0 * k * k * s * n
+def omp_gemm_stored(s: int, step_block: int = GEMM_STEP_BLOCK, triangular: str = "inverse") -> np.ndarray:
+    """Factor values read per pass at each step t = 0..s-1 of the GEMM form (omp_gemm.py).
+
+    "inverse": the stored lower block-triangle of L⁻¹, Σ_{i ≤ J} rows_i·cols_i (J = t // block);
+    "solve": the lower triangle of the [end, end] factor L, end²/2 (a triangular solve reads only that).
+    """
+    t = np.arange(s)
+    if triangular == "solve":
+        end = omp_step_rows(s, step_block).astype(np.float64)
+        return end * end / 2
+    starts = np.arange(0, s, step_block)
+    ends = np.minimum(s, starts + step_block)
+    per_block = np.cumsum((ends - starts) * ends).astype(np.float64)  # stored values once block J exists
+    return per_block[t // step_block]
+
+
+def omp_gemm_work(k: int, s: int, n: int, chunk_budget: int, *, precision: str = "f32_highest",
+                  triangular: str = "inverse", step_block: int = GEMM_STEP_BLOCK, devices: int = 1,
+                  passes: int = 2) -> tuple[Work, Work]:
+    """One GEMM-form Batch-OMP pass (omp_gemm.py): (shared-Gram GEMM, per-column triangular + vector work).
+
+    Per column-step: the GEMM α = α⁰ − X·GD, 2·k² flops at ``precision`` (compute-bound), reading X and α⁰
+    and writing α; the triangular work, two passes over the column's stored factor (omp_gemm_stored), 2 flops
+    per value and pass, 4 bytes per value and pass, plus ≈ 4 more k-vectors (argmax over |α|, the zero-fill
+    and scatter of X, the mask): bandwidth-bound. Sequential steps: s per chunk; chunks are balanced (as
+    batch_omp_gemm does) and each pays its s steps; early stops are not counted. ``passes=1`` models a fused
+    kernel that reads the factor once per step for both products (not implemented; a lever, see the docs).
+    """
+    chunk = gemm_chunk_size(k, s, ITEMSIZE, chunk_budget, triangular=triangular, step_block=step_block)
+    per_dev = math.ceil(n / devices)
+    chunk = min(chunk, per_dev)
+    n_chunks = math.ceil(per_dev / chunk)
+    chunk = math.ceil(per_dev / n_chunks)
+    cols = n_chunks * chunk * devices
+    stored = omp_gemm_stored(s, step_block, triangular)
+    gemm = Work(flops=cols * s * 2.0 * k * k, bytes=ITEMSIZE * (cols * s * 3 * k + devices * n_chunks * s * k * k),
+                precision=precision)
+    tri_bytes = cols * (float(np.sum(passes * stored)) + s * OMP_GEMM_EXTRA_VECTORS * k) * ITEMSIZE
+    block_rows = float(np.sum(np.arange(s) // step_block + 1)) if triangular == "inverse" else 0.0
+    tri = Work(flops=cols * float(np.sum(4 * stored)), bytes=tri_bytes, steps=n_chunks * s, latency_kind="step",
+               extra={"chunk": chunk, "chunks": n_chunks, "block_row_steps": n_chunks * block_rows,
+                      "factor_bytes_per_column": float(stored[-1]) * ITEMSIZE,
+                      "tri_bytes_per_column_step": tri_bytes / cols / s})
+    return gemm, tri
+
+
+def omp_gemm_time(gemm: Work, tri: Work, mach: Machine, *, latency: bool = True) -> float:
+    """GEMM-form OMP seconds: the GEMM and the triangular kernels run one after the other in each step, so
+    their roofline times add; plus the loop latency (per step, and per block-row kernel pair)."""
+    t = phase_time(gemm, mach, latency=False) + phase_time(tri, mach, latency=False)
+    if latency:
+        t += tri.steps * mach.latency_step + tri.extra["block_row_steps"] * mach.latency_block_row
+    return t
 
 
 def update_work(d: int, n: int, k: int, power: int) -> Work:
@@ -266,39 +364,71 @@ def lpt_makespan(durations: list[float], workers: int) -> float:
     return max(loads)
 
 
+def matrix_times(d: int, n: int, mach: Machine, *, ratio: float, rho: float, iterations: int, power: int,
+                 latency: bool = True, scale: dict[str, float] | None = None) -> dict[str, Any]:
+    """Seconds of one matrix on one chip of ``mach``: whitening, and T iterations of GEMMs, OMP (B-form and
+    GEMM form at each precision class) and the power update. ``scale`` multiplies the OMP/update times."""
+    scale = scale or {}
+    b = budget(d, n, ratio, rho=rho)
+    k, s = b.n_atoms, b.sparsity
+    ow = omp_work(k, s, n, mach.chunk_budget())
+    uw = update_work(d, n, k, power)
+    out: dict[str, Any] = {"k": k, "s": s}
+    out["whiten"] = phase_time(whitening_work(d, n, k), mach)
+    out["gemm"] = iterations * phase_time(gemm_work(d, n, k), mach)
+    out["omp"] = iterations * phase_time(ow, mach, latency=latency, bandwidth=mach.stream_rate(ow.extra["chunk_state_bytes"]))
+    out["omp"] *= scale.get("omp", 1.0)
+    out["update"] = iterations * phase_time(uw, mach, latency=latency, bandwidth=mach.stream_rate(uw.extra["E_bytes"]))
+    out["update"] *= scale.get("update", 1.0)
+    out["omp_gemm"] = {}
+    for prec in GEMM_FORM_PRECISIONS:
+        gw, tw = omp_gemm_work(k, s, n, mach.chunk_budget(), precision=prec)
+        chunk_bytes = tw.extra["chunk"] * (tw.extra["factor_bytes_per_column"] + 6 * k * ITEMSIZE)
+        if mach.cache_bytes is not None and chunk_bytes > mach.cache_bytes:
+            tw = replace(tw, bytes=tw.bytes * mach.bandwidth / mach.stream_rate(chunk_bytes))  # DRAM-resident chunk
+        out["omp_gemm"][prec] = iterations * omp_gemm_time(gw, tw, mach, latency=latency) * scale.get("omp", 1.0)
+    return out
+
+
 def project(m: ModelShape, mach: Machine, *, ratio: float, rho: float, iterations: int, power: int,
-            latency: bool = True, scale: dict[str, float] | None = None) -> dict[str, float]:
+            latency: bool = True, scale: dict[str, float] | None = None) -> dict[str, Any]:
     """Seconds per phase for compressing every projection of ``m`` on ``mach``.
 
-    ``scale`` multiplies phase times (e.g. {"omp": 3.5, "update": 1.8}: the measured/model ratios of the CPU
-    calibration, to ask what happens if an accelerator falls short of its roofline by the same factors).
+    Returns per-phase device-seconds ("collect", "whiten", "gemm", "omp" = B-form, "update", and
+    "omp_gemm"[precision class] = GEMM form) and wall-clock totals: "total" with the B-form OMP,
+    "total_gemm"[precision class] with the GEMM-form OMP (units spread over the chips longest-first).
+    ``scale`` multiplies OMP/update times (e.g. the measured/model ratios of a calibration).
     """
-    scale = scale or {}
+    kw = dict(ratio=ratio, rho=rho, iterations=iterations, power=power, latency=latency, scale=scale)
     fwd, gram = collection_work(m)
-    out = {"collect": (phase_time(fwd, mach) + phase_time(gram, mach)) / mach.chips}
-    units, totals = [], {"whiten": 0.0, "gemm": 0.0, "omp": 0.0, "update": 0.0, "omp_gemm_form": 0.0}
+    out: dict[str, Any] = {"collect": (phase_time(fwd, mach) + phase_time(gram, mach)) / mach.chips}
+    totals: dict[str, Any] = {"whiten": 0.0, "gemm": 0.0, "omp": 0.0, "update": 0.0,
+                              "omp_gemm": {p_: 0.0 for p_ in GEMM_FORM_PRECISIONS}}
+    factor_units: list[float] = []
     grams_per_layer = {d: m.gram_dims().count(d) for d in set(m.gram_dims())}
     for d, count in grams_per_layer.items():  # distinct Grams: factor once each
-        t = phase_time(gram_factor_work(d), mach) * count * m.layers
-        totals["whiten"] += t
-        units.extend([t / (count * m.layers)] * (count * m.layers))
+        t = phase_time(gram_factor_work(d), mach)
+        totals["whiten"] += t * count * m.layers
+        factor_units.extend([t] * (count * m.layers))
+    units: dict[str, list[float]] = {"bform": list(factor_units), **{p_: list(factor_units) for p_ in GEMM_FORM_PRECISIONS}}
     for _, d, n in m.projections():
-        b = budget(d, n, ratio, rho=rho)
-        k, s = b.n_atoms, b.sparsity
-        t_wh = phase_time(whitening_work(d, n, k), mach)
-        t_gemm = iterations * phase_time(gemm_work(d, n, k), mach)
-        t_omp = iterations * phase_time(omp_work(k, s, n, mach.chunk_budget()), mach, latency=latency)
-        t_upd = iterations * phase_time(update_work(d, n, k, power), mach, latency=latency)
-        t_omp, t_upd = t_omp * scale.get("omp", 1.0), t_upd * scale.get("update", 1.0)
-        t_gf = iterations * omp_gemm_form_flops(k, s, n) / (mach.eta_flop * mach.flops["f32_highest"])
-        for key, t in (("whiten", t_wh), ("gemm", t_gemm), ("omp", t_omp), ("update", t_upd), ("omp_gemm_form", t_gf)):
-            totals[key] += t * m.layers
-        units.extend([t_wh + t_gemm + t_omp + t_upd] * m.layers)
+        r = matrix_times(d, n, mach, **kw)
+        for key in ("whiten", "gemm", "omp", "update"):
+            totals[key] += r[key] * m.layers
+        common = r["whiten"] + r["gemm"] + r["update"]
+        units["bform"].extend([common + r["omp"]] * m.layers)
+        for p_ in GEMM_FORM_PRECISIONS:
+            totals["omp_gemm"][p_] += r["omp_gemm"][p_] * m.layers
+            units[p_].extend([common + r["omp_gemm"][p_]] * m.layers)
     out.update(totals)
-    serial = out["whiten"] + out["gemm"] + out["omp"] + out["update"]
-    out["units"] = lpt_makespan(units, mach.chips) if mach.chips > 1 else serial
-    out["total"] = out["collect"] + out["units"]
-    out["serial_units"] = serial
+
+    def wall(u: list[float]) -> float:
+        return out["collect"] + (lpt_makespan(u, mach.chips) if mach.chips > 1 else sum(u))
+
+    out["total"] = wall(units["bform"])
+    out["serial_units"] = sum(units["bform"])
+    out["units"] = out["total"] - out["collect"]
+    out["total_gemm"] = {p_: wall(units[p_]) for p_ in GEMM_FORM_PRECISIONS}
     return out
 
 
@@ -417,7 +547,8 @@ def measure_iteration(projection: str, random: bool, reps: int = 2) -> dict[str,
 
 def cpu_machine(rates: dict[str, float]) -> Machine:
     """The CPU as a Machine with measured rates (η = 1: the rates are already achieved rates)."""
-    return Machine("this CPU (measured)", {"f32_highest": rates["gemm_flops"], "bf16": rates["gemm_flops"],
+    return Machine("this CPU (measured)", {"f32_highest": rates["gemm_flops"], "tf32": rates["gemm_flops"],
+                                           "bf16x3": rates["gemm_flops"], "bf16": rates["gemm_flops"],
                                            "f64": rates["gemm_flops"] / 2},
                    rates["bw_cache"], rates["latency_step"], rates["latency_atom"], 24e9, eta_flop=1.0, eta_bw=1.0,
                    omp_budget=DEFAULT_MEMORY_BUDGET_BYTES)
@@ -449,7 +580,7 @@ def main() -> None:
     ratio_cal: dict[str, float] | None = None
     if not args.no_calibrate:
         ratio_cal = calibrate(args)
-    machines = [replace(m_, eta_flop=args.eta_flop, eta_bw=args.eta_bw) for m_ in ACCELERATORS]
+    machines = [replace(m_, eta_flop=args.eta_flop, eta_bw=args.eta_bw) for m_ in ACCELERATORS] + [CPU_RECORDED]
     print_work_table(args)
     print_projection(machines, args, ratio_cal)
 
@@ -505,11 +636,11 @@ def calibrate(args: argparse.Namespace) -> dict[str, float]:
 
 
 def print_work_table(args: argparse.Namespace) -> None:
-    """Per-matrix k, s, flops and bytes of one K-SVD iteration for both models (accelerator chunking)."""
+    """Per-matrix k, s, flops and bytes of one K-SVD iteration (B-form and GEMM-form OMP; 20 GB chunks)."""
     print(f"\n## Work per matrix and K-SVD iteration (CR {args.ratio}, ρ {args.rho}, Eq. 11, paper orientation, float32)")
-    print("| model | matrix | d×n | k/s | OMP GFLOP | OMP GB | OMP kB/column-step | OMP flop/byte | update GFLOP "
-          "| update GB | GEMMs GFLOP |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | matrix | d×n | k/s | B-form OMP GFLOP | B-form OMP GB | GEMM form: chunk | GEMM GFLOP "
+          "| triangular GB | triangular kB/column-step | update GFLOP | update GB | K-SVD GEMMs GFLOP |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for m in (LLAMA32_1B, LLAMA3_8B):
         for name, d, n in m.projections():
             if name in ("v_proj", "up_proj"):
@@ -517,60 +648,129 @@ def print_work_table(args: argparse.Namespace) -> None:
             b = budget(d, n, args.ratio, rho=args.rho)
             k, s = b.n_atoms, b.sparsity
             ow = omp_work(k, s, n, int(20e9))
+            gw, tw = omp_gemm_work(k, s, n, int(20e9))
             uw = update_work(d, n, k, args.power)
-            gw = gemm_work(d, n, k)
+            kw_ = gemm_work(d, n, k)
             label = {"k_proj": "k_proj, v_proj", "gate_proj": "gate_proj, up_proj"}.get(name, name)
             print(f"| {m.name} | {label} | {d}×{n} | {k}/{s} | {_fmt(ow.flops / 1e9)} | {_fmt(ow.bytes / 1e9)} "
-                  f"| {ow.extra['bytes_per_column_step'] / 1e3:.0f} | {ow.flops / ow.bytes:.2f} | {_fmt(uw.flops / 1e9)} "
-                  f"| {_fmt(uw.bytes / 1e9)} | {_fmt(gw.flops / 1e9)} |")
+                  f"| {tw.extra['chunks']}×{tw.extra['chunk']} | {_fmt(gw.flops / 1e9)} | {_fmt(tw.bytes / 1e9)} "
+                  f"| {tw.extra['tri_bytes_per_column_step'] / 1e3:.0f} | {_fmt(uw.flops / 1e9)} "
+                  f"| {_fmt(uw.bytes / 1e9)} | {_fmt(kw_.flops / 1e9)} |")
+
+
+def gemm_form_breakdown(m: ModelShape, mach: Machine, args: argparse.Namespace, precision: str,
+                        passes: int = 2) -> dict[str, float]:
+    """Seconds of the GEMM-form OMP of ``m`` on ``mach`` split into GEMM, triangular work and loop latency."""
+    out = {"gemm": 0.0, "tri": 0.0, "latency": 0.0}
+    for _, d, n in m.projections():
+        b = budget(d, n, args.ratio, rho=args.rho)
+        gw, tw = omp_gemm_work(b.n_atoms, b.sparsity, n, mach.chunk_budget(), precision=precision, passes=passes)
+        out["gemm"] += args.iterations * m.layers * phase_time(gw, mach, latency=False)
+        out["tri"] += args.iterations * m.layers * phase_time(tw, mach, latency=False)
+        out["latency"] += args.iterations * m.layers * (tw.steps * mach.latency_step
+                                                        + tw.extra["block_row_steps"] * mach.latency_block_row)
+    out["total"] = out["gemm"] + out["tri"] + out["latency"]
+    return out
 
 
 def print_projection(machines: list[Machine], args: argparse.Namespace, ratio_cal: dict[str, float] | None) -> None:
-    """Projected minutes per phase, model and accelerator; comparison with the paper's A100 time."""
+    """Projected minutes per phase, model and machine; comparison with the paper's A100 time."""
     kw: dict[str, Any] = {"ratio": args.ratio, "rho": args.rho, "iterations": args.iterations, "power": args.power}
     print(f"\n## Projected compression time (minutes; T = {args.iterations}, {args.power} power steps, "
           f"η_flop {args.eta_flop}, η_bw {args.eta_bw}, latencies as assumed)")
-    print("| model | machine | Gram collection | whitening | K-SVD GEMMs | OMP | dict. update | total "
-          "| total, roofline only (no latency) | total ÷ paper's 646.8 | OMP if GEMM form (not implemented) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | machine | collection + whitening + K-SVD GEMMs | OMP B-form | OMP GEMM form: f32 highest "
+          "| bf16x3 | tf32 | dict. update | **total, GEMM form f32 highest** | total, GEMM tf32 | total, B-form "
+          "| total GEMM highest ÷ paper's 646.8 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     results = {}
     for m in (LLAMA32_1B, LLAMA3_8B):
         for mach in machines:
             r = project(m, mach, **kw)
-            r0 = project(m, mach, latency=False, **kw)
             results[(m.name, mach.name)] = r
             par = mach.chips
             # Per-phase columns are summed device time (per chip); on the TPU the units run on 8 chips at once.
-            phases = [r["collect"] * par, r["whiten"], r["gemm"], r["omp"], r["update"]]
-            cells = " | ".join(_fmt(x / 60) for x in phases)
-            note = f" (8 chips: ÷{r['serial_units'] / r['units']:.1f} on units)" if par > 1 else ""
-            paper = f"{r['total'] / 60 / PAPER_A100_MIN['total']:.2f}" if m is LLAMA32_1B else "–"
-            print(f"| {m.name} | {mach.name} | {cells} | **{_fmt(r['total'] / 60)}**{note} | {_fmt(r0['total'] / 60)} "
-                  f"| {paper} | {_fmt(r['omp_gemm_form'] / 60)} |")
+            other = r["collect"] * par + r["whiten"] + r["gemm"]
+            og = r["omp_gemm"]
+            tg = r["total_gemm"]
+            paper = f"{tg['f32_highest'] / 60 / PAPER_A100_MIN['total']:.2f}" if m is LLAMA32_1B else "–"
+            print(f"| {m.name} | {mach.name} | {_fmt(other / 60)} | {_fmt(r['omp'] / 60)} | {_fmt(og['f32_highest'] / 60)} "
+                  f"| {_fmt(og['bf16x3'] / 60)} | {_fmt(og['tf32'] / 60)} | {_fmt(r['update'] / 60)} "
+                  f"| **{_fmt(tg['f32_highest'] / 60)}** | {_fmt(tg['tf32'] / 60)} | {_fmt(r['total'] / 60)} | {paper} |")
+    print("\nPer-phase columns are device-minutes (for the TPU summed over its 8 chips); totals are wall-clock. "
+          "The CPU row uses the recorded CPU rates (η = 1), B-form chunks in L3, larger working sets from DRAM.")
+
+    print("\n## GEMM-form OMP, Llama-3.2-1B: where the time goes (minutes; T = 60)")
+    print("| machine | precision | GEMM (compute-bound) | triangular + vector work (bandwidth-bound) | loop latency "
+          "| OMP | OMP if the two triangular passes were fused into one (not implemented) |")
+    print("|---|---|---|---|---|---|---|")
+    for mach in machines:
+        for prec in GEMM_FORM_PRECISIONS:
+            bd = gemm_form_breakdown(LLAMA32_1B, mach, args, prec)
+            fused = gemm_form_breakdown(LLAMA32_1B, mach, args, prec, passes=1)
+            print(f"| {mach.name} | {prec} | {_fmt(bd['gemm'] / 60)} | {_fmt(bd['tri'] / 60)} | {_fmt(bd['latency'] / 60)} "
+                  f"| {_fmt(bd['total'] / 60)} | {_fmt(fused['total'] / 60)} |")
+
     a100 = results[(LLAMA32_1B.name, "A100-SXM-80GB")]
-    print("\nPer-phase columns are device-minutes (for the TPU summed over its 8 chips); totals are wall-clock.")
     print(f"\n## Llama-3.2-1B on one A100 against the paper (Table 2/9: {PAPER_A100_MIN['total']} min = OMP "
           f"{PAPER_A100_MIN['omp']} + update {PAPER_A100_MIN['update']} + misc {PAPER_A100_MIN['misc']})")
-    print("| phase | this model (B-form OMP as implemented) | paper | paper / model |")
-    print("|---|---|---|---|")
-    for key, label in (("omp", "OMP"), ("update", "dictionary update")):
-        print(f"| {label} | {a100[key] / 60:.1f} | {PAPER_A100_MIN[key]} | {PAPER_A100_MIN[key] / (a100[key] / 60):.2f} |")
-    print(f"| total | {a100['total'] / 60:.1f} | {PAPER_A100_MIN['total']} | "
-          f"{PAPER_A100_MIN['total'] / (a100['total'] / 60):.2f} |")
-    print(f"OMP in the GEMM form (2·k² flops per column-step at FP32 19.5 TFLOP/s × {args.eta_flop}; not implemented "
-          f"here): {a100['omp_gemm_form'] / 60:.1f} min; at 100 % of FP32 peak: "
-          f"{a100['omp_gemm_form'] / 60 * args.eta_flop:.1f} min.")
+    print("| phase | model: GEMM-form OMP f32 highest | model: GEMM form tf32 | model: B-form | paper |")
+    print("|---|---|---|---|---|")
+    other = a100["collect"] + a100["whiten"] + a100["gemm"]
+    print(f"| OMP | {a100['omp_gemm']['f32_highest'] / 60:.1f} | {a100['omp_gemm']['tf32'] / 60:.1f} "
+          f"| {a100['omp'] / 60:.1f} | {PAPER_A100_MIN['omp']} |")
+    print(f"| dictionary update | {a100['update'] / 60:.1f} | {a100['update'] / 60:.1f} | {a100['update'] / 60:.1f} "
+          f"| {PAPER_A100_MIN['update']} |")
+    print(f"| collection, whitening, K-SVD GEMMs | {other / 60:.1f} | {other / 60:.1f} | {other / 60:.1f} "
+          f"| {PAPER_A100_MIN['misc']} |")
+    print(f"| total | {a100['total_gemm']['f32_highest'] / 60:.1f} | {a100['total_gemm']['tf32'] / 60:.1f} "
+          f"| {a100['total'] / 60:.1f} | {PAPER_A100_MIN['total']} |")
+    print_update_table(machines, args)
     if ratio_cal is not None:
         print(f"\n## If the accelerators fell short of the model by the CPU's measured factors (OMP ×{ratio_cal['omp']:.2f}, "
               f"update ×{ratio_cal['update']:.2f})")
-        print("| model | machine | OMP | dict. update | total (minutes) | total ÷ paper's 646.8 |")
+        print("| model | machine | OMP GEMM form f32 highest | dict. update | total (minutes) | total ÷ paper's 646.8 |")
         print("|---|---|---|---|---|---|")
         for m in (LLAMA32_1B, LLAMA3_8B):
             for mach in machines:
                 r = project(m, mach, scale=ratio_cal, **kw)
-                paper = f"{r['total'] / 60 / PAPER_A100_MIN['total']:.2f}" if m is LLAMA32_1B else "–"
-                print(f"| {m.name} | {mach.name} | {_fmt(r['omp'] / 60)} | {_fmt(r['update'] / 60)} "
-                      f"| {_fmt(r['total'] / 60)} | {paper} |")
+                tot = r["total_gemm"]["f32_highest"]
+                paper = f"{tot / 60 / PAPER_A100_MIN['total']:.2f}" if m is LLAMA32_1B else "–"
+                print(f"| {m.name} | {mach.name} | {_fmt(r['omp_gemm']['f32_highest'] / 60)} | {_fmt(r['update'] / 60)} "
+                      f"| {_fmt(tot / 60)} | {paper} |")
+
+
+def print_update_table(machines: list[Machine], args: argparse.Namespace) -> None:
+    """What the power dictionary update needs per atom (flops, bytes, latency) and in total, against the paper."""
+    m = LLAMA32_1B
+    accel = [mach for mach in machines if mach.cache_bytes is None and mach.chips == 1]
+    print(f"\n## Dictionary update (power, {args.power} steps), Llama-3.2-1B: per atom and in total (T = {args.iterations})")
+    print("| matrix | E = d×n | atoms k | per atom: MFLOP | per atom: MB | "
+          + " | ".join(f"{mach.name}: µs per atom (roofline + latency)" for mach in accel) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(accel))
+    atoms_total = 0
+    for name, d, n in m.projections():
+        if name in ("v_proj", "up_proj"):
+            continue
+        k = budget(d, n, args.ratio, rho=args.rho).n_atoms
+        per = update_work(d, n, 1, args.power)
+        cells = []
+        for mach in accel:
+            roof = max(per.flops / (mach.eta_flop * mach.flops["f32_highest"]), per.bytes / (mach.eta_bw * mach.bandwidth))
+            cells.append(f"{roof * 1e6:.0f} + {mach.latency_atom * 1e6:.0f}")
+        label = {"k_proj": "k_proj, v_proj", "gate_proj": "gate_proj, up_proj"}.get(name, name)
+        print(f"| {label} | {d}×{n} | {k} | {per.flops / 1e6:.0f} | {per.bytes / 1e6:.1f} | " + " | ".join(cells) + " |")
+    for name, d, n in m.projections():
+        atoms_total += budget(d, n, args.ratio, rho=args.rho).n_atoms
+    seq = atoms_total * m.layers * args.iterations
+    kw: dict[str, Any] = {"ratio": args.ratio, "rho": args.rho, "iterations": args.iterations, "power": args.power}
+    cells = []
+    for mach in accel:
+        r = project(m, mach, **kw)
+        cells.append(f"{mach.name} {r['update'] / 60:.0f} min ({r['update'] / seq * 1e3:.2f} ms per atom)")
+    paper_ms = PAPER_A100_MIN["update"] * 60 / seq * 1e3
+    print(f"\nSequential atom updates: {atoms_total} atoms per layer × {m.layers} layers × {args.iterations} iterations "
+          f"= {seq / 1e6:.2f} M. Model totals: " + "; ".join(cells)
+          + f". The paper's update: {PAPER_A100_MIN['update']} A100-min = {paper_ms:.2f} ms per atom.")
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ class CompressionConfig:
     # none | columns (one CoSpaDi K-SVD with its columns sharded over all devices) | matrices (independent
     # matrices/groups spread over processes and their local devices)
     parallel: str = "none"
-    omp_memory_mb: int = 16  # working memory of one OMP chunk (per device); larger = fewer, bigger chunks
+    omp_memory_mb: int | None = None  # one OMP chunk's working memory per device; None = the backend's default
     omp_backend: str = "auto"  # auto | xla | cpu_kernel | gemm (cospadi_jax.sparse.backend)
 
     def validate(self, n_layers: int | None = None) -> None:
@@ -103,7 +103,7 @@ class CompressionConfig:
             raise ValueError(f"unknown quantization {self.quantization!r}; use one of {QUANTIZATIONS}")
         if self.parallel not in PARALLEL_MODES:
             raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
-        if self.omp_memory_mb < 1:
+        if self.omp_memory_mb is not None and self.omp_memory_mb < 1:
             raise ValueError(f"omp_memory_mb must be >= 1, got {self.omp_memory_mb}")
         check_omp_backend(self.omp_backend)
         if self.parallel == "columns" and self.omp_backend not in ("auto", "xla"):

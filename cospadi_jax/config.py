@@ -48,7 +48,9 @@ class MethodConf:
     # none | columns (one matrix's columns sharded over all devices: shard_map OMP) | matrices (independent
     # matrices/groups spread over processes and their local devices)
     parallel: str = "none"
-    omp_memory_mb: int = 16  # working memory of one OMP chunk per device (GPU/TPU: raise it for bigger chunks)
+    # working memory of one OMP chunk per device; null = the backend's default (xla: 16 MiB, an L3-sized chunk;
+    # gemm: 25 % of the device's memory)
+    omp_memory_mb: Optional[int] = None
     # Batch-OMP implementation: auto (cpu_kernel on CPU, gemm on GPU/TPU) | xla | cpu_kernel | gemm
     omp_backend: OmpBackend = OmpBackend.auto
 

@@ -54,3 +54,29 @@ def test_omp_matches_sklearn_on_real_whitened_weights(real_up_proj):
     rel = np.linalg.norm(ours - ref, axis=0) / np.linalg.norm(ref, axis=0)
     assert rel.max() < 1e-8
     assert int(codes.n_early_stopped) == int(np.sum(n_iter < problem.sparsity))
+
+
+@pytest.mark.parametrize("triangular", ["inverse", "solve"])
+def test_gemm_form_matches_sklearn_on_real_whitened_weights(real_up_proj, triangular):
+    """The GEMM-form Batch-OMP (sparse/omp_gemm.py) in f64: same stopping steps, supports and coefficients."""
+    from sklearn.linear_model import orthogonal_mp_gram
+
+    from cospadi_jax.sparse.omp_gemm import batch_omp_gemm
+
+    jax.config.update("jax_enable_x64", True)
+    problem, D = real_up_proj
+    G, C = D.T @ D, D.T @ problem.Y
+    cols = np.arange(5, problem.Y.shape[1], 24)  # 64 columns, other than the B-form test's
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ref, n_iter = orthogonal_mp_gram(G, C[:, cols], n_nonzero_coefs=problem.sparsity, return_n_iter=True)
+    codes = batch_omp_gemm(G, C[:, cols], problem.sparsity, triangular=triangular)
+    ours = np.asarray(codes.to_dense(problem.n_atoms))
+    assert np.all(np.isfinite(ours))
+    n_iter = np.asarray(n_iter)
+    assert np.mean(n_iter) < problem.sparsity  # the early-stop regime is really exercised
+    np.testing.assert_array_equal(np.asarray(codes.n_nonzero), n_iter)
+    np.testing.assert_array_equal(ours != 0, ref != 0)
+    rel = np.linalg.norm(ours - ref, axis=0) / np.linalg.norm(ref, axis=0)
+    assert rel.max() < 1e-8
+    assert int(codes.n_early_stopped) == int(np.sum(n_iter < problem.sparsity))

@@ -20,7 +20,7 @@ class CoSpaDi:
     supports_groups = True
 
     def __init__(self, *, data_aware: bool = True, iterations: int = 60, power_iterations: int = 8,
-                 update: str = "power", reseed_unused: bool = False, parallel: str = "none", omp_memory_mb: int = 16,
+                 update: str = "power", reseed_unused: bool = False, parallel: str = "none", omp_memory_mb: int | None = None,
                  omp_backend: str = "auto"):
         self.data_aware = data_aware
         self.name = "cospadi" if data_aware else "cospadi_free"
@@ -29,7 +29,7 @@ class CoSpaDi:
         self.update = update
         self.reseed_unused = reseed_unused
         self.parallel = parallel  # "columns": one matrix's columns sharded over all devices
-        self.omp_memory_bytes = int(omp_memory_mb) * 2**20  # per device
+        self.omp_memory_bytes = None if omp_memory_mb is None else int(omp_memory_mb) * 2**20  # per device
         self.omp_backend = omp_backend
 
     def fit(self, W: np.ndarray, gram: np.ndarray | None, budget: Any, key: Any) -> DictFactors:
@@ -52,6 +52,8 @@ class CoSpaDi:
         if self.parallel == "columns":
             from ..distributed import make_mesh, sharded_ksvd
 
+            if kwargs["omp_memory_budget_bytes"] is None:
+                kwargs.pop("omp_memory_budget_bytes")  # the sharded XLA path's own default
             result = sharded_ksvd(Y, budget.n_atoms, budget.sparsity, self.iterations, make_mesh(), **kwargs)
         else:
             result = ksvd(Y, budget.n_atoms, budget.sparsity, self.iterations, omp_backend=self.omp_backend, **kwargs)

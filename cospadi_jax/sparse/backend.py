@@ -56,6 +56,8 @@ def sparse_code(gram, correlations, sparsity: int, *, backend: str = "auto", **k
     threads for cpu_kernel).
     """
     backend = resolve_omp_backend(backend)
+    if kwargs.get("memory_budget_bytes", 0) is None:
+        del kwargs["memory_budget_bytes"]  # the backend's own default
     if backend == "cpu_kernel":
         from .cpu_kernel import batch_omp_cpu
 

@@ -29,7 +29,6 @@ from jax import lax
 
 from cospadi_jax.sparse.backend import resolve_omp_backend, sparse_code
 from cospadi_jax.sparse.omp import (
-    DEFAULT_MEMORY_BUDGET_BYTES,
     SparseCodes,
     check_finite,
     resolve_float_dtype,
@@ -208,7 +207,7 @@ def ksvd(
     init: jax.Array | None = None,
     dtype=None,
     omp_chunk_size: int | None = None,
-    omp_memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    omp_memory_budget_bytes: int | None = None,
     omp_backend: str = "auto",
     threads: int | None = None,
     progress: bool = False,
@@ -226,7 +225,8 @@ def ksvd(
         unused: "skip" (paper) or "reseed" (worst-represented column of Y).
         init: optional initial dictionary [d, k] (normalised here) instead of random columns.
         dtype: float32 / float64 (default: float64 if x64 is on and Y is f64, else float32).
-        omp_chunk_size, omp_memory_budget_bytes: passed to the xla / gemm Batch-OMP.
+        omp_chunk_size, omp_memory_budget_bytes: passed to the xla / gemm Batch-OMP (None: the backend's default
+            budget, 16 MiB for xla, a quarter of the device's memory for gemm).
         omp_backend: "auto" | "xla" | "cpu_kernel" | "gemm" (:mod:`.backend`). With ``cpu_kernel`` and
             the power update the whole iteration runs on the host in fused Numba kernels
             (:func:`_ksvd_host`); the other updates stay in JAX.
