@@ -163,14 +163,17 @@ def run_compress(cfg: RunConfig, resolved: dict) -> dict[str, Any]:
         metrics["timings"]["eval_s"] = time.perf_counter() - t0
         report_dict = report.to_dict()
         metrics.update(realised_ratio=report.realised_ratio, calibration_key=report.calibration.get("key"),
-                       matrices=report_dict["matrices"], paper=cfg.paper)
+                       matrices=report_dict["matrices"], paper=cfg.paper, engine=_engine(report_dict["matrices"]))
         if not is_primary():  # every process compressed and evaluated; only process 0 writes and logs
             return metrics
         artifact.finalize(report_dict)
         atomic_write_json(out_dir / "metrics.json", metrics)
         tracker.log_table("matrices", [{k: v for k, v in m.items() if k not in ("objective", "group")}
                                        for m in report_dict["matrices"]])
-        summary = {"realised_ratio": report.realised_ratio, **metrics["timings"]}
+        summary = {"realised_ratio": report.realised_ratio, **metrics["timings"],
+                   **{f"engine/{k}_s": v for k, v in metrics["engine"]["phase_seconds"].items()}}
+        if metrics["engine"]["omp_backend"]:
+            summary["engine/omp_backend"] = metrics["engine"]["omp_backend"]  # the resolved one, not "auto"
         for source, r in metrics["compressed"]["perplexity"].items():
             summary[f"ppl/{source}"] = r["perplexity"]
         if "zero_shot" in metrics["compressed"]:
@@ -181,6 +184,16 @@ def run_compress(cfg: RunConfig, resolved: dict) -> dict[str, Any]:
         return metrics
     finally:
         tracker.finish()
+
+
+def _engine(matrices: list[dict]) -> dict[str, Any]:
+    """The Batch-OMP backend(s) that actually ran and the fitting time per phase, summed over matrices."""
+    backends = sorted({m["omp_backend"] for m in matrices if m.get("omp_backend")})
+    phases: dict[str, float] = {}
+    for m in matrices:
+        for phase, seconds in (m.get("phase_seconds") or {}).items():
+            phases[phase] = phases.get(phase, 0.0) + seconds / len(m["group"])  # a group's time split evenly
+    return {"omp_backend": ",".join(backends) or None, "phase_seconds": phases}
 
 
 def _print_summary(cfg: RunConfig, metrics: dict) -> None:

@@ -1,8 +1,8 @@
 """Batch-OMP parity with sklearn on real whitened SmolLM2 weights (layer 10 up_proj).
 
-On this problem sklearn stops many columns early (near-dependent atoms after
-whitening, anchors.md §6b); ours must stop at the same step, never return NaN,
-and match supports and coefficients.
+The dictionary is the K-SVD initialisation: k = 526 columns of Y itself. Those columns are exactly
+representable by one atom, so sklearn stops them after one step, while the other columns run to s;
+ours must stop at the same step, never return NaN, and match supports and coefficients.
 """
 
 from __future__ import annotations
@@ -31,10 +31,11 @@ def real_up_proj(smollm2):  # smollm2 (conftest) skips when the GGUF package is 
     jax.config.update("jax_enable_x64", previous)
 
 
-def test_omp_matches_sklearn_on_real_whitened_weights(real_up_proj):
+@pytest.mark.parametrize("backend", ["xla", "cpu_kernel"])
+def test_omp_matches_sklearn_on_real_whitened_weights(real_up_proj, backend):
     from sklearn.linear_model import orthogonal_mp_gram
 
-    from cospadi_jax.sparse import batch_omp
+    from cospadi_jax.sparse.backend import sparse_code
 
     jax.config.update("jax_enable_x64", True)
     problem, D = real_up_proj
@@ -44,7 +45,7 @@ def test_omp_matches_sklearn_on_real_whitened_weights(real_up_proj):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         ref, n_iter = orthogonal_mp_gram(G, C[:, cols], n_nonzero_coefs=problem.sparsity, return_n_iter=True)
-    codes = batch_omp(G, C[:, cols], problem.sparsity)
+    codes = sparse_code(G, C[:, cols], problem.sparsity, backend=backend)
     ours = np.asarray(codes.to_dense(problem.n_atoms))
     assert np.all(np.isfinite(ours))
     n_iter = np.asarray(n_iter)
@@ -54,6 +55,12 @@ def test_omp_matches_sklearn_on_real_whitened_weights(real_up_proj):
     rel = np.linalg.norm(ours - ref, axis=0) / np.linalg.norm(ref, axis=0)
     assert rel.max() < 1e-8
     assert int(codes.n_early_stopped) == int(np.sum(n_iter < problem.sparsity))
+    # float32 (the production dtype): nearly the same supports as sklearn in float64
+    codes32 = sparse_code(G.astype(np.float32), C[:, cols].astype(np.float32), problem.sparsity, backend=backend)
+    ours32 = np.asarray(codes32.to_dense(problem.n_atoms)) != 0
+    assert np.mean(np.all(ours32 == (ref != 0), axis=0)) >= 0.95
+    # (8 x 256 calibration tokens here; bench_omp.py measures the 99.5 % goal at 32 x 256)
+    assert np.sum(ours32 & (ref != 0)) / np.sum(ref != 0) >= 0.99
 
 
 @pytest.mark.parametrize("triangular", ["inverse", "solve"])

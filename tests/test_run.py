@@ -52,6 +52,10 @@ def test_compress_job_writes_metrics_artifact_and_wandb(tiny_dir, tmp_path):
     assert saved["config"]["method"]["ratio"] == 0.2 and abs(saved["realised_ratio"] - 0.2) < 0.05
     assert len(saved["matrices"]) == 2 * 7 and saved["versions"]["jax"]
     assert saved["calibration_key"]["nsamples"] == 8
+    # the resolved Batch-OMP backend (auto -> the fused CPU kernel here) and the time per phase are recorded
+    assert saved["config"]["method"]["omp_backend"] == "auto"
+    assert saved["engine"]["omp_backend"] == "cpu_kernel" and saved["engine"]["phase_seconds"]["omp"] > 0
+    assert {m["omp_backend"] for m in saved["matrices"]} == {"cpu_kernel"}
     assert (out / "wandb").exists()  # offline wandb run, no network needed
     # the artifact restores into a model with the same perplexity, without recompressing
     evaluated = run_app.execute(_compose(_overrides(tiny_dir, out, "task=evaluate", f"artifact={out}")))
@@ -111,6 +115,8 @@ def test_bad_inputs(tiny_dir, tmp_path):
         _compose(_overrides(tiny_dir, tmp_path / "a", "method.ratio=abc"))
     with pytest.raises(ConfigCompositionException):  # unknown key
         _compose(_overrides(tiny_dir, tmp_path / "a", "method.ratioo=0.3"))
+    with pytest.raises(ConfigCompositionException, match="omp_backend"):  # unknown backend, at composition
+        _compose(_overrides(tiny_dir, tmp_path / "a", "method.omp_backend=fast"))
     with pytest.raises(ValueError, match="ratio must be in"):  # impossible value, before any work
         run_app.execute(_compose(_overrides(tiny_dir, tmp_path / "b", "method.ratio=1.5")))
     assert not (tmp_path / "b").exists()
