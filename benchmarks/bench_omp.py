@@ -73,7 +73,7 @@ def worker(args) -> None:
     from cospadi_jax.sparse import batch_omp
     from cospadi_jax.sparse.cpu_kernel import batch_omp_cpu
 
-    import spams  # noqa: F401  (imported before timing)
+    import spams  # imported before timing
 
     cores = len(os.sched_getaffinity(0))
     data = np.load(args.cache)
@@ -90,8 +90,6 @@ def worker(args) -> None:
             return orthogonal_mp_gram(G, C[:, cols], n_nonzero_coefs=s)
 
     def spams_ormp(dt):
-        import spams
-
         # spams.omp takes the signals and the dictionary (not the Gram), in Fortran order.
         X, Dd = np.asfortranarray(Y.astype(dt)), np.asfortranarray(D.astype(dt))
         return spams.omp(X, Dd, L=s, eps=0.0, numThreads=cores).toarray()

@@ -158,29 +158,10 @@ def test_auto_picks_the_kernel_on_cpu_and_falls_back_without_numba(monkeypatch):
     assert resolve_omp_backend("auto") == "gemm"
 
 
-def test_bad_inputs_raise_the_same_errors_as_batch_omp():
+def test_bad_kernel_options_raise_clear_errors():
+    """The inputs every backend refuses are tested in test_omp.py; these are the backend's and kernel's own."""
     D, Y = _problem(12, 10, 6)
     G, C = D.T @ D, D.T @ Y
-    run = lambda *a, **kw: sparse_code(*a, backend="cpu_kernel", **kw)
-    for fn in (batch_omp, run):
-        with pytest.raises(ValueError, match="s must be >= 1"):
-            fn(G, C, 0)
-        with pytest.raises(ValueError, match="exceeds the number of atoms"):
-            fn(G, C, 11)
-        with pytest.raises(TypeError, match="static"):
-            fn(G, C, 2.0)
-        with pytest.raises(ValueError, match="square"):
-            fn(G[:, :9], C, 2)
-        with pytest.raises(ValueError, match="DᵀY"):
-            fn(G, C.T, 2)
-        bad = C.copy()
-        bad[0, 0] = np.nan
-        with pytest.raises(FloatingPointError, match="NaN or Inf"):
-            fn(G, bad, 2)
-        with pytest.raises(TypeError, match="float32 or float64"):
-            fn(G, C, 2, dtype=jnp.float16)
-        with jax.enable_x64(False), pytest.raises(TypeError, match="jax_enable_x64"):
-            fn(G, C, 2, dtype=np.float64)
     with pytest.raises(ValueError, match="omp_backend must be one of"):
         sparse_code(G, C, 2, backend="fast")
     with pytest.raises(ValueError, match="threads"):

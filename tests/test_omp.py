@@ -119,38 +119,44 @@ def test_jit_and_vmap_compatible_core():
 
 
 # ---------------------------------------------------------------- bad input
-def test_bad_inputs_raise_clear_errors():
+@pytest.mark.parametrize("backend", ["xla", "cpu_kernel", "gemm"])
+def test_bad_inputs_raise_clear_errors(backend):
+    """Every Batch-OMP backend refuses the same bad inputs with the same messages."""
+    from cospadi_jax.sparse.backend import sparse_code
+
+    fn = lambda *a, **kw: sparse_code(*a, backend=backend, **kw)
     D, Y = _problem(12, 10, 6)
     G, C = D.T @ D, D.T @ Y
     with pytest.raises(ValueError, match="s must be >= 1"):
-        batch_omp(G, C, 0)
+        fn(G, C, 0)
     with pytest.raises(ValueError, match="exceeds the number of atoms"):
-        batch_omp(G, C, 11)
+        fn(G, C, 11)
     with pytest.raises(ValueError, match="no atoms"):
-        batch_omp(np.zeros((0, 0)), np.zeros((0, 6)), 1)
+        fn(np.zeros((0, 0)), np.zeros((0, 6)), 1)
     with pytest.raises(TypeError, match="static"):
-        batch_omp(G, C, 2.0)
+        fn(G, C, 2.0)
     with pytest.raises(ValueError, match="square"):
-        batch_omp(G[:, :9], C, 2)
+        fn(G[:, :9], C, 2)
     with pytest.raises(ValueError, match="DᵀY"):
-        batch_omp(G, C.T, 2)
+        fn(G, C.T, 2)
     bad = C.copy()
     bad[0, 0] = np.nan
     with pytest.raises(FloatingPointError, match="NaN or Inf"):
-        batch_omp(G, bad, 2)
+        fn(G, bad, 2)
     badg = G.copy()
     badg[1, 2] = np.inf
     with pytest.raises(FloatingPointError, match="gram"):
-        batch_omp(badg, C, 2)
+        fn(badg, C, 2)
     with pytest.raises(TypeError, match="float32 or float64"):
-        batch_omp(G, C, 2, dtype=jnp.float16)
-    with pytest.raises(ValueError, match="chunk_size"):
-        batch_omp(G, C, 2, chunk_size=0)
+        fn(G, C, 2, dtype=jnp.float16)
+    with jax.enable_x64(False), pytest.raises(TypeError, match="jax_enable_x64"):
+        fn(G, C, 2, dtype=np.float64)
+    if backend != "cpu_kernel":  # chunked backends
+        with pytest.raises(ValueError, match="chunk_size"):
+            fn(G, C, 2, chunk_size=0)
+
+
+def test_omp_wrapper_refuses_mismatched_shapes():
+    D, Y = _problem(12, 10, 6)
     with pytest.raises(ValueError, match="share d"):
         omp(D, Y[:5], 2)
-
-
-def test_float64_without_x64_is_refused():
-    D, Y = _problem(12, 10, 6)
-    with jax.enable_x64(False), pytest.raises(TypeError, match="jax_enable_x64"):
-        batch_omp(D.T @ D, D.T @ Y, 2, dtype=np.float64)
