@@ -118,7 +118,8 @@ def main() -> None:
         build_inputs(Path(args.cache), [args.projection])
     print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M}  {platform.machine()}  cpus={os.cpu_count()}  "
           "references with 1 BLAS thread; 'N cores' = taskset to cpus 0..N-1")
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    # BLAS single-threaded for the references; not OMP_NUM_THREADS, which would also cap Numba's OpenMP pool.
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
     results = {}
     for cores, cpus in ((1, "0"), (2, "0,1")):
         cmd = ["taskset", "-c", cpus, sys.executable, __file__, "--worker", "--projection", args.projection,

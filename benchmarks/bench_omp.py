@@ -143,7 +143,8 @@ def worker(args) -> None:
 
 
 def run_worker(script_args: list[str], cpus: str) -> dict:
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # BLAS single-threaded for the references; not OMP_NUM_THREADS, which would also cap Numba's OpenMP pool.
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     cmd = ["taskset", "-c", cpus, sys.executable, __file__, "--worker", *script_args]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
@@ -156,6 +157,7 @@ def main() -> None:
     ap.add_argument("--sklearn-stride", type=int, default=4)
     ap.add_argument("--cache", default=".cache/bench_omp_inputs.npz")
     ap.add_argument("--json", default=None, help="also write all results here")
+    ap.add_argument("--cores", type=int, nargs="+", default=[1, 2], choices=[1, 2])
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--projection", help=argparse.SUPPRESS)
     ap.add_argument("--iteration", help=argparse.SUPPRESS)
@@ -175,7 +177,7 @@ def main() -> None:
     results = {}
     for proj in args.projections:
         for iteration in ("iteration 0", "representative"):
-            for cores, cpus in ((1, "0"), (2, "0,1")):
+            for cores, cpus in ((c, ",".join(map(str, range(c)))) for c in args.cores):
                 r = run_worker(["--cache", str(cache), "--projection", proj, "--iteration", iteration,
                                 "--rounds", str(args.rounds), "--sklearn-stride", str(args.sklearn_stride)], cpus)
                 results[(proj, iteration, cores)] = r
@@ -190,10 +192,11 @@ def main() -> None:
                           f"{x['nnz_per_column']:7.1f} {x['rel_error_vs_sklearn_f64']:+10.2e}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({" | ".join(map(str, k)): v for k, v in results.items()}, indent=1))
-    r = results[(args.projections[0], "representative", 2)]
+    r = results[(args.projections[0], "representative", max(args.cores))]
     ours = r["ours cpu_kernel f32"]
     short = args.projections[0].split(".")[-1]
-    print(f"summary: omp {short} representative f32 2 cores: {r['sklearn f64']['seconds'] / ours['seconds']:.1f}x "
+    print(f"summary: omp {short} representative f32 {r['cores']} cores: "
+          f"{r['sklearn f64']['seconds'] / ours['seconds']:.1f}x "
           f"over sklearn f64, {100 * ours['identical_supports']:.1f}% identical supports")
 
 
