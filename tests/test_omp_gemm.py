@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import re
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import x64  # noqa: F401  (fixture)
-from sklearn.linear_model import orthogonal_mp_gram
+from test_omp import _assert_parity, _problem, _sklearn
 
-from cospadi_jax.sparse import SparseCodes, batch_omp
+from cospadi_jax.sparse import batch_omp
 from cospadi_jax.sparse.omp_gemm import (
     DEFAULT_CPU_MEMORY_BUDGET_BYTES,
     GEMM_PRECISIONS,
@@ -25,32 +24,6 @@ from cospadi_jax.sparse.omp_gemm import (
 pytestmark = pytest.mark.usefixtures("x64")  # float64 for this module only
 FORMS = ("inverse", "solve")
 
-
-def _problem(d, k, n, seed=0):
-    rng = np.random.default_rng(seed)
-    D = rng.standard_normal((d, k))
-    D /= np.linalg.norm(D, axis=0)
-    Y = rng.standard_normal((d, n))
-    return D, Y
-
-
-def _sklearn(G, C, s):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # "stopped prematurely" is expected in some cases
-        coef, n_iter = orthogonal_mp_gram(G, C, n_nonzero_coefs=s, return_n_iter=True)
-    return coef.reshape(G.shape[0], -1), np.atleast_1d(n_iter)
-
-
-def _assert_parity(codes: SparseCodes, G, C, s, rtol=1e-8):
-    ref, n_iter = _sklearn(G, C, s)
-    ours = np.asarray(codes.to_dense(G.shape[0]))
-    assert np.all(np.isfinite(ours))
-    np.testing.assert_array_equal(np.asarray(codes.n_nonzero), n_iter)  # same stopping step
-    np.testing.assert_array_equal(ours != 0, ref != 0)  # identical supports
-    scale = np.abs(ref).max(axis=0, keepdims=True)
-    assert np.max(np.abs(ours - ref) / np.where(scale > 0, scale, 1)) < rtol
-    assert int(codes.n_early_stopped) == int(np.sum(n_iter < s))
-    return n_iter
 
 
 RANDOM_CASES = [

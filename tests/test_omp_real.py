@@ -31,6 +31,19 @@ def real_up_proj(smollm2):  # smollm2 (conftest) skips when the GGUF package is 
     jax.config.update("jax_enable_x64", previous)
 
 
+def _assert_real_parity(codes, ref, n_iter, problem):
+    """Same stopping steps, supports and coefficients (rel. 1e-8) as sklearn's f64 codes ``ref``."""
+    ours = np.asarray(codes.to_dense(problem.n_atoms))
+    assert np.all(np.isfinite(ours))
+    n_iter = np.asarray(n_iter)
+    assert np.mean(n_iter) < problem.sparsity  # the early-stop regime is really exercised
+    np.testing.assert_array_equal(np.asarray(codes.n_nonzero), n_iter)
+    np.testing.assert_array_equal(ours != 0, ref != 0)
+    rel = np.linalg.norm(ours - ref, axis=0) / np.linalg.norm(ref, axis=0)
+    assert rel.max() < 1e-8
+    assert int(codes.n_early_stopped) == int(np.sum(n_iter < problem.sparsity))
+
+
 @pytest.mark.parametrize("backend", ["xla", "cpu_kernel"])
 def test_omp_matches_sklearn_on_real_whitened_weights(real_up_proj, backend):
     from sklearn.linear_model import orthogonal_mp_gram
@@ -46,15 +59,7 @@ def test_omp_matches_sklearn_on_real_whitened_weights(real_up_proj, backend):
         warnings.simplefilter("ignore", RuntimeWarning)
         ref, n_iter = orthogonal_mp_gram(G, C[:, cols], n_nonzero_coefs=problem.sparsity, return_n_iter=True)
     codes = sparse_code(G, C[:, cols], problem.sparsity, backend=backend)
-    ours = np.asarray(codes.to_dense(problem.n_atoms))
-    assert np.all(np.isfinite(ours))
-    n_iter = np.asarray(n_iter)
-    assert np.mean(n_iter) < problem.sparsity  # the early-stop regime is really exercised
-    np.testing.assert_array_equal(np.asarray(codes.n_nonzero), n_iter)
-    np.testing.assert_array_equal(ours != 0, ref != 0)
-    rel = np.linalg.norm(ours - ref, axis=0) / np.linalg.norm(ref, axis=0)
-    assert rel.max() < 1e-8
-    assert int(codes.n_early_stopped) == int(np.sum(n_iter < problem.sparsity))
+    _assert_real_parity(codes, ref, n_iter, problem)
     # float32 (the production dtype): nearly the same supports as sklearn in float64
     codes32 = sparse_code(G.astype(np.float32), C[:, cols].astype(np.float32), problem.sparsity, backend=backend)
     ours32 = np.asarray(codes32.to_dense(problem.n_atoms)) != 0
@@ -78,12 +83,4 @@ def test_gemm_form_matches_sklearn_on_real_whitened_weights(real_up_proj, triang
         warnings.simplefilter("ignore", RuntimeWarning)
         ref, n_iter = orthogonal_mp_gram(G, C[:, cols], n_nonzero_coefs=problem.sparsity, return_n_iter=True)
     codes = batch_omp_gemm(G, C[:, cols], problem.sparsity, triangular=triangular)
-    ours = np.asarray(codes.to_dense(problem.n_atoms))
-    assert np.all(np.isfinite(ours))
-    n_iter = np.asarray(n_iter)
-    assert np.mean(n_iter) < problem.sparsity  # the early-stop regime is really exercised
-    np.testing.assert_array_equal(np.asarray(codes.n_nonzero), n_iter)
-    np.testing.assert_array_equal(ours != 0, ref != 0)
-    rel = np.linalg.norm(ours - ref, axis=0) / np.linalg.norm(ref, axis=0)
-    assert rel.max() < 1e-8
-    assert int(codes.n_early_stopped) == int(np.sum(n_iter < problem.sparsity))
+    _assert_real_parity(codes, ref, n_iter, problem)
