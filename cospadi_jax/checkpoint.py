@@ -2,15 +2,16 @@
 
 Layout of an artifact directory::
 
-    metadata.json          config, config fingerprint, model identity, calibration key, versions (written first)
+    metadata.json          config, identity (what must match to resume), wandb run id, model, versions
+                           (written once the config is validated, before the first unit)
     units/00017/           one orbax PyTree checkpoint per finished fitting unit: its factors and its report rows
     progress.json          finished unit indices (rewritten atomically after each unit); in a multi-process
                            run process p writes progress.p<p>.json instead and readers take the union
     report.json            the final report (written last)
 
 A unit's orbax directory is finalised atomically by orbax, and ``progress.json`` is replaced atomically after it,
-so a run killed at any instant leaves only complete units listed. Resuming with a different config fingerprint
-raises; a unit listed but unreadable raises ``CorruptCheckpointError`` rather than being silently refitted.
+so a run killed at any instant leaves only complete units listed. Resuming with another identity raises and
+names the keys that differ; a resumed single-process run removes the temporary files a kill left; a unit listed but unreadable raises ``CorruptCheckpointError`` rather than being silently refitted.
 Nothing here unpickles: factors are arrays, everything else is JSON.
 """
 
@@ -22,11 +23,15 @@ import logging
 import os
 import tempfile
 import threading
+import time
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
+from .fileio import atomic_path, atomic_write_json
+from .identity import differences
 from .methods.base import DictFactors, Factors, LowRankFactors
 
 log = logging.getLogger(__name__)
@@ -45,20 +50,6 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def atomic_write_json(path: Path, payload: Any) -> None:
-    """Write JSON next to ``path`` and rename it over ``path`` (atomic on POSIX)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=True, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _factors_tree(factors: Factors) -> dict[str, np.ndarray]:
     if isinstance(factors, DictFactors):
         return {"D": np.asarray(factors.D), "indices": np.asarray(factors.indices, np.int32),
@@ -72,51 +63,78 @@ def _factors_from_tree(tree: dict[str, np.ndarray], info: dict) -> Factors:
     return LowRankFactors(np.asarray(tree["A"]), np.asarray(tree["B"]), info)
 
 
-class ArtifactWriter:
-    """Incremental artifact: ``save_unit`` after each finished unit, ``finished_units`` to resume."""
+def check_writable(directory: str | Path) -> Path:
+    """Create ``directory`` if needed and prove that it can be written, with a clear error otherwise."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        # A unique probe name: the processes of a multi-process run probe the same directory at once.
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise PermissionError(f"cannot write to the output directory {directory}: {exc}. Choose a writable "
+                              "output_dir=... (or fix its permissions).") from exc
+    return directory
 
-    def __init__(self, directory: str | Path, metadata: dict[str, Any]):
-        self.directory = Path(directory)
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            # A unique probe name: the processes of a multi-process run probe the same directory at once.
-            fd, probe = tempfile.mkstemp(dir=self.directory, prefix=".write-test-")
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as exc:
-            raise PermissionError(f"cannot write to the output directory {self.directory}: {exc}") from exc
+
+def _default_identity(metadata: dict[str, Any]) -> Any:
+    return metadata.get("identity", metadata.get("config_fingerprint"))
+
+
+class ArtifactWriter:
+    """Incremental artifact: ``save_unit`` after each finished unit, ``finished_units`` to resume.
+
+    ``identity_of(metadata)`` gives what must be equal to resume into an existing directory (default: the
+    metadata's ``identity``): a flat dict, so that a refusal can name the keys that differ.
+    """
+
+    def __init__(self, directory: str | Path, metadata: dict[str, Any],
+                 identity_of: Callable[[dict[str, Any]], Any] = _default_identity):
+        self.directory = check_writable(directory)
         (self.directory / "units").mkdir(exist_ok=True)
         meta_path = self.directory / "metadata.json"
+        import jax
+
+        rank, world = jax.process_index(), jax.process_count()
         if meta_path.exists():
             try:
                 stored = json.loads(meta_path.read_text())
             except json.JSONDecodeError as exc:
                 raise CorruptCheckpointError(f"{meta_path} is not valid JSON ({exc}); delete the directory") from exc
-            if stored.get("config_fingerprint") != metadata["config_fingerprint"]:
+            theirs, ours = identity_of(stored), identity_of(metadata)
+            if theirs != ours:
+                what = ("\n  ".join(differences(theirs, ours)) if isinstance(theirs, dict) and isinstance(ours, dict)
+                        else f"{theirs} -> {ours}")
                 raise ConfigMismatchError(
-                    f"{self.directory} was written by a run with another configuration "
-                    f"(fingerprint {stored.get('config_fingerprint')} != {metadata['config_fingerprint']}); "
-                    "it is never reused. Use a new output directory, or the original configuration to resume."
-                )
+                    f"{self.directory} holds an artifact of another setting, so it is never reused. Keys that "
+                    f"differ (stored -> this run):\n  {what}\nUse another output_dir, or the stored values to "
+                    "resume.")
             if stored.get("host") is not None and stored.get("host") != metadata.get("host"):
                 # Still a valid result, but not bit-identical to an uninterrupted run on either host: another
                 # XLA:CPU thread pool (core count) reorders float32 reductions and flips some OMP atom choices.
                 log.warning("resuming %s on another host setting (%s, was %s): the resumed units will not be "
                             "bit-identical to an uninterrupted run", self.directory, metadata.get("host"),
                             stored.get("host"))
+            # Kept from the first attempt: the wandb run id (one run, resumed) and the first start time.
+            metadata = {**metadata, **{k: stored[k] for k in ("wandb_run_id", "created") if k in stored}}
+            if world == 1:  # other processes may be writing right now; a single process is alone
+                _remove_leftovers(self.directory)
         else:
+            metadata = {"wandb_run_id": uuid.uuid4().hex[:16], "created": time.time(), **metadata}
             atomic_write_json(meta_path, metadata)
         self.metadata = metadata
         # One progress file per process, so that processes never rewrite each other's list (parallel="matrices").
-        import jax
-
-        rank, world = jax.process_index(), jax.process_count()
         self._progress_path = self.directory / ("progress.json" if world == 1 else f"progress.p{rank}.json")
         self._lock = threading.Lock()  # worker threads of one process save units concurrently
 
-    def finished_units(self) -> dict[int, tuple[list[Factors], list[dict]]]:
-        """Factors and report rows of every unit a previous run (or another process) finished."""
-        return _read_units(self.directory, _finished_indices(self.directory))
+    def finished_units(self, total: int | None = None) -> dict[int, tuple[list[Factors], list[dict]]]:
+        """Factors and report rows of every unit a previous run (or another process) finished; logs how many
+        of ``total`` units are reused."""
+        done = _read_units(self.directory, _finished_indices(self.directory))
+        if done and total is not None:
+            log.info("resuming %s: %d of %d units reused", self.directory, len(done), total)
+        return done
 
     def save_unit(self, idx: int, factors: list[Factors], rows: list[dict]) -> None:
         import jax
@@ -143,6 +161,18 @@ class ArtifactWriter:
         atomic_write_json(self.directory / "report.json", report)
 
 
+def _remove_leftovers(directory: Path) -> None:
+    """Temporary files and orbax's unfinished checkpoint directories that a killed run left behind."""
+    import shutil
+
+    leftovers = [*directory.glob("*.tmp"), *directory.glob("units/*/*.tmp*"),
+                 *directory.glob("units/*/*orbax-checkpoint-tmp*")]
+    for path in leftovers:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if leftovers:
+        log.info("removed %d temporary file(s) left by an interrupted run in %s", len(leftovers), directory)
+
+
 STAGED_FACTORS = "factors.npz"  # a unit fitted by a process other than 0, until finalize()
 
 
@@ -154,14 +184,8 @@ def _save_orbax(unit_dir: Path, trees: list[dict[str, np.ndarray]]) -> None:
 
 def _save_staged(unit_dir: Path, trees: list[dict[str, np.ndarray]]) -> None:
     """NumPy .npz (no pickles), written to a temporary name and renamed: a unit is there whole or not at all."""
-    fd, tmp = tempfile.mkstemp(dir=unit_dir, suffix=".tmp.npz")
-    os.close(fd)
-    try:
+    with atomic_path(unit_dir / STAGED_FACTORS, suffix=".tmp.npz") as tmp:
         np.savez(tmp, **{f"{i}/{name}": a for i, tree in enumerate(trees) for name, a in tree.items()})
-        os.replace(tmp, unit_dir / STAGED_FACTORS)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _checkpointer() -> Any:

@@ -148,6 +148,8 @@ class CompressionReport:
     calibration: dict
     matrices: list[MatrixReport] = field(default_factory=list)
     seconds: float = 0.0
+    units: int = 0  # fitting units (a matrix or a shared group)
+    units_reused: int = 0  # read back from the artifact of an interrupted run instead of being fitted
 
     @property
     def realised_ratio(self) -> float:
@@ -157,7 +159,8 @@ class CompressionReport:
 
     def to_dict(self) -> dict:
         return {"config": self.config, "calibration": self.calibration, "seconds": self.seconds,
-                "realised_ratio": self.realised_ratio, "matrices": [asdict(m) for m in self.matrices]}
+                "realised_ratio": self.realised_ratio, "units": self.units, "units_reused": self.units_reused,
+                "matrices": [asdict(m) for m in self.matrices]}
 
 
 def work_units(cfg: CompressionConfig, n_layers: int) -> list[list[str]]:
@@ -297,7 +300,8 @@ def compress(
         return factors, rows
 
     # Resumed units are reused, never refitted: the result is bit-identical to an uninterrupted run.
-    done = artifact.finished_units() if artifact is not None else {}
+    done = artifact.finished_units(len(units)) if artifact is not None else {}
+    report.units, report.units_reused = len(units), len(done)
     if config.parallel == "matrices":
         # This process's round-robin share, one thread per local device; other processes' units arrive through
         # the artifact directory (a filesystem all processes see) after the barrier.

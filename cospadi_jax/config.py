@@ -7,10 +7,12 @@ wrong type is an error from OmegaConf, and impossible values are errors from :fu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from enum import Enum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
 from .compress import DEFAULT_SHARED_TYPES, CalibrationSpec, CompressionConfig
 from .models.paths import PROJECTION_TYPES
@@ -101,7 +103,7 @@ class RunConfig:
     logger: LoggerConf = field(default_factory=LoggerConf)
     task: str = "compress"  # compress | evaluate | plot
     seed: int = 42
-    run_name: str = "run"
+    run_name: str = "run"  # conf/config.yaml: model-method-CR-...-<hash of the run identity> (identity.py)
     output_dir: str = "results/run"
     artifact: Optional[str] = None  # task=evaluate: artifact directory to restore
     results_glob: str = "results/**/metrics.json"  # task=plot
@@ -114,11 +116,37 @@ TASKS = ("compress", "evaluate", "plot")
 
 
 def register_configs() -> None:
-    cs = ConfigStore.instance()
-    cs.store(name="run_schema", node=RunConfig)
-    for group, node in (("model", ModelConf), ("method", MethodConf), ("calib", CalibConf), ("eval", EvalConf),
-                        ("logger", LoggerConf)):
-        cs.store(group=group, name=f"{group}_schema", node=node)
+    """The schema of the whole tree (``run_schema``, typing every group) and the resolvers of conf/config.yaml."""
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    OmegaConf.register_new_resolver("cospadi_run_name", _run_name, replace=True)
+    OmegaConf.register_new_resolver("cospadi_job_dir", _job_dir, replace=True)
+
+
+_IDENTITY_NODES = ("model", "method", "calib", "eval", "task", "seed")
+
+
+def _identity_config(root: DictConfig) -> dict[str, Any]:
+    # Only the nodes that can be identity: run_name and output_dir interpolate the resolver itself.
+    return {k: OmegaConf.to_container(root[k], resolve=True, enum_to_str=True) if OmegaConf.is_config(root[k])
+            else root[k] for k in _IDENTITY_NODES if k in root}
+
+
+def _run_name(*, _root_: DictConfig) -> str:
+    from .identity import run_name
+
+    return run_name(_identity_config(_root_))
+
+
+def _job_dir(*, _root_: DictConfig) -> str:
+    """Hydra's job directory (``.hydra/`` and ``run.log``): the run directory for ``task=compress``; for
+    ``task=evaluate`` the artifact's ``evaluate/`` (so the artifact's own ``.hydra`` is never overwritten and no
+    stray default-named directory appears); ``plot_dir`` for plots."""
+    task = _root_.task
+    if task == "evaluate" and _root_.artifact:
+        return str(Path(_root_.artifact) / "evaluate")
+    if task == "plot":
+        return str(_root_.plot_dir)
+    return str(_root_.output_dir)
 
 
 def compression_config(cfg: RunConfig) -> CompressionConfig:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from . import load_model
-from .checkpoint import atomic_write_json
+from .fileio import atomic_write_json
 from .compress import CalibrationSpec, calibration_grams, compress
 from .data import load_text
 from .eval import make_windows, windows_perplexity

@@ -27,8 +27,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import ArtifactWriter, atomic_write_json, fingerprint, load_artifact
-from .config import RunConfig, calibration_spec, compression_config, register_configs, validate
+from .checkpoint import ArtifactWriter, check_writable, fingerprint, load_artifact
+from .config import EvalConf, RunConfig, calibration_spec, compression_config, register_configs, validate
+from .fileio import atomic_write_json
+from .identity import artifact_identity, digest, flatten
 from .distributed import initialize, is_primary
 
 log = logging.getLogger("cospadi_jax")
@@ -120,30 +122,35 @@ def _dense_baseline(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, Any
     return scores
 
 
-def _tracker(cfg: RunConfig, resolved: dict) -> Any:
+def _tracker(cfg: RunConfig, resolved: dict, run_id: str | None = None) -> Any:
     from .tracking import Tracker
 
     tags = list(cfg.logger.tags) + [f"method:{cfg.method.name}", f"model:{cfg.model.name}"]
     if cfg.ablation_axis:
         tags.append(f"ablation:{cfg.ablation_axis}")
     return Tracker(mode=cfg.logger.mode, project=cfg.logger.project, name=cfg.run_name, group=cfg.logger.group,
-                   tags=tags, config=resolved, directory=cfg.output_dir)
+                   tags=tags, config=resolved, directory=cfg.output_dir, run_id=run_id)
+
+
+def _stored_identity(metadata: dict) -> dict:
+    return artifact_identity(metadata.get("config", {}))
 
 
 def run_compress(cfg: RunConfig, resolved: dict) -> dict[str, Any]:
     from . import load_model
     from .compress import compress
 
-    out_dir = Path(cfg.output_dir)
-    metadata = {"config": resolved, "config_fingerprint": fingerprint({k: v for k, v in resolved.items()
-                                                                       if k not in ("logger", "eval")}),
-                "model": dataclasses.asdict(cfg.model), **environment()}
-    artifact = ArtifactWriter(out_dir, metadata)  # fails fast on an unwritable dir or a different config
-    tracker = _tracker(cfg, resolved)
+    out_dir = check_writable(cfg.output_dir)  # before the model loads; nothing is written into it yet
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(cfg.model.spec, cfg.model.dtype, revision=cfg.model.revision)
+    config = compression_config(cfg)
+    config.validate(model.config.num_hidden_layers)
+    # metadata.json only now: a first attempt that fails validation leaves nothing that blocks the next one.
+    metadata = {"config": resolved, "identity": artifact_identity(resolved), "model": dataclasses.asdict(cfg.model),
+                **environment()}
+    artifact = ArtifactWriter(out_dir, metadata, identity_of=_stored_identity)
+    tracker = _tracker(cfg, resolved, run_id=artifact.metadata["wandb_run_id"])
     try:
-        t0 = time.perf_counter()
-        model, tokenizer = load_model(cfg.model.spec, cfg.model.dtype, revision=cfg.model.revision)
-        compression_config(cfg).validate(model.config.num_hidden_layers)
         metrics: dict[str, Any] = {"config": resolved, **environment(), "timings": {"load_s": time.perf_counter() - t0}}
         if cfg.eval.dense_baseline:
             t0 = time.perf_counter()
@@ -155,15 +162,19 @@ def run_compress(cfg: RunConfig, resolved: dict) -> dict[str, Any]:
                 if row.objective:
                     tracker.log_objective(row.path, row.objective)
 
-        compressed, report = compress(model, tokenizer, config=compression_config(cfg),
-                                      calibration=calibration_spec(cfg), artifact=artifact, on_unit=on_unit)
+        compressed, report = compress(model, tokenizer, config=config, calibration=calibration_spec(cfg),
+                                      artifact=artifact, on_unit=on_unit)
         metrics["timings"]["compress_s"] = report.seconds
+        # Fitting time summed over every unit, those fitted by earlier attempts of a resumed run included.
+        metrics["timings"]["fit_s_cumulative"] = sum(m.seconds for m in report.matrices)
+        metrics["resumed"] = {"units_reused": report.units_reused, "units": report.units}
         t0 = time.perf_counter()
         metrics["compressed"] = _evaluate(compressed, tokenizer, cfg)
         metrics["timings"]["eval_s"] = time.perf_counter() - t0
         report_dict = report.to_dict()
         metrics.update(realised_ratio=report.realised_ratio, calibration_key=report.calibration.get("key"),
-                       matrices=report_dict["matrices"], paper=cfg.paper, engine=_engine(report_dict["matrices"]))
+                       matrices=report_dict["matrices"], paper=cfg.paper, engine=_engine(report_dict["matrices"]),
+                       model_size=_model_size(model, report))
         if not is_primary():  # every process compressed and evaluated; only process 0 writes and logs
             return metrics
         artifact.finalize(report_dict)
@@ -171,6 +182,7 @@ def run_compress(cfg: RunConfig, resolved: dict) -> dict[str, Any]:
         tracker.log_table("matrices", [{k: v for k, v in m.items() if k not in ("objective", "group")}
                                        for m in report_dict["matrices"]])
         summary = {"realised_ratio": report.realised_ratio, **metrics["timings"],
+                   "resumed/units_reused": report.units_reused,
                    **{f"engine/{k}_s": v for k, v in metrics["engine"]["phase_seconds"].items()}}
         if metrics["engine"]["omp_backend"]:
             summary["engine/omp_backend"] = metrics["engine"]["omp_backend"]  # the resolved one, not "auto"
@@ -180,10 +192,25 @@ def run_compress(cfg: RunConfig, resolved: dict) -> dict[str, Any]:
             summary["zero_shot/average"] = metrics["compressed"]["zero_shot"]["average"]
         tracker.log(summary)
         tracker.summary(summary)
-        _print_summary(cfg, metrics)
+        _log_summary(cfg, metrics, out_dir / "metrics.json")
         return metrics
     finally:
         tracker.finish()
+
+
+def _model_size(model: Any, report: Any) -> dict[str, Any]:
+    """Whole-model parameters and bytes before and after, at 16 bits per dense number (the paper's storage
+    convention; CoSpaDi's sparse part at its Eq. 10/11 accounting, as in ``realised_ratio``)."""
+    from flax import nnx
+
+    total = sum(int(v.get_value().size) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    matrices = sum(m.dense_params for m in report.matrices)
+    kept = total - matrices
+    params_after = kept + sum(m.compressed_params for m in report.matrices)
+    bytes_after = 2 * kept + 2 * matrices * (1 - report.realised_ratio)
+    return {"params": total, "compressed_matrix_params": matrices, "fraction_compressed": matrices / total,
+            "params_after": params_after, "bytes_16bit": 2 * total, "bytes_16bit_after": bytes_after,
+            "whole_model_ratio": 1 - bytes_after / (2 * total)}
 
 
 def _engine(matrices: list[dict]) -> dict[str, Any]:
@@ -196,37 +223,71 @@ def _engine(matrices: list[dict]) -> dict[str, Any]:
     return {"omp_backend": ",".join(backends) or None, "phase_seconds": phases}
 
 
-def _print_summary(cfg: RunConfig, metrics: dict) -> None:
-    rows = []
+def _log_summary(cfg: RunConfig, metrics: dict, path: Path) -> None:
+    size, timings = metrics["model_size"], metrics["timings"]
+    lines = [f"{cfg.run_name}: {cfg.method.name} at CR {cfg.method.ratio} -> realised {metrics['realised_ratio']:.4f} "
+             f"over the compressed matrices ({size['fraction_compressed']:.1%} of the model's parameters)",
+             f"  whole model: {size['params']:,} -> {size['params_after']:,.0f} parameters, "
+             f"{size['bytes_16bit'] / 2**20:.1f} -> {size['bytes_16bit_after'] / 2**20:.1f} MiB at 16 bits "
+             f"(whole-model CR {size['whole_model_ratio']:.4f})"]
     for source, r in metrics["compressed"]["perplexity"].items():
         dense = metrics.get("dense", {}).get("perplexity", {}).get(source, {}).get("perplexity")
-        rows.append(f"  {source}: perplexity {r['perplexity']:.3f}" + (f" (dense {dense:.3f})" if dense else ""))
-    print(f"{cfg.run_name}: {cfg.method.name} at CR {cfg.method.ratio} -> realised "
-          f"{metrics['realised_ratio']:.4f}\n" + "\n".join(rows))
+        lines.append(f"  {source}: perplexity {r['perplexity']:.3f}" + (f" (dense {dense:.3f})" if dense else ""))
+    zero_shot = metrics["compressed"].get("zero_shot")
+    if zero_shot:
+        lines.append(f"  zero-shot average accuracy {zero_shot['average']:.4f}")
+    resumed = metrics["resumed"]
+    lines.append("  timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
+                 + (f" ({resumed['units_reused']} of {resumed['units']} units reused)" if resumed["units_reused"]
+                    else ""))
     theirs = (cfg.paper or {}).get(cfg.method.label, {}).get(f"{cfg.method.ratio:g}")
     if theirs:
-        ours = {"avg_acc": metrics["compressed"].get("zero_shot", {}).get("average")}
-        print(f"  paper ({cfg.method.label}, CR {cfg.method.ratio:g}): " + ", ".join(f"{k} {v}" for k, v in theirs.items())
-              + f" | ours: avg_acc {ours['avg_acc']}")
+        ours = {"avg_acc": (zero_shot or {}).get("average")}
+        lines.append(f"  paper ({cfg.method.label}, CR {cfg.method.ratio:g}): "
+                     + ", ".join(f"{k} {v}" for k, v in theirs.items()) + f" | ours: avg_acc {ours['avg_acc']}")
+    lines.append(f"  metrics: {path}")
+    log.info("\n".join(lines))
 
 
-def run_evaluate(cfg: RunConfig) -> dict[str, Any]:
-    """Restore a saved artifact into its base model and evaluate it, without recompressing."""
+def _eval_overrides() -> dict[str, Any]:
+    """The ``eval.*`` keys given on the command line (none when not run through Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    dotlist = [o.lstrip("+~") for o in HydraConfig.get().overrides.task if o.lstrip("+~").startswith("eval.")]
+    return OmegaConf.to_container(OmegaConf.from_dotlist(dotlist)).get("eval", {}) if dotlist else {}
+
+
+def run_evaluate(cfg: RunConfig, eval_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Restore a saved artifact into its base model and evaluate it, without recompressing.
+
+    The evaluation settings are the artifact's own (those its metrics.json was computed with), with only the
+    ``eval.*`` keys given on the command line (or ``eval_overrides``) changed. The result goes to
+    ``<artifact>/evaluation-<hash of the settings>.json``, so evaluations under other settings are all kept.
+    """
     from . import load_model
     from .layers import replace_projection
 
     factors, metadata = load_artifact(cfg.artifact)
+    stored_eval = metadata.get("config", {}).get("eval", {})
+    overrides = _eval_overrides() if eval_overrides is None else eval_overrides
+    eval_conf = EvalConf(**{**stored_eval, **overrides})
+    cfg = dataclasses.replace(cfg, eval=eval_conf)
     model_conf = metadata["model"]
     model, tokenizer = load_model(model_conf["spec"], model_conf["dtype"], revision=model_conf.get("revision"))
     mode = metadata["config"]["method"]["mode"]
     for path, f in factors.items():
         replace_projection(model, path, f, mode=mode)
-    metrics = {"artifact": str(cfg.artifact), "compressed": _evaluate(model, tokenizer, cfg), **environment()}
+    eval_dict = dataclasses.asdict(eval_conf)
+    metrics = {"artifact": str(cfg.artifact), "eval": eval_dict, "eval_overrides": overrides,
+               "compressed": _evaluate(model, tokenizer, cfg), **environment()}
     if not is_primary():
         return metrics
-    atomic_write_json(Path(cfg.artifact) / "evaluation.json", metrics)
+    out = Path(cfg.artifact) / f"evaluation-{digest(flatten(eval_dict))}.json"
+    atomic_write_json(out, metrics)
     for source, r in metrics["compressed"]["perplexity"].items():
-        print(f"{cfg.artifact}: {source} perplexity {r['perplexity']:.3f}")
+        log.info("%s: %s perplexity %.3f (written to %s)", cfg.artifact, source, r["perplexity"], out)
     return metrics
 
 
@@ -246,7 +307,9 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
     return plot_results(sorted(glob.glob(run_cfg.results_glob, recursive=True)), run_cfg.plot_dir)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+# The configs ship inside the package (pkg://), so the console script works from any directory and from a wheel;
+# `--config-dir DIR` or `hydra.searchpath=[file://DIR]` adds the user's own config groups.
+@hydra.main(version_base="1.3", config_path="pkg://cospadi_jax.conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     # Multi-host / multi-process runs (TPU pods, srun, JAX_COORDINATOR_ADDRESS...): jax.distributed must start
     # before any JAX computation. A no-op for a single process. See docs/cluster.md.

@@ -261,9 +261,10 @@ def compress_streaming(
     unit_of = {paths[0]: i for i, paths in enumerate(units)}
     layers = sorted({parse_projection_path(paths[0])[0] for paths in units})
     key = jax.random.key(config.seed)
-    done = artifact.finished_units() if artifact is not None else {}
+    done = artifact.finished_units(len(units)) if artifact is not None else {}
     report = CompressionReport(config={**asdict(config), "streaming": asdict(plan)},
-                               calibration={"nsamples": len(windows), "seqlen": windows.shape[1]})
+                               calibration={"nsamples": len(windows), "seqlen": windows.shape[1]},
+                               units=len(units), units_reused=len(done))
     factors_by_path: dict[str, Factors] = {}
     t_start = time.perf_counter()
     hidden = [source.embed(windows[s : s + plan.calib_batch]) for s in range(0, len(windows), plan.calib_batch)]

@@ -3,7 +3,7 @@
 ``mode`` is ``offline`` (default: written under ``dir``, sync later with ``wandb sync``), ``online`` or
 ``disabled``. If ``online`` cannot reach the server within ``init_timeout`` seconds the run continues offline
 with a warning; any other wandb failure downgrades to ``disabled`` with a warning. Only process 0 of a
-multi-process JAX run logs.
+multi-process JAX run logs. ``run_id`` resumes the run of that id (``resume="allow"``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ MODES = ("offline", "online", "disabled")
 class Tracker:
     def __init__(self, *, mode: str = "offline", project: str = "cospadi-jax", name: str | None = None,
                  group: str | None = None, tags: list[str] | tuple[str, ...] = (), config: dict | None = None,
-                 directory: str | None = None, init_timeout: float = 20.0):
+                 directory: str | None = None, init_timeout: float = 20.0, run_id: str | None = None):
         if mode not in MODES:
             raise ValueError(f"wandb mode must be one of {MODES}, got {mode!r}")
         self.mode = mode if jax.process_index() == 0 else "disabled"
@@ -31,8 +31,11 @@ class Tracker:
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
+        # A stable ``run_id`` (kept in the artifact's metadata) makes a resumed job continue its wandb run
+        # instead of leaving a crashed one beside a second.
         kwargs = dict(project=project, name=name, group=group, tags=list(tags), config=config or {}, dir=directory,
-                      reinit="finish_previous", settings=wandb.Settings(init_timeout=init_timeout, silent=True))
+                      reinit="finish_previous", settings=wandb.Settings(init_timeout=init_timeout, silent=True),
+                      **({"id": run_id, "resume": "allow"} if run_id else {}))
         try:
             self.run = wandb.init(mode=self.mode, **kwargs)
         except Exception as exc:  # network, auth, or server errors must not kill a compression run

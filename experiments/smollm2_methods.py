@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from cospadi_jax import load_model
-from cospadi_jax.checkpoint import atomic_write_json
+from cospadi_jax.fileio import atomic_write_json
 from cospadi_jax.compress import CalibrationSpec, calibration_grams, compress
 from cospadi_jax.data import load_text
 from cospadi_jax.eval import make_windows, windows_perplexity

@@ -19,7 +19,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 import cospadi_jax.run as run_app
 from cospadi_jax.checkpoint import ConfigMismatchError, load_artifact
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+CONF = str(Path(run_app.__file__).parent / "conf")  # shipped inside the package
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,8 @@ def test_compress_job_writes_metrics_artifact_and_wandb(tiny_dir, tmp_path):
     evaluated = run_app.execute(_compose(_overrides(tiny_dir, out, "task=evaluate", f"artifact={out}")))
     ours = metrics["compressed"]["perplexity"]["embedded:heldout"]["perplexity"]
     assert evaluated["compressed"]["perplexity"]["embedded:heldout"]["perplexity"] == pytest.approx(ours, rel=1e-6)
+    assert evaluated["eval"] == saved["config"]["eval"]  # the artifact's own evaluation settings
+    assert [p.name for p in out.glob("evaluation-*.json")] and not (out / "evaluation.json").exists()
     # and the plot task draws it
     plotted = run_app.execute(_compose(_overrides(tiny_dir, out, "task=plot", f"results_glob={out}/metrics.json",
                                                   f"plot_dir={tmp_path / 'plots'}")))
@@ -124,6 +126,10 @@ def test_bad_inputs(tiny_dir, tmp_path):
         _compose(_overrides(tiny_dir, tmp_path / "a", "experiment=nope"))
     with pytest.raises(FileNotFoundError, match="model not found"):
         run_app.execute(_compose(_overrides(tiny_dir, tmp_path / "c", "model.spec=/no/such/model")))
+    assert not (tmp_path / "c" / "metadata.json").exists()  # a failed first attempt blocks nothing
+    with pytest.raises(ValueError, match="layer index"):  # validation needing the model: still before metadata
+        run_app.execute(_compose(_overrides(tiny_dir, tmp_path / "c", "method.layers=[5]")))
+    assert not (tmp_path / "c" / "metadata.json").exists()
     with pytest.raises(PermissionError, match="cannot write to the output directory"):
         run_app.execute(_compose(_overrides(tiny_dir, "/proc/cospadi-forbidden")))
     with pytest.raises(ValueError, match="task=evaluate needs artifact"):
@@ -133,8 +139,50 @@ def test_bad_inputs(tiny_dir, tmp_path):
 def test_resume_with_a_different_config_is_refused(tiny_dir, tmp_path):
     out = tmp_path / "run"
     run_app.execute(_compose(_overrides(tiny_dir, out, "method.name=svd_llm", "eval.dense_baseline=false")))
-    with pytest.raises(ConfigMismatchError, match="another configuration"):
+    with pytest.raises(ConfigMismatchError, match=r"(?s)Keys that differ.*method\.ratio: 0\.2 -> 0\.3"):
         run_app.execute(_compose(_overrides(tiny_dir, out, "method.name=svd_llm", "method.ratio=0.3")))
+
+
+def test_resume_survives_a_moved_directory_and_placement_knobs(tiny_dir, tmp_path, caplog):
+    """The artifact identity is what changes the result: a moved directory, another cache location, run name,
+    parallel mode or OMP memory knob resume (every unit reused), and the wandb run id and fit time carry over."""
+    import shutil
+
+    first = tmp_path / "first"
+    metrics = run_app.execute(_compose(_overrides(tiny_dir, first, "eval.dense_baseline=false")))
+    assert metrics["resumed"] == {"units_reused": 0, "units": 14}
+    moved = tmp_path / "moved"
+    shutil.copytree(first, moved)
+    (moved / "metrics.json").unlink()
+    # leftovers of a killed run are cleaned on resume
+    (moved / ".progress.json.abc.tmp").write_text("half")
+    (moved / "units" / "00003" / "factors.orbax-checkpoint-tmp-123").mkdir()
+    with caplog.at_level("INFO", logger="cospadi_jax"):
+        again = run_app.execute(_compose(_overrides(
+            tiny_dir, moved, "eval.dense_baseline=false", "run_name=renamed", "method.omp_memory_mb=4",
+            "method.parallel=matrices", f"calib.cache_dir={tmp_path}/other-cache")))
+    assert f"resuming {moved}: 14 of 14 units reused" in caplog.text
+    assert again["resumed"] == {"units_reused": 14, "units": 14}
+    assert again["compressed"] == metrics["compressed"]  # nothing refitted, same model
+    assert again["timings"]["fit_s_cumulative"] == pytest.approx(metrics["timings"]["fit_s_cumulative"])
+    assert not list(moved.glob("*.tmp")) and not list(moved.glob("units/*/*orbax-checkpoint-tmp*"))
+    first_meta = json.loads((first / "metadata.json").read_text())
+    assert json.loads((moved / "metadata.json").read_text())["wandb_run_id"] == first_meta["wandb_run_id"]
+
+
+def test_files_honour_the_umask(tiny_dir, tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "run"
+        run_app.execute(_compose(_overrides(tiny_dir, out, "method.name=svd_llm", "method.layers=[0]",
+                                            "method.proj_types=[q_proj]")))
+    finally:
+        os.umask(old)
+    written = [out / "metrics.json", out / "metadata.json", out / "progress.json", out / "report.json",
+               *(tmp_path / "gram-cache").glob("*.npz"), *(tmp_path / "dense-cache").glob("*.json")]
+    assert len(written) >= 6
+    for path in written:
+        assert path.stat().st_mode & 0o777 == 0o644, path
 
 
 def test_every_experiment_config_composes():

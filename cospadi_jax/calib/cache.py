@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from ..fileio import atomic_path
 from .grams import Grams
 
 
@@ -61,14 +60,8 @@ def save_grams(path: str | Path, grams: Grams, key: GramKey) -> Path:
     arrays = {f"gram::{p}": g for p, g in grams.by_path.items()}
     arrays.update({f"abs::{p}": a for p, a in grams.abs_sums.items()})
     meta = json.dumps({"key": asdict(key), "n_tokens": grams.n_tokens})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".tmp.npz") as tmp:
         np.savez(tmp, __meta__=np.frombuffer(meta.encode(), np.uint8), **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -12,6 +12,8 @@ pointing at the data files inside the installed package, into a directory once p
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -44,6 +46,7 @@ metadata:
 def task_dir() -> str:
     """A directory holding the YAML of every shipped task (written once per process)."""
     out = Path(tempfile.mkdtemp(prefix="cospadi_tasks_"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)  # no /tmp/cospadi_tasks_* left behind
     for name in SHIPPED_TASKS:
         data = DATA_DIR / f"{name}.jsonl"
         if not data.is_file():

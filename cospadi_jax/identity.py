@@ -1,0 +1,129 @@
+"""What makes two runs the same run: the keys that change a result, the run directory's name, the resume check.
+
+Every key of the resolved :class:`~cospadi_jax.config.RunConfig` is *identity* unless it is listed in
+:data:`PLACEMENT_KEYS`: where files go, how a run is logged, named or spread over devices, how much memory a
+step may use. Two identities follow:
+
+- the **artifact identity**: what the fitted factors depend on (model, method, calibration, seed). A run
+  resumes into a directory whose artifact identity is equal, whatever its ``output_dir``, ``run_name``,
+  cache paths, ``parallel`` or memory knobs; a refusal names the keys that differ.
+- the **run identity**: the artifact identity plus the evaluation settings and the task, i.e. everything
+  that changes ``metrics.json``. The default run directory ends in its hash, so every override of a sweep,
+  whatever key it touches, gets its own directory (``tests/test_identity.py`` checks every key).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+from enum import Enum
+from typing import Any
+
+# Dotted keys (a key covers its subtree) that never change what a run computes.
+PLACEMENT_KEYS = frozenset({
+    "output_dir", "run_name", "artifact", "results_glob", "plot_dir", "paper", "ablation_axis", "logger",
+    "model.name",  # a short name for directories and plots; the model is model.spec (+ dtype, revision)
+    "method.label",  # the method's config name, a key into paper tables and legends
+    "method.parallel", "method.omp_memory_mb",  # how the work is spread and chunked, not what it computes
+    "calib.cache_dir", "calib.batch_size",  # the Gram cache key excludes the forward batch size
+    "eval.dense_cache_dir",
+})
+# Of the identity keys, those that only change the evaluation, not the fitted factors.
+EVALUATION_KEYS = frozenset({"eval", "task"})
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists and scalars are leaves."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _excluded(dotted: str, keys: frozenset[str]) -> bool:
+    return any(dotted == k or dotted.startswith(k + ".") for k in keys)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _defaults() -> dict[str, Any]:
+    from .config import RunConfig
+
+    return _plain(dataclasses.asdict(RunConfig()))
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def run_identity(config: dict[str, Any]) -> dict[str, Any]:
+    """Flat ``{dotted key: value}`` of every key of a resolved run config that changes its metrics.
+
+    Keys missing from ``config`` (an artifact written before the key existed) take the schema default, so an
+    old artifact still resumes when the new key keeps its default. The ``hydra`` node is never identity.
+    """
+    config = {k: v for k, v in _plain(config).items() if k != "hydra"}
+    flat = flatten(_merge(_defaults(), config))
+    return {k: v for k, v in sorted(flat.items()) if not _excluded(k, PLACEMENT_KEYS)}
+
+
+def artifact_identity(config: dict[str, Any]) -> dict[str, Any]:
+    """:func:`run_identity` less the evaluation keys: what the fitted factors depend on."""
+    return {k: v for k, v in run_identity(config).items() if not _excluded(k, EVALUATION_KEYS)}
+
+
+def digest(identity: dict[str, Any], length: int = 8) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+def differences(stored: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """One line per key whose value differs: ``method.ratio: 0.2 -> 0.3``."""
+    keys = sorted(set(stored) | set(new))
+    missing = object()
+    lines = []
+    for key in keys:
+        a, b = stored.get(key, missing), new.get(key, missing)
+        if a != b:
+            show = lambda v: "(absent)" if v is missing else json.dumps(v, default=str)  # noqa: E731
+            lines.append(f"{key}: {show(a)} -> {show(b)}")
+    return lines
+
+
+# Methods that fit a dictionary with K-SVD: their directory names carry the K-SVD knobs, the others' do not.
+_KSVD_METHODS = ("cospadi", "cospadi_free")
+
+
+def run_name(config: dict[str, Any]) -> str:
+    """The default run directory name: a readable prefix, then the run identity's hash.
+
+    ``smollm2-135m-cospadi-cr0.2-rho2.0-T60-n256x1024-1f0e93ab``, ``smollm2-135m-svd_llm-cr0.2-n256x1024-5c21d7e0``.
+    The prefix is for people (model, method label, CR, the K-SVD knobs of K-SVD methods, calibration size); the
+    hash makes the name unique for every setting that changes a result.
+    """
+    identity = run_identity(config)
+    merged = _merge(_defaults(), _plain({k: v for k, v in config.items() if k != "hydra"}))
+    model, method, calib = merged["model"], merged["method"], merged["calib"]
+    parts = [model["name"], method["label"], f"cr{method['ratio']}"]
+    if method["name"] in _KSVD_METHODS:
+        parts += [f"rho{method['rho']}", f"T{method['ksvd_iterations']}"]
+    if method["group_size"] > 1:
+        parts.append(f"m{method['group_size']}")
+    parts += [f"n{calib['nsamples']}x{calib['seqlen']}", digest(identity)]
+    return "-".join(str(p) for p in parts)
