@@ -7,6 +7,7 @@ realised ratio, damping, early-stopped OMP columns and time.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -21,12 +22,15 @@ from .calib.grams import Grams, collect_grams
 from .data.calibration import sample_windows, tokenizer_fingerprint
 from .data.text import load_text
 from .distributed import map_units
+from .fileio import can_create_in
 from .layers import QUANTIZATIONS, quantize_coefficients, replace_projection
 from .methods import METHODS, make_method
 from .methods.base import DictFactors, Factors, functional_error, weight_error
-from .models.paths import PROJECTION_TYPES, projection_path, projection_weight
+from .models.paths import PROJECTION_TYPES, get_module, projection_path, projection_weight
 from .models.transformer import CausalLM
 from .sparse.backend import check_omp_backend
+
+log = logging.getLogger(__name__)
 
 # The paper's grouping (Basis Sharing protocol): q, k, v, gate, up shared across consecutive layers; o, down private.
 DEFAULT_SHARED_TYPES = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
@@ -63,7 +67,9 @@ class CompressionConfig:
     reseed_unused: bool = False  # paper: unused atoms are skipped; True re-seeds them (K-SVD original)
     seed: int = 42
     mode: str = "dense"  # DictLinear evaluation path: dense | factored
-    quantization: str | None = None  # None | bf16-14bit | int8 (CoSpaDi coefficients)
+    # None | bf16-14bit | int8: CoSpaDi's coefficient values quantised and dequantised (simulated: they stay
+    # float32 in memory and in the artifact; the realised ratio counts the accounting's value bits, Eq. 10/11)
+    quantization: str | None = None
     # none | columns (one CoSpaDi K-SVD with its columns sharded over all devices) | matrices (independent
     # matrices/groups spread over processes and their local devices)
     parallel: str = "none"
@@ -72,15 +78,44 @@ class CompressionConfig:
 
     def validate(self, n_layers: int | None = None) -> None:
         """Raise ValueError naming the bad field before any work starts (layer checks need ``n_layers``)."""
-        if self.method not in METHODS:
+        if not isinstance(self.method, str) or self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; available: {', '.join(sorted(METHODS))}")
+        for name in ("ratio", "rho"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+            if not np.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value}")
+        for name in ("group_size", "ksvd_iterations", "power_iterations", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
         if not 0.0 < self.ratio < 1.0:
             raise ValueError(f"ratio must be in (0, 1) (fraction of parameters removed), got {self.ratio}")
         if self.rho < 1.0:
             raise ValueError(f"rho = k/s must be >= 1 (s <= k), got {self.rho}")
+        for name in ("proj_types", "shared_types"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not isinstance(value, (list, tuple)):
+                raise TypeError(f"{name} must be a list of projection types such as ['q_proj'], got {value!r}")
+        if not self.proj_types:
+            raise ValueError(f"proj_types is empty: nothing would be compressed; choose from {PROJECTION_TYPES}")
         bad = [t for t in (*self.proj_types, *self.shared_types) if t not in PROJECTION_TYPES]
         if bad:
             raise ValueError(f"unknown projection type(s) {bad}; use {PROJECTION_TYPES}")
+        if len(set(self.proj_types)) != len(self.proj_types):
+            raise ValueError(f"proj_types lists a projection twice: {list(self.proj_types)}")
+        if self.layers is not None:
+            if isinstance(self.layers, (str, int)) or not isinstance(self.layers, (list, tuple)):
+                raise TypeError(f"layers must be a list of layer indices such as [10, 11] (or None for all), "
+                                f"got {self.layers!r}")
+            not_int = [i for i in self.layers if isinstance(i, bool) or not isinstance(i, (int, np.integer))]
+            if not_int:
+                raise TypeError(f"layer indices must be integers, got {not_int}")
+            if not self.layers:
+                raise ValueError("layers is empty: nothing would be compressed; use None (all layers) or a list")
+            if len(set(self.layers)) != len(self.layers):
+                raise ValueError(f"layers lists a layer twice: {list(self.layers)}")
         bad_layers = [i for i in (self.layers or ()) if i < 0 or (n_layers is not None and i >= n_layers)]
         if bad_layers:
             raise ValueError(f"layer index {bad_layers} out of range: the model has {n_layers} layers")
@@ -95,12 +130,22 @@ class CompressionConfig:
                     f"group_size={self.group_size} does not divide the {n} compressed layers; "
                     "choose a divisor or select layers so that groups are complete (no remainder rule is applied)."
                 )
+            layers = list(self.layers or ())
+            apart = [layers[g:g + self.group_size] for g in range(0, len(layers), self.group_size)
+                     if layers[g:g + self.group_size] != list(range(layers[g], layers[g] + self.group_size))]
+            if apart:  # a basis is shared by consecutive layers (Basis Sharing protocol), never across a gap
+                raise ValueError(f"group_size={self.group_size} groups layers {apart}, which are not consecutive; "
+                                 "list consecutive layers in order, e.g. layers=[2, 3, 8, 9].")
         if self.dict_update not in ("power", "exact", "mod"):
             raise ValueError(f"dict_update must be power, exact or mod, got {self.dict_update!r}")
         if self.ksvd_iterations < 0 or self.power_iterations < 1:
             raise ValueError("ksvd_iterations must be >= 0 and power_iterations >= 1")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"unknown quantization {self.quantization!r}; use one of {QUANTIZATIONS}")
+        if self.quantization and METHODS[self.method].budget_kind != "cospadi":
+            raise ValueError(f"quantization={self.quantization!r} applies to CoSpaDi's coefficient values; "
+                             f"{self.method!r} stores dense low-rank factors, so it would be ignored. Use "
+                             "quantization=null with low-rank methods.")
         if self.parallel not in PARALLEL_MODES:
             raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
         if self.omp_memory_mb is not None and self.omp_memory_mb < 1:
@@ -134,6 +179,7 @@ class MatrixReport:
     jitter: float | None = None
     lambda_min: float | None = None
     condition_number: float | None = None
+    effective_rank: int | None = None  # of the calibration Gram (None when not computed)
     early_stopped_columns: int | None = None
     quantization_error: float | None = None
     objective: list[float] | None = None
@@ -181,9 +227,15 @@ def calibration_grams(model: CausalLM, tokenizer: Any, spec: CalibrationSpec, la
     nsamples = spec.heldout_nsamples if heldout else spec.nsamples
     key = GramKey(model_fingerprint(model), tokenizer_fingerprint(tokenizer), source, nsamples, spec.seqlen,
                   spec.seed, tuple(layers) if layers is not None else None)
+    if spec.seqlen > model.config.max_position_embeddings:
+        raise ValueError(f"calibration seqlen {spec.seqlen} exceeds the model's max_position_embeddings "
+                         f"{model.config.max_position_embeddings}; use a shorter seqlen.")
     path = cached_path(spec.cache_dir, key) if spec.cache_dir else None
     if path is not None and path.exists():
         return load_grams(path, key), key
+    if path is not None and not can_create_in(path.parent):  # checked now, not after the forward passes
+        log.warning("the Gram cache %s is not writable: computing the Grams without caching them", path.parent)
+        path = None
     windows = sample_windows(tokenizer, load_text(source), nsamples, spec.seqlen, spec.seed)
     grams = collect_grams(model, windows, batch_size=spec.batch_size, layers=layers, progress=progress)
     if path is not None:
@@ -237,7 +289,7 @@ def fit_unit(Ws: list[np.ndarray], paths: list[str], method: Any, config: Compre
             seconds=seconds,
             k=info.get("k"), s=info.get("s"), rank=info.get("rank"),
             jitter=info.get("jitter"), lambda_min=info.get("lambda_min"),
-            condition_number=info.get("condition_number"),
+            condition_number=info.get("condition_number"), effective_rank=info.get("effective_rank"),
             early_stopped_columns=info.get("early_stopped_columns"),
             quantization_error=quant_err, objective=info.get("objective"),
             omp_backend=info.get("omp_backend"), phase_seconds=info.get("phase_seconds"),
@@ -270,11 +322,21 @@ def compress(
     holds finished units from a killed run, reuses them instead of refitting, so the result is bit-identical to an
     uninterrupted run. ``on_unit(index, rows)`` is called after each unit (e.g. to log to wandb).
     """
+    if not isinstance(model, CausalLM):
+        raise TypeError(f"model must be a cospadi_jax CausalLM (from cospadi_jax.load_model), got "
+                        f"{type(model).__name__}")
     config = CompressionConfig(**{**asdict(config or CompressionConfig()), **overrides})
     n_layers = model.config.num_hidden_layers
     config.validate(n_layers)
     calibration = calibration or CalibrationSpec()
     method = make_method(config)
+    already = [p for unit in work_units(config, n_layers) for p in unit if not hasattr(get_module(model, p), "kernel")]
+    if already:
+        raise ValueError(f"{already[0]} is already compressed: compress the original model (load it again), "
+                         "a compressed model is never compressed twice")
+    if config.quantization:
+        log.info("quantization=%s is simulated: coefficient values are rounded to its grid and kept as float32",
+                 config.quantization)
     t_start = time.perf_counter()
     layers = list(config.layers) if config.layers is not None else None
     calibration_info = asdict(calibration)
@@ -328,4 +390,20 @@ def compress(
         if on_unit is not None:
             on_unit(unit_index, unit_rows)
     report.seconds = time.perf_counter() - t_start
+    warn_about(report, config)
     return target, report
+
+
+def warn_about(report: CompressionReport, config: CompressionConfig) -> None:
+    """Warnings a finished compression deserves: degenerate calibration data, a ratio far from the target."""
+    deficient = [m for m in report.matrices if m.effective_rank is not None and m.effective_rank < m.d_in]
+    if deficient:
+        worst = min(deficient, key=lambda m: m.effective_rank / m.d_in)
+        log.warning("the calibration Grams of %d matrices are rank-deficient (worst: %s, effective rank %d of %d): "
+                    "the calibration text spans too few directions (a repeated token, or too few tokens), so the "
+                    "fit matches the calibration data but not held-out data. Use more, varied calibration text.",
+                    len(deficient), worst.path, worst.effective_rank, worst.d_in)
+    if report.matrices and abs(report.realised_ratio - config.ratio) > 0.02:
+        log.warning("realised ratio %.4f is far from the target %.4f: the matrices are too small for the budget's "
+                    "integer rounding (k, s or rank), or the accounting differs; see the per-matrix rows.",
+                    report.realised_ratio, config.ratio)

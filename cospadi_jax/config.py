@@ -143,10 +143,15 @@ def _job_dir(*, _root_: DictConfig) -> str:
     stray default-named directory appears); ``plot_dir`` for plots."""
     task = _root_.task
     if task == "evaluate" and _root_.artifact:
-        return str(Path(_root_.artifact) / "evaluate")
-    if task == "plot":
-        return str(_root_.plot_dir)
-    return str(_root_.output_dir)
+        job_dir = Path(_root_.artifact) / "evaluate"
+    else:
+        job_dir = Path(_root_.plot_dir if task == "plot" else _root_.output_dir)
+    from .fileio import can_create_in
+
+    if not can_create_in(job_dir):  # else Hydra's log handler fails with "Unable to configure handler 'file'"
+        raise PermissionError(f"cannot write to {job_dir} (read-only, or not a directory): choose a writable "
+                              f"{'plot_dir' if task == 'plot' else 'output_dir'}=... or fix its permissions.")
+    return str(job_dir)
 
 
 def compression_config(cfg: RunConfig) -> CompressionConfig:

@@ -41,3 +41,12 @@ def atomic_write_json(path: str | Path, payload: Any) -> None:
             json.dump(payload, f, indent=2, sort_keys=True, default=str)
             f.flush()
             os.fsync(f.fileno())
+
+
+def can_create_in(directory: str | Path) -> bool:
+    """Whether files can be created in ``directory`` (or in the nearest existing parent that would hold it);
+    no side effects, so a cache can be checked before the work whose result it would store."""
+    path = Path(directory).absolute()
+    while not path.exists():
+        path = path.parent
+    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import ArtifactWriter, check_writable, fingerprint, load_artifact
 from .config import EvalConf, RunConfig, calibration_spec, compression_config, register_configs, validate
-from .fileio import atomic_write_json
+from .fileio import atomic_write_json, can_create_in
 from .identity import artifact_identity, digest, flatten
 from .distributed import initialize, is_primary
 
@@ -116,8 +116,11 @@ def _dense_baseline(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, Any
             log.info("dense baseline read from %s", path)
             return stored["scores"]
         log.warning("%s is unreadable or holds another setting's dense scores; re-evaluating", path)
+    if not can_create_in(path.parent):  # checked before the evaluation, not after it
+        log.warning("the dense-score cache %s is not writable: evaluating the dense model without caching",
+                    path.parent)
+        return _evaluate(model, tokenizer, cfg)
     scores = _evaluate(model, tokenizer, cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, {"key": key, "scores": scores})
     return scores
 
@@ -132,6 +135,22 @@ def _tracker(cfg: RunConfig, resolved: dict, run_id: str | None = None) -> Any:
                    tags=tags, config=resolved, directory=cfg.output_dir, run_id=run_id)
 
 
+def _check_model_fits(cfg: RunConfig, model: Any, tokenizer: Any) -> None:
+    """Checks that need the loaded model, before any calibration or fitting."""
+    from .models.loading import TOKENIZER_FILES
+
+    if tokenizer is None:
+        raise FileNotFoundError(
+            f"model.spec={cfg.model.spec} has weights but no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+            "calibration and evaluation need one. Copy the original model's tokenizer files next to its "
+            "config.json, e.g. `AutoTokenizer.from_pretrained(<hub id>).save_pretrained(dir)`.")
+    max_positions = model.config.max_position_embeddings
+    for key, seqlen in (("calib.seqlen", cfg.calib.seqlen), ("eval.seqlen", cfg.eval.seqlen)):
+        if seqlen > max_positions:
+            raise ValueError(f"{key}={seqlen} exceeds the model's max_position_embeddings={max_positions}; "
+                             f"use {key}<={max_positions}.")
+
+
 def _stored_identity(metadata: dict) -> dict:
     return artifact_identity(metadata.get("config", {}))
 
@@ -143,6 +162,7 @@ def run_compress(cfg: RunConfig, resolved: dict) -> dict[str, Any]:
     out_dir = check_writable(cfg.output_dir)  # before the model loads; nothing is written into it yet
     t0 = time.perf_counter()
     model, tokenizer = load_model(cfg.model.spec, cfg.model.dtype, revision=cfg.model.revision)
+    _check_model_fits(cfg, model, tokenizer)
     config = compression_config(cfg)
     config.validate(model.config.num_hidden_layers)
     # metadata.json only now: a first attempt that fails validation leaves nothing that blocks the next one.

@@ -30,7 +30,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from .calib.grams import Grams, advance_layer
-from .compress import CompressionConfig, CompressionReport, MatrixReport, fit_unit, work_units
+from .compress import CompressionConfig, CompressionReport, MatrixReport, fit_unit, warn_about, work_units
 from .methods import make_method
 from .methods.base import Factors, clear_whitening_cache
 from .models.config import DecoderConfig, decoder_config_from_hf
@@ -302,6 +302,7 @@ def compress_streaming(
     report.matrices.sort(key=lambda row: unit_of[row.path])  # the order of compress(): projection type, then layer
     report.seconds = time.perf_counter() - t_start
     report.config["peak_rss_gib"] = peak_rss_gib()
+    warn_about(report, config)
     return report, factors_by_path, plan
 
 

@@ -142,9 +142,32 @@ def test_bad_compression_inputs(tiny):
         (dict(layers=(7,)), "layer index \\[7\\] out of range"),
         (dict(method="cospadi", group_size=3), "group_size=3 does not divide the 4"),
         (dict(method="svd_llm", group_size=2), "does not share bases"),
+        (dict(layers=()), "layers is empty"),
+        (dict(proj_types=()), "proj_types is empty"),
+        (dict(layers=(1, 1)), "lists a layer twice"),
+        (dict(proj_types=("q_proj", "q_proj")), "lists a projection twice"),
+        (dict(method="cospadi", group_size=2, layers=(0, 3)), "not consecutive"),
+        (dict(method="cospadi", group_size=2, layers=(1, 2, 0, 3)), "not consecutive"),
+        (dict(method="svd_llm", quantization="int8"), "applies to CoSpaDi's coefficient values"),
+        (dict(rho=float("inf")), "rho must be finite"),
     ]:
         with pytest.raises(ValueError, match=message):
             compress(model, **kw, **overrides)
+    for overrides, message in [
+        (dict(ratio="0.3"), "ratio must be a number"),
+        (dict(layers=1), "layers must be a list"),
+        (dict(layers=(1.0,)), "layer indices must be integers"),
+        (dict(proj_types="q_proj"), "proj_types must be a list"),
+        (dict(ksvd_iterations=2.5), "ksvd_iterations must be an integer"),
+    ]:
+        with pytest.raises(TypeError, match=message):
+            compress(model, **kw, **overrides)
+    with pytest.raises(TypeError, match="model must be a cospadi_jax CausalLM"):
+        compress(None, grams=grams, progress=False)
+    compressed, _ = compress(model, grams=grams, method="svd_llm", layers=(0,), proj_types=("q_proj",),
+                             progress=False)
+    with pytest.raises(ValueError, match="already compressed"):
+        compress(compressed, grams=grams, method="svd_llm", layers=(0,), progress=False)
 
 
 def test_bad_grams(tiny):

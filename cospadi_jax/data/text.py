@@ -105,6 +105,9 @@ def _load_jsonl(path: Path, text_field: str) -> str:
 
 def load_text(source: str, *, text_field: str = "text") -> str:
     """Return the text of one source (see module docstring). Raises on unknown, missing or empty sources."""
+    if not isinstance(source, str):
+        raise TypeError(f"a text source is one name or path such as 'embedded:calibration' or 'my.txt', got "
+                        f"{type(source).__name__} {source!r}")
     if source.startswith("embedded:"):
         text = embedded_text(source.split(":", 1)[1])
     elif source in HUB_SOURCES:

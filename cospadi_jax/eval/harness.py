@@ -25,9 +25,10 @@ from lm_eval.api.model import LM
 from tqdm.auto import tqdm
 
 from ..distributed import is_primary
+from ..errors import HubUnavailableError
 from ..models.transformer import CausalLM
 from .sharded import ShardedScorer
-from .tasks import include_paths
+from .tasks import SHIPPED_TASKS, include_paths
 
 # The paper's tasks and its headline rule: acc_norm where the task reports it, acc otherwise (method.md §5).
 PAPER_TASKS = ("piqa", "hellaswag", "lambada_openai", "arc_easy", "arc_challenge", "sciq", "race", "mmlu")
@@ -237,6 +238,14 @@ def evaluate_zero_shot(model: CausalLM, tokenizer: Any, tasks: list[str] | tuple
             model=lm, tasks=list(tasks), num_fewshot=0, limit=limit, log_samples=False, bootstrap_iters=0,
             task_manager=TaskManager(include_path=paths) if paths else None,
         )
+    except OSError as exc:  # ConnectionError and the hub clients' offline errors are OSErrors
+        remote = [t for t in tasks if t not in SHIPPED_TASKS]
+        if not remote:
+            raise
+        raise HubUnavailableError(
+            f"lm-eval could not fetch the data of task(s) {remote} ({type(exc).__name__}: {exc}). Without the "
+            f"hub, use the shipped offline task(s) eval.tasks=[{', '.join(SHIPPED_TASKS)}], or task YAMLs with "
+            "local data files through eval.task_include_path=<dir>.") from exc
     finally:  # also on an lm-eval error, so that the followers return instead of waiting forever
         lm.release_followers()
     n_samples = {t: int(v.get("effective", v.get("original", 0))) for t, v in out.get("n-samples", {}).items()}

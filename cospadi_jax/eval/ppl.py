@@ -138,8 +138,14 @@ def perplexity(
 
     ``mesh``: data-parallel evaluation, see :func:`windows_perplexity`.
     """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be one str (join a list of documents first), got {type(text).__name__}")
     if not text or not text.strip():
         raise ValueError("empty text: perplexity needs at least one window of tokens.")
+    if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
+        raise ValueError(f"seqlen must be an integer >= 2 (one input and one predicted token), got {seqlen!r}")
+    if tokenizer is None:
+        raise ValueError("perplexity needs the model's tokenizer, got None")
     if seqlen > model.config.max_position_embeddings:
         raise ValueError(
             f"seqlen {seqlen} exceeds the model's max_position_embeddings "

@@ -141,7 +141,8 @@ def whitening_factor(gram: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
     with jax.enable_x64(True):
         result = whiten(gram, dtype=np.float64)
         L = np.asarray(result.L, np.float64)
-    info = {"jitter": result.jitter, "lambda_min": result.lambda_min, "condition_number": result.condition_number}
+    info = {"jitter": result.jitter, "lambda_min": result.lambda_min, "condition_number": result.condition_number,
+            "effective_rank": result.effective_rank}
     L.setflags(write=False)  # shared between callers
     with _WHITENING_LOCK:
         _WHITENING_CACHE[digest] = (L, info)

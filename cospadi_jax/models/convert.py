@@ -88,7 +88,8 @@ def assign_tensors(
     tensors: iterable of (HF name, array-like in HF layout). Each tensor is converted to ``dtype`` as it
     arrives, so at most one source tensor and the converted model exist at once. ``prefix`` is the module's
     path in the full model when filling a submodule (``"model.layers.3."`` for one decoder layer). Raises
-    ``CheckpointMismatchError`` naming the key on a shape mismatch, a missing key or a leftover key.
+    ``CheckpointMismatchError`` naming the key on a shape mismatch, non-finite values, a missing key or a
+    leftover key.
     """
     graphdef, state = nnx.split(abstract_model)
     flat = {prefix + _dotted(path): var for path, var in nnx.to_flat_state(state)}
@@ -117,6 +118,12 @@ def assign_tensors(
                 f"{tuple(expected)} for {path}; the config and the weights disagree (wrong config.json, or a "
                 "checkpoint of another model)."
             )
+        if not bool(jnp.isfinite(array).all()):
+            # Caught here, naming the tensor, rather than blamed later on "a diverged compression".
+            bad = int((~jnp.isfinite(array)).sum())
+            raise CheckpointMismatchError(
+                f"{source}: tensor {hf_name!r} holds {bad} NaN/inf value(s) of {array.size}; the checkpoint is "
+                "corrupt or was saved after a diverged run. Re-download or re-export it.")
         filled[path] = flat[path].replace(array.astype(dtype))
         del array
     missing = [nnx_to_hf(p) for p in flat if p not in filled]

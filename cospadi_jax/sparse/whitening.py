@@ -38,6 +38,8 @@ class WhiteningResult(NamedTuple):
         succeeded and ``diagnostics=False``).
     condition_number: float, cond(G + jitter·I) = λ_max/λ_min (NaN when not computed).
     attempts: int, Cholesky attempts (1 = no damping needed).
+    effective_rank: int | None, eigenvalues of G above λ_max·d·eps (None without the full spectrum). Below d
+        the calibration data span fewer directions than the layer has inputs (e.g. one repeated token).
     """
 
     L: jax.Array
@@ -45,6 +47,7 @@ class WhiteningResult(NamedTuple):
     lambda_min: float
     condition_number: float
     attempts: int
+    effective_rank: int | None = None
 
 
 def _cholesky_upper(G):
@@ -119,13 +122,17 @@ def whiten(
             )
     if eigenvalues is None and diagnostics:
         eigenvalues = _eigenvalues(G) if d <= exact_spectrum_max_dim else _extreme_eigenvalues(G, L)
+    effective_rank = None
+    if eigenvalues is not None and len(eigenvalues) == d:
+        effective_rank = int(np.sum(eigenvalues > eigenvalues[-1] * d * np.finfo(dtype).eps))
     if eigenvalues is not None:
         lambda_min = float(eigenvalues[0])
         shifted_min = lambda_min + jitter
         cond = float(eigenvalues[-1] + jitter) / shifted_min if shifted_min > 0 else float("inf")
     else:
         lambda_min = cond = float("nan")
-    return WhiteningResult(L=L, jitter=float(jitter), lambda_min=lambda_min, condition_number=cond, attempts=attempts)
+    return WhiteningResult(L=L, jitter=float(jitter), lambda_min=lambda_min, condition_number=cond, attempts=attempts,
+                           effective_rank=effective_rank)
 
 
 def _eigenvalues(G: jax.Array) -> np.ndarray:
