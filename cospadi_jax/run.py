@@ -339,5 +339,17 @@ def main(cfg: DictConfig) -> float | None:
     return next(iter(ppl.values()))["perplexity"] if ppl else None  # Hydra sweepers optimise the return value
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script: :func:`main`, after the checks Hydra would report without a hint."""
+    import importlib.util
+    import sys
+
+    if any(a.replace("+", "").startswith("hydra/launcher=slurm") for a in sys.argv[1:]) and \
+            importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
+        sys.exit("hydra/launcher=slurm needs the submitit launcher plugin, which is not installed: "
+                 'pip install "cospadi-jax[slurm]" (or pip install -e ".[slurm]" in a checkout).')
     main()
+
+
+if __name__ == "__main__":
+    cli()

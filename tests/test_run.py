@@ -136,6 +136,16 @@ def test_bad_inputs(tiny_dir, tmp_path):
         run_app.execute(_compose(_overrides(tiny_dir, tmp_path / "d", "task=evaluate")))
 
 
+def test_slurm_launcher_without_its_extra_names_the_install(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None:
+        pytest.skip("the [slurm] extra is installed here")
+    done = subprocess.run([sys.executable, "-m", "cospadi_jax.run", "-m", "hydra/launcher=slurm"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and 'pip install "cospadi-jax[slurm]"' in done.stderr
+
+
 def test_resume_with_a_different_config_is_refused(tiny_dir, tmp_path):
     out = tmp_path / "run"
     run_app.execute(_compose(_overrides(tiny_dir, out, "method.name=svd_llm", "eval.dense_baseline=false")))
@@ -267,3 +277,20 @@ def test_dense_baseline_is_cached_per_setting(tiny_dir, tmp_path, monkeypatch):
     cached[0].write_text(json.dumps(stored))
     run_app.execute(_compose(_overrides(tiny_dir, tmp_path / "d", "method.name=svd_llm")))
     assert len(calls) == 7 and json.loads(cached[0].read_text())["key"]["model"] != "another-model"
+
+
+@pytest.mark.slow
+def test_multirun_over_keys_the_old_template_left_out(tiny_dir, tmp_path):
+    """A Hydra multirun over quantization and layers: four jobs, four directories, none aborted."""
+    cmd = [sys.executable, "-m", "cospadi_jax.run", "-m", *_overrides(tiny_dir, tmp_path / "unused"),
+           "output_dir=results/${run_name}", f"hydra.sweep.dir={tmp_path}/sweep", "hydra.sweep.subdir=${run_name}",
+           "logger.mode=disabled", "eval.dense_baseline=false", "method.ksvd_iterations=1",
+           "method.proj_types=[q_proj,up_proj]", "method.quantization=null,int8", "method.layers=[0],[1]"]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = sorted((tmp_path / "results").glob("*/metrics.json"))
+    assert len(runs) == 4
+    settings = {(json.loads(p.read_text())["config"]["method"]["quantization"],
+                 tuple(json.loads(p.read_text())["config"]["method"]["layers"])) for p in runs}
+    assert settings == {(None, (0,)), (None, (1,)), ("int8", (0,)), ("int8", (1,))}
