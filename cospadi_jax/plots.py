@@ -2,8 +2,10 @@
 
     python -m cospadi_jax.plots 'results/**/metrics.json' --out results/plots [--wandb-project ENTITY/PROJECT]
 
-One figure per model and metric, one curve per method; perplexity on a log scale. Writes PNG and SVG per figure
-and ``results.md`` (the same numbers as a Markdown table). Sources: local ``metrics.json`` files written by
+One figure per model and metric, one curve per method *and setting*: runs that differ in any other axis (T, ρ,
+group size, calibration size, layers, ...) get curves of their own, labelled by the axes that differ; the axes
+shared by every curve are in the title. Methods have display names and stable colours; perplexity is on a log
+scale. Writes PNG and SVG per figure and ``results.md`` (the same numbers as a Markdown table). Sources: local ``metrics.json`` files written by
 ``python -m cospadi_jax.run``, and optionally the runs of a wandb project.
 """
 
@@ -18,15 +20,54 @@ from typing import Any
 
 import matplotlib
 
+from .models.paths import PROJECTION_TYPES
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+
+# Display names and colours, fixed per method so that a method looks the same in every figure.
+DISPLAY = {"svd": "SVD", "asvd": "ASVD", "svd_llm": "SVD-LLM", "basis_sharing": "Basis Sharing",
+           "cospadi": "CoSpaDi", "cospadi_grouped": "CoSpaDi (grouped)", "cospadi_free": "CoSpaDi†"}
+COLOURS = {"svd": "#7f7f7f", "asvd": "#bcbd22", "svd_llm": "#1f77b4", "basis_sharing": "#17becf",
+           "cospadi": "#d62728", "cospadi_grouped": "#ff7f0e", "cospadi_free": "#9467bd"}
+_KSVD = ("cospadi", "cospadi_free")
+# Setting axes that split curves (name in labels, how to read it from a config).
+SETTING_AXES = {
+    "T": lambda c: c["method"].get("ksvd_iterations") if c["method"]["name"] in _KSVD else None,
+    "p": lambda c: c["method"].get("power_iterations") if c["method"]["name"] in _KSVD else None,
+    "update": lambda c: c["method"].get("dict_update") if c["method"]["name"] in _KSVD else None,
+    "ρ": lambda c: c["method"].get("rho") if c["method"]["name"] in _KSVD else None,
+    "m": lambda c: c["method"].get("group_size"),
+    "layers": lambda c: _short(c["method"].get("layers")),
+    "proj": lambda c: _short(c["method"].get("proj_types")),
+    "quant": lambda c: c["method"].get("quantization"),
+    "storage": lambda c: c["method"].get("accounting"),
+    "calib": lambda c: f"{c['calib']['nsamples']}×{c['calib']['seqlen']}" if "calib" in c else None,
+    "calib seed": lambda c: c.get("calib", {}).get("seed"),
+    "dtype": lambda c: c["model"].get("dtype"),
+    "eval": lambda c: (f"{c['eval'].get('max_windows')}×{c['eval'].get('seqlen')}" if "eval" in c else None),
+}
+
+
+def _short(value: Any) -> Any:
+    if isinstance(value, (list, tuple)) and tuple(value) == PROJECTION_TYPES:
+        return "all"
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value) if len(value) <= 4 else f"{value[0]}..{value[-1]} ({len(value)})"
+    return value
+
+
+def display_name(method: str) -> str:
+    return DISPLAY.get(method, method)
 
 
 def row_from_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """Flatten one metrics.json into {model, method, ratio, realised_ratio, ppl/<source>..., avg_acc, dense...}."""
     cfg = metrics["config"]
     row = {"model": cfg["model"]["name"], "method": cfg["method"].get("label") or cfg["method"]["name"],
-           "ratio": cfg["method"]["ratio"], "realised_ratio": metrics.get("realised_ratio")}
+           "ratio": cfg["method"]["ratio"], "realised_ratio": metrics.get("realised_ratio"),
+           "setting": {axis: read(cfg) for axis, read in SETTING_AXES.items()}}
     for source, r in metrics.get("compressed", {}).get("perplexity", {}).items():
         row[f"ppl/{source}"] = r["perplexity"]
     for source, r in metrics.get("dense", {}).get("perplexity", {}).items():
@@ -54,7 +95,8 @@ def wandb_rows(project: str) -> list[dict[str, Any]]:
         if "method" not in cfg or "model" not in cfg:
             continue
         row = {"model": cfg["model"]["name"], "method": cfg["method"].get("label") or cfg["method"]["name"],
-               "ratio": cfg["method"]["ratio"], "realised_ratio": run.summary.get("realised_ratio")}
+               "ratio": cfg["method"]["ratio"], "realised_ratio": run.summary.get("realised_ratio"),
+               "setting": {axis: read(cfg) for axis, read in SETTING_AXES.items()}}
         row.update({k: v for k, v in run.summary.items() if k.startswith("ppl/")})
         if "zero_shot/average" in run.summary:
             row["avg_acc"] = run.summary["zero_shot/average"]
@@ -62,31 +104,62 @@ def wandb_rows(project: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _figure(rows: list[dict], model: str, metric: str, out_dir: Path, *, log_y: bool, ylabel: str) -> list[str]:
-    by_method: dict[str, list[tuple[float, float, float | None]]] = defaultdict(list)
+def _curves(rows: list[dict]) -> tuple[dict[tuple, list[dict]], dict[str, Any], list[str]]:
+    """Rows grouped into curves: {(method, setting values of the varying axes): rows}; the axes every row
+    shares (for the title) and the names of the varying ones (for the labels)."""
+    values: dict[str, set] = defaultdict(set)
     for r in rows:
-        if r["model"] == model and r.get(metric) is not None:
-            x = r["realised_ratio"] if r.get("realised_ratio") is not None else r["ratio"]
-            by_method[r["method"]].append((x, r[metric], r.get(metric + "_stderr")))
-    if not by_method:
+        for axis, v in r.get("setting", {}).items():
+            if v is not None:  # an axis a method does not have (T of SVD-LLM) neither varies nor is shared
+                values[axis].add(json.dumps(v))
+    varying = [a for a in SETTING_AXES if len(values.get(a, ())) > 1]
+    shared = {a: json.loads(next(iter(values[a]))) for a in SETTING_AXES if len(values.get(a, ())) == 1}
+    curves: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        curves[(r["method"], tuple(r.get("setting", {}).get(a) for a in varying))].append(r)
+    return curves, shared, varying
+
+
+def _label(method: str, key: tuple, varying: list[str]) -> str:
+    extra = ", ".join(f"{a}={v}" for a, v in zip(varying, key) if v is not None)
+    return display_name(method) + (f" ({extra})" if extra else "")
+
+
+def setting_title(model: str, shared: dict[str, Any]) -> str:
+    return model + "".join(f" · {a} {v}" for a, v in shared.items() if a not in ("m", "storage", "dtype"))
+
+
+X_LABEL = "storage removed from the compressed matrices (realised CR, Eq. 10/11 bytes)"
+
+
+def _figure(rows: list[dict], model: str, metric: str, out_dir: Path, *, log_y: bool, ylabel: str) -> list[str]:
+    rows = [r for r in rows if r["model"] == model and r.get(metric) is not None]
+    if not rows:
         return []
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for method, points in sorted(by_method.items()):
-        points.sort()
-        errors = [p[2] for p in points]
-        ax.errorbar([p[0] for p in points], [p[1] for p in points], marker="o", label=method, capsize=3,
+    curves, shared, varying = _curves(rows)
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    styles = ("-", "--", ":", "-.")
+    seen: dict[str, int] = defaultdict(int)
+    for (method, key), points in sorted(curves.items(), key=lambda kv: (kv[0][0], json.dumps(kv[0][1]))):
+        points = sorted(points, key=lambda r: r["realised_ratio"] if r.get("realised_ratio") is not None
+                        else r["ratio"])
+        xs = [r["realised_ratio"] if r.get("realised_ratio") is not None else r["ratio"] for r in points]
+        errors = [r.get(metric + "_stderr") for r in points]
+        ax.errorbar(xs, [r[metric] for r in points], marker="o", capsize=3, label=_label(method, key, varying),
+                    color=COLOURS.get(method), linestyle=styles[seen[method] % len(styles)],
                     yerr=errors if all(e is not None for e in errors) else None)
+        seen[method] += 1
     dense_key = "dense_" + metric if not metric.startswith("ppl/") else "dense_ppl/" + metric[4:]
-    dense = [r[dense_key] for r in rows if r["model"] == model and r.get(dense_key) is not None]
+    dense = [r[dense_key] for r in rows if r.get(dense_key) is not None]
     if dense:
         ax.axhline(dense[0], color="gray", linestyle="--", linewidth=1, label="dense")
     if log_y:
         ax.set_yscale("log")
-    ax.set_xlabel("compression ratio (fraction of parameters removed)")
+    ax.set_xlabel(X_LABEL)
     ax.set_ylabel(ylabel)
-    ax.set_title(model)  # the y label names the metric; a long title is cut off
+    ax.set_title(setting_title(model, shared), fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     stem = out_dir / f"{model}_{metric.replace('/', '_').replace(':', '_')}"
     files = []
@@ -100,10 +173,12 @@ def _figure(rows: list[dict], model: str, metric: str, out_dir: Path, *, log_y: 
 def markdown_table(rows: list[dict]) -> str:
     metrics = sorted({k for r in rows for k in r if k.startswith("ppl/")} | ({"avg_acc"} if any(
         "avg_acc" in r for r in rows) else set()))
-    header = ["model", "method", "CR", "realised CR", *metrics]
+    _, _, varying = _curves(rows)
+    header = ["model", "method", *varying, "CR", "realised CR", *metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in sorted(rows, key=lambda r: (r["model"], r["method"], r["ratio"])):
-        cells = [r["model"], r["method"], f"{r['ratio']:g}",
+    for r in sorted(rows, key=lambda r: (r["model"], r["method"], json.dumps([r.get("setting", {}).get(a)
+                                                                              for a in varying]), r["ratio"])):
+        cells = [r["model"], r["method"], *(str(r.get("setting", {}).get(a)) for a in varying), f"{r['ratio']:g}",
                  f"{r['realised_ratio']:.4f}" if r.get("realised_ratio") is not None else "-"]
         cells += [("-" if r.get(m) is None else f"{r[m]:.4g}" + (f" ± {r[m + '_stderr']:.2g}"
                    if r.get(m + "_stderr") is not None else "")) for m in metrics]

@@ -59,29 +59,49 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The methods within a factor of a few of dense; SVD, ASVD and CoSpaDi† collapse by orders of magnitude and would
+# squeeze these into one band on a shared axis.
+COMPETITIVE = ("SVD-LLM", "Basis Sharing", "CoSpaDi", "CoSpaDi (grouped)")
+
+
 def figure(results: dict, path: Path) -> None:
-    """Held-out perplexity (log) and mean functional error against realised CR, one curve per method."""
+    """Held-out perplexity against realised CR for every method (log), the competitive methods alone (linear),
+    and the mean functional error; display names and colours from cospadi_jax.plots."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    from cospadi_jax.plots import COLOURS, DISPLAY, X_LABEL
+
+    config_name = {shown: name for name, shown in DISPLAY.items()}  # METHODS' labels are the display names
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     for label in METHODS:
         runs = sorted((r for r in results["runs"] if r["label"] == label), key=lambda r: r["realised_ratio"])
-        if runs:
-            x = [r["realised_ratio"] for r in runs]
-            axes[0].plot(x, [r["perplexity"] for r in runs], marker="o", label=label)
-            axes[1].plot(x, [r["functional_error_heldout"] for r in runs], marker="o", label=label)
-    axes[0].axhline(results["dense"]["perplexity"], color="gray", ls="--", label="dense")
+        if not runs:
+            continue
+        x = [r["realised_ratio"] for r in runs]
+        style = dict(marker="o", label=label, color=COLOURS.get(config_name.get(label)))
+        axes[0].plot(x, [r["perplexity"] for r in runs], **style)
+        if label in COMPETITIVE:
+            axes[1].plot(x, [r["perplexity"] for r in runs], **style)
+        axes[2].plot(x, [r["functional_error_heldout"] for r in runs], **style)
+    for ax in axes[:2]:
+        ax.axhline(results["dense"]["perplexity"], color="gray", ls="--", label="dense")
     axes[0].set_yscale("log")
     axes[0].set_ylabel("held-out perplexity (log scale)")
-    axes[1].set_ylabel("mean functional error (held-out Gram)")
+    axes[0].set_title("all methods", fontsize=9)
+    axes[1].set_ylabel("held-out perplexity")
+    axes[1].set_title("the competitive methods", fontsize=9)
+    axes[2].set_ylabel("mean functional error (held-out Gram)")
     for ax in axes:
-        ax.set_xlabel("realised compression ratio")
+        ax.set_xlabel(X_LABEL, fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"SmolLM2-135M, K-SVD T = {results['meta']['ksvd_iterations']}")
+    meta = results["meta"]
+    fig.suptitle(f"SmolLM2-135M · K-SVD T = {meta['ksvd_iterations']} · calib {meta.get('nsamples')}×"
+                 f"{meta.get('seqlen')} · eval {meta.get('eval_windows')} windows")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

@@ -46,3 +46,28 @@ def test_rows_figures_and_table(tmp_path, capsys):
 def test_nothing_to_plot_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no results to plot"):
         plot_results([], tmp_path)
+
+
+def test_curves_split_by_every_axis_that_differs(tmp_path):
+    """Runs of one method at another T are their own curve, labelled by T; the shared axes go to the title;
+    methods get display names and fixed colours."""
+    from cospadi_jax.plots import COLOURS, _curves, _label, setting_title
+
+    rows = []
+    for T in (1, 60):
+        for ratio in (0.2, 0.3):
+            m = _metrics("cospadi", ratio, 10 + T * ratio, {"a": (0.4, 0.03)})
+            m["config"]["method"].update(name="cospadi", ksvd_iterations=T, rho=2.0, group_size=1)
+            m["config"]["calib"] = {"nsamples": 32, "seqlen": 512, "seed": 42}
+            rows.append(row_from_metrics(m))
+    low_rank = _metrics("svd_llm", 0.2, 30.0, {"a": (0.3, 0.03)})
+    low_rank["config"]["method"].update(ksvd_iterations=60, group_size=1)  # K-SVD knobs a low-rank run ignores
+    low_rank["config"]["calib"] = {"nsamples": 32, "seqlen": 512, "seed": 42}
+    rows.append(row_from_metrics(low_rank))
+    curves, shared, varying = _curves(rows)
+    assert varying == ["T"]
+    assert sorted(_label(method, key, varying) for method, key in curves) == [
+        "CoSpaDi (T=1)", "CoSpaDi (T=60)", "SVD-LLM"]
+    assert all(len(points) == 2 for (method, _), points in curves.items() if method == "cospadi")
+    assert "calib 32×512" in setting_title("m", shared) and "ρ 2.0" in setting_title("m", shared)
+    assert COLOURS["cospadi"] != COLOURS["svd_llm"]
