@@ -128,6 +128,10 @@ class ArtifactWriter:
         self._progress_path = self.directory / ("progress.json" if world == 1 else f"progress.p{rank}.json")
         self._lock = threading.Lock()  # worker threads of one process save units concurrently
 
+    def finished_indices(self) -> list[int]:
+        """Indices of the finished units (without reading their factors)."""
+        return _finished_indices(self.directory)
+
     def finished_units(self, total: int | None = None) -> dict[int, tuple[list[Factors], list[dict]]]:
         """Factors and report rows of every unit a previous run (or another process) finished; logs how many
         of ``total`` units are reused."""

@@ -151,6 +151,33 @@ def _check_model_fits(cfg: RunConfig, model: Any, tokenizer: Any) -> None:
                              f"use {key}<={max_positions}.")
 
 
+def _log_estimate(model: Any, config: Any, skip: set[int]) -> None:
+    """For K-SVD methods, the fitting time measured by a probe on this machine, before the work starts."""
+    from .compress import work_units
+    from .estimate import estimate_fit_seconds
+    from .methods import METHODS, make_method
+    from .models.paths import get_module
+
+    if METHODS[config.method].budget_kind != "cospadi" or config.parallel == "columns":
+        return
+    runner = make_method(config)
+    units = []
+    for index, paths in enumerate(work_units(config, model.config.num_hidden_layers)):
+        if index not in skip:
+            d_in, d_out = get_module(model, paths[0]).kernel.get_value().shape
+            b = runner.budget(d_in, d_out, len(paths))
+            units.append((d_in, d_out * len(paths), b.n_atoms, b.sparsity))
+    if not units:
+        return
+    m = runner.method
+    est = estimate_fit_seconds(units, config.ksvd_iterations, method=m.update, power_iterations=m.power_iterations,
+                               omp_backend=m.omp_backend, omp_memory_budget_bytes=m.omp_memory_bytes)
+    workers = "" if config.parallel == "none" else "; parallel=matrices divides it by about the number of workers"
+    log.info("estimated fitting time: %.0f min for %d units (T = %d x %.1f s per iteration on this machine, measured "
+             "in %.1f s on random data of each shape; calibration and evaluation extra%s)", est["seconds"] / 60,
+             len(units), config.ksvd_iterations, est["per_iteration_s"], est["probe_s"], workers)
+
+
 def _stored_identity(metadata: dict) -> dict:
     return artifact_identity(metadata.get("config", {}))
 
@@ -169,6 +196,7 @@ def run_compress(cfg: RunConfig, resolved: dict) -> dict[str, Any]:
     metadata = {"config": resolved, "identity": artifact_identity(resolved), "model": dataclasses.asdict(cfg.model),
                 **environment()}
     artifact = ArtifactWriter(out_dir, metadata, identity_of=_stored_identity)
+    _log_estimate(model, config, skip=set(artifact.finished_indices()))
     tracker = _tracker(cfg, resolved, run_id=artifact.metadata["wandb_run_id"])
     try:
         metrics: dict[str, Any] = {"config": resolved, **environment(), "timings": {"load_s": time.perf_counter() - t0}}

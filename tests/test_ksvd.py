@@ -137,3 +137,12 @@ def test_bad_inputs():
         ksvd(Y, 10, 2, 1, dtype=jnp.int32)
     with pytest.raises(ValueError, match="init"):
         ksvd(Y, 10, 2, 1, init=np.ones((8, 9)))
+
+
+def test_fit_time_estimate_counts_every_unit_and_iteration():
+    from cospadi_jax.estimate import estimate_fit_seconds
+
+    one = estimate_fit_seconds([(32, 48, 24, 6)], 3, omp_backend="xla")
+    assert one["per_iteration_s"] > 0 and one["seconds"] == pytest.approx(3 * one["per_iteration_s"])
+    with pytest.raises(ValueError, match="sparsity"):  # the probe runs the real engine, with its checks
+        estimate_fit_seconds([(32, 48, 6, 24)], 1, omp_backend="xla")

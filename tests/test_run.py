@@ -41,9 +41,11 @@ def _compose(overrides):
         return compose("config", overrides=overrides)
 
 
-def test_compress_job_writes_metrics_artifact_and_wandb(tiny_dir, tmp_path):
+def test_compress_job_writes_metrics_artifact_and_wandb(tiny_dir, tmp_path, caplog):
     out = tmp_path / "run"
-    metrics = run_app.execute(_compose(_overrides(tiny_dir, out)))
+    with caplog.at_level("INFO", logger="cospadi_jax"):
+        metrics = run_app.execute(_compose(_overrides(tiny_dir, out)))
+    assert "estimated fitting time" in caplog.text and "for 14 units (T = 2" in caplog.text
     saved = json.loads((out / "metrics.json").read_text())
     for key in ("config", "realised_ratio", "dense", "compressed", "matrices", "timings", "git_sha", "versions",
                 "calibration_key", "host"):
