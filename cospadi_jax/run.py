@@ -158,7 +158,7 @@ def _log_estimate(model: Any, config: Any, skip: set[int]) -> None:
     from .methods import METHODS, make_method
     from .models.paths import get_module
 
-    if METHODS[config.method].budget_kind != "cospadi" or config.parallel == "columns":
+    if METHODS[config.method].budget_kind != "cospadi" or config.parallel == "columns" or not is_primary():
         return
     runner = make_method(config)
     units = []
