@@ -102,21 +102,17 @@ class DictLinear(nnx.Module):
         return y if self.bias is None else y + self.bias[...]
 
 
-def factored_module(factors: Factors, bias: jax.Array | None, *, dtype: Any, mode: str = "dense",
-                    quantization: str | None = None) -> nnx.Module:
-    """The NNX module computing x ↦ x·W̃ (+ bias) for one set of factors."""
+def factored_module(factors: Factors, bias: jax.Array | None, *, dtype: Any, mode: str = "dense") -> nnx.Module:
+    """The NNX module computing x ↦ x·W̃ (+ bias) for one set of factors (coefficient quantisation, if any, is
+    applied once by the orchestrator before the factors are stored)."""
     if isinstance(factors, LowRankFactors):
-        if quantization is not None:
-            raise ValueError("coefficient quantisation applies to CoSpaDi's sparse coefficients only")
         return LowRankLinear(factors.A, factors.B, bias, dtype=dtype)
     if isinstance(factors, DictFactors):
-        values = quantize_coefficients(factors.values, quantization)
-        return DictLinear(factors.D, factors.indices, values, bias, dtype=dtype, mode=mode)
+        return DictLinear(factors.D, factors.indices, factors.values, bias, dtype=dtype, mode=mode)
     raise TypeError(f"unknown factors type {type(factors).__name__}")
 
 
-def replace_projection(model: nnx.Module, path: str, factors: Factors, *, mode: str = "dense",
-                       quantization: str | None = None) -> nnx.Module:
+def replace_projection(model: nnx.Module, path: str, factors: Factors, *, mode: str = "dense") -> nnx.Module:
     """Swap the projection at HF ``path`` (e.g. ``model.layers.3.mlp.up_proj``) for its factors, in place.
 
     The original bias (Qwen2 q/k/v) is kept. Returns the new module.
@@ -131,6 +127,6 @@ def replace_projection(model: nnx.Module, path: str, factors: Factors, *, mode: 
     if factors.shape != (d_in, d_out):
         raise ValueError(f"factors of shape {factors.shape} do not fit {path} with W [d_in, d_out] = {(d_in, d_out)}")
     bias = None if old.bias is None else old.bias[...]
-    new = factored_module(factors, bias, dtype=old.dtype, mode=mode, quantization=quantization)
+    new = factored_module(factors, bias, dtype=old.dtype, mode=mode)
     setattr(parent, name, new)
     return new
