@@ -20,6 +20,7 @@ from flax import nnx
 
 from ..errors import HubUnavailableError
 from .config import UnsupportedModelError, decoder_config_from_hf
+from . import gguf
 from .convert import CheckpointMismatchError, assign_tensors
 from .transformer import CausalLM
 
@@ -164,10 +165,9 @@ def embedded_model_path(name: str) -> Path:
     raise FileNotFoundError(f"{dist_name} is installed but {filename} is missing from it; reinstall with `{install}`.")
 
 
-def _gguf_tensors(reader: Any, hf_config: Any, arch: str, num_layers: int, expected: list[str]):
-    """Yield (hf_name, float32 array) from a GGUF, dequantised with gguf-py and un-permuted as transformers does."""
+def _gguf_tensors(reader: Any, arch: str, hf_config: Any, num_layers: int, expected: list[str]):
+    """Yield (hf_name, float32 array) from a GGUF, dequantised with gguf-py, in HF layout (:mod:`.gguf`)."""
     from gguf import MODEL_ARCH_NAMES, dequantize, get_tensor_name_map
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
     arch_enum = next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch)
     name_map = get_tensor_name_map(arch_enum, num_layers)
@@ -177,17 +177,16 @@ def _gguf_tensors(reader: Any, hf_config: Any, arch: str, num_layers: int, expec
         gguf_base = name_map.get_name(base)
         if gguf_base is not None:
             gguf_to_hf[f"{gguf_base}.{suffix}"] = hf_name
-    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=hf_config.to_dict())
+    to_hf_layout = gguf.unpermute_rule(arch, hf_config)
     for tensor in reader.tensors:
-        weights = dequantize(tensor.data, tensor.tensor_type)
-        weights = processor.process(weights=weights, name=tensor.name).weights
-        yield gguf_to_hf.get(tensor.name, f"<gguf:{tensor.name}>"), np.asarray(weights, dtype=np.float32)
+        name = gguf_to_hf.get(tensor.name, f"<gguf:{tensor.name}>")
+        weights = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        yield name, to_hf_layout(name, weights)
 
 
 def load_gguf(path: str | Path, dtype: Any = jnp.float32) -> tuple[CausalLM, Any]:
-    """Load a .gguf file: config and tokenizer through transformers, tensors dequantised one by one with gguf-py."""
+    """Load a .gguf file: config, tokenizer and tensors from gguf-py's reader, without PyTorch (:mod:`.gguf`)."""
     from gguf import GGUFReader
-    from transformers import AutoConfig
 
     from .convert import expected_hf_names
 
@@ -200,25 +199,24 @@ def load_gguf(path: str | Path, dtype: Any = jnp.float32) -> tuple[CausalLM, Any
         raise CheckpointMismatchError(
             f"{path} is not a readable GGUF file ({path.stat().st_size:,} bytes; {type(exc).__name__}: {exc}). "
             "It is probably truncated or corrupt: download or copy it again.") from exc
-    arch_field = reader.fields.get("general.architecture")
-    arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field else "<missing>"
-    if arch not in ("llama", "qwen2", "qwen3"):
+    metadata = gguf.read_metadata(reader)
+    arch = gguf.architecture(metadata)
+    if arch not in gguf.SUPPORTED_ARCHS:
         raise UnsupportedModelError(
             f"{path.name}: GGUF architecture {arch!r} is not supported; cospadi-jax loads GGUF files of the "
-            "'llama' (Llama, SmolLM2), 'qwen2' and 'qwen3' architectures."
+            f"{', '.join(repr(a) for a in gguf.SUPPORTED_ARCHS)} architectures (Llama, SmolLM2, Qwen2, Qwen3)."
         )
     try:
-        hf_config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
-    except Exception as exc:
-        raise UnsupportedModelError(f"{path.name}: transformers cannot parse this GGUF's metadata: {exc}") from exc
+        hf_config = gguf.hf_config(metadata, [t.name for t in reader.tensors])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise UnsupportedModelError(f"{path.name}: cannot build a config from this GGUF's metadata: {exc}") from exc
     dtype = resolve_dtype(dtype)
     abstract = _abstract_model(hf_config, dtype)
-    tensors = _gguf_tensors(reader, hf_config, arch, hf_config.num_hidden_layers, expected_hf_names(abstract))
+    tensors = _gguf_tensors(reader, arch, hf_config, hf_config.num_hidden_layers, expected_hf_names(abstract))
     model = assign_tensors(
         abstract, tensors, dtype=dtype, tied_embeddings=abstract.config.tie_word_embeddings, source=str(path)
     )
-    tokenizer = _load_tokenizer(path.parent, gguf_file=path.name)
-    return model, tokenizer
+    return model, gguf.tokenizer(metadata)
 
 
 # ---------------------------------------------------------------------------------------------- entry point
