@@ -68,7 +68,9 @@ def test_console_scripts_run_outside_the_checkout(installed, tmp_path):
     where = subprocess.run([str(venv / "bin" / "python"), "-c", "import cospadi_jax; print(cospadi_jax.__file__)"],
                            cwd=elsewhere, env=env, capture_output=True, text=True, check=True).stdout
     assert str(ROOT) not in where  # the wheel, not the checkout
-    assert "cospadi-run: compress an LLM" in run("--help")
+    help_text = run("--help")
+    assert "cospadi-run: compress an LLM" in help_text and "task=" in help_text
+    assert "_schema" not in help_text  # the internal schema nodes are not config options
     # a user's own config group, on the search path next to the shipped ones
     mine = tmp_path / "my_conf" / "experiment"
     mine.mkdir(parents=True)
@@ -80,4 +82,7 @@ def test_console_scripts_run_outside_the_checkout(installed, tmp_path):
         "calib.nsamples=4", "calib.seqlen=32", "calib.heldout_nsamples=2", "calib.cache_dir=null",
         "eval.seqlen=32", "eval.max_windows=2", "eval.dense_cache_dir=null")
     assert json.loads((out / "metrics.json").read_text())["resumed"]["units"] == 14
+    log = (out / "run.log").read_text()
+    assert "absl" not in log and "orbax" not in log and len(log.splitlines()) < 30  # quiet, useful output
+    assert f"metrics: {out}/metrics.json" in log and "whole model:" in log
     assert not list(elsewhere.iterdir())  # nothing stray in the working directory
