@@ -367,13 +367,21 @@ def main(cfg: DictConfig) -> float | None:
     return next(iter(ppl.values()))["perplexity"] if ppl else None  # Hydra sweepers optimise the return value
 
 
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package (hydra_plugins) is not there either
+        return False
+
+
 def cli() -> None:
     """The console script: :func:`main`, after the checks Hydra would report without a hint."""
-    import importlib.util
     import sys
 
     if any(a.replace("+", "").startswith("hydra/launcher=slurm") for a in sys.argv[1:]) and \
-            importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
+            not _importable("hydra_plugins.hydra_submitit_launcher"):
         sys.exit("hydra/launcher=slurm needs the submitit launcher plugin, which is not installed: "
                  'pip install "cospadi-jax[slurm]" (or pip install -e ".[slurm]" in a checkout).')
     main()

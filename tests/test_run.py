@@ -139,9 +139,7 @@ def test_bad_inputs(tiny_dir, tmp_path):
 
 
 def test_slurm_launcher_without_its_extra_names_the_install(tmp_path):
-    import importlib.util
-
-    if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None:
+    if run_app._importable("hydra_plugins.hydra_submitit_launcher"):
         pytest.skip("the [slurm] extra is installed here")
     done = subprocess.run([sys.executable, "-m", "cospadi_jax.run", "-m", "hydra/launcher=slurm"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
