@@ -29,6 +29,7 @@ from .methods.base import DictFactors, Factors, functional_error, weight_error
 from .models.paths import PROJECTION_TYPES, get_module, projection_path, projection_weight
 from .models.transformer import CausalLM
 from .sparse.backend import check_omp_backend
+from .sparse.ksvd import SPARSE_CODERS
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class CompressionConfig:
     parallel: str = "none"
     omp_memory_mb: int | None = None  # one OMP chunk's working memory per device; None = the backend's default
     omp_backend: str = "auto"  # auto | xla | cpu_kernel | gemm (cospadi_jax.sparse.backend)
+    sparse_coder: str = "omp"  # omp (the paper's Batch-OMP) | ormp (order-recursive MP, cospadi_jax.sparse.ormp)
 
     def validate(self, n_layers: int | None = None) -> None:
         """Raise ValueError naming the bad field before any work starts (layer checks need ``n_layers``)."""
@@ -151,6 +153,10 @@ class CompressionConfig:
         if self.omp_memory_mb is not None and self.omp_memory_mb < 1:
             raise ValueError(f"omp_memory_mb must be >= 1, got {self.omp_memory_mb}")
         check_omp_backend(self.omp_backend)
+        if self.sparse_coder not in SPARSE_CODERS:
+            raise ValueError(f"unknown sparse_coder {self.sparse_coder!r}; use one of {SPARSE_CODERS}")
+        if self.sparse_coder != "omp" and self.parallel == "columns":
+            raise ValueError("parallel='columns' shards Batch-OMP over devices; use sparse_coder=omp with it")
         if self.parallel == "columns" and self.omp_backend not in ("auto", "xla"):
             raise ValueError(f"parallel='columns' shards the XLA Batch-OMP over devices; omp_backend="
                              f"{self.omp_backend!r} cannot be sharded: use omp_backend=auto or xla.")

@@ -17,9 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 from .compress import DEFAULT_SHARED_TYPES, CalibrationSpec, CompressionConfig
 from .models.paths import PROJECTION_TYPES
 from .sparse.backend import OMP_BACKENDS
+from .sparse.ksvd import SPARSE_CODERS
 
 # An Enum, so that OmegaConf refuses an unknown backend when the config is composed, before any work.
 OmpBackend = Enum("OmpBackend", {name: name for name in OMP_BACKENDS}, type=str)
+SparseCoder = Enum("SparseCoder", {name: name for name in SPARSE_CODERS}, type=str)
 
 
 @dataclass
@@ -55,6 +57,8 @@ class MethodConf:
     omp_memory_mb: Optional[int] = None
     # Batch-OMP implementation: auto (cpu_kernel on CPU, gemm on GPU/TPU) | xla | cpu_kernel | gemm
     omp_backend: OmpBackend = OmpBackend.auto
+    # K-SVD's sparse coder: omp (the paper) | ormp (order-recursive matching pursuit: lower error at the same s)
+    sparse_coder: SparseCoder = SparseCoder.omp
 
 
 @dataclass
@@ -162,7 +166,7 @@ def compression_config(cfg: RunConfig) -> CompressionConfig:
         proj_types=tuple(m.proj_types), ksvd_iterations=m.ksvd_iterations, power_iterations=m.power_iterations,
         dict_update=m.dict_update, reseed_unused=m.reseed_unused, seed=cfg.seed, mode=m.mode,
         quantization=m.quantization, parallel=m.parallel, omp_memory_mb=m.omp_memory_mb,
-        omp_backend=OmpBackend(m.omp_backend).value,
+        omp_backend=OmpBackend(m.omp_backend).value, sparse_coder=SparseCoder(m.sparse_coder).value,
     )
 
 

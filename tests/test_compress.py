@@ -150,6 +150,7 @@ def test_bad_compression_inputs(tiny):
         (dict(method="cospadi", group_size=2, layers=(1, 2, 0, 3)), "not consecutive"),
         (dict(method="svd_llm", quantization="int8"), "applies to CoSpaDi's coefficient values"),
         (dict(rho=float("inf")), "rho must be finite"),
+        (dict(sparse_coder="lasso"), "unknown sparse_coder"),
     ]:
         with pytest.raises(ValueError, match=message):
             compress(model, **kw, **overrides)

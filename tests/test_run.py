@@ -121,6 +121,8 @@ def test_bad_inputs(tiny_dir, tmp_path):
         _compose(_overrides(tiny_dir, tmp_path / "a", "method.ratioo=0.3"))
     with pytest.raises(ConfigCompositionException, match="omp_backend"):  # unknown backend, at composition
         _compose(_overrides(tiny_dir, tmp_path / "a", "method.omp_backend=fast"))
+    with pytest.raises(ConfigCompositionException, match="sparse_coder"):
+        _compose(_overrides(tiny_dir, tmp_path / "a", "method.sparse_coder=lasso"))
     with pytest.raises(ValueError, match="ratio must be in"):  # impossible value, before any work
         run_app.execute(_compose(_overrides(tiny_dir, tmp_path / "b", "method.ratio=1.5")))
     assert not (tmp_path / "b").exists()

@@ -28,12 +28,14 @@ METHODS: dict[str, MethodSpec] = {
     "cospadi": MethodSpec(lambda c: CoSpaDi(data_aware=True, iterations=c.ksvd_iterations,
                                             power_iterations=c.power_iterations, update=c.dict_update,
                                             reseed_unused=c.reseed_unused, parallel=c.parallel,
-                                            omp_memory_mb=c.omp_memory_mb, omp_backend=c.omp_backend),
+                                            omp_memory_mb=c.omp_memory_mb, omp_backend=c.omp_backend,
+                                            sparse_coder=c.sparse_coder),
                             "cospadi", True),
     "cospadi_free": MethodSpec(lambda c: CoSpaDi(data_aware=False, iterations=c.ksvd_iterations,
                                                  power_iterations=c.power_iterations, update=c.dict_update,
                                                  reseed_unused=c.reseed_unused, parallel=c.parallel,
-                                                 omp_memory_mb=c.omp_memory_mb, omp_backend=c.omp_backend),
+                                                 omp_memory_mb=c.omp_memory_mb, omp_backend=c.omp_backend,
+                                                 sparse_coder=c.sparse_coder),
                                  "cospadi", True),
 }
 

@@ -21,7 +21,7 @@ class CoSpaDi:
 
     def __init__(self, *, data_aware: bool = True, iterations: int = 60, power_iterations: int = 8,
                  update: str = "power", reseed_unused: bool = False, parallel: str = "none", omp_memory_mb: int | None = None,
-                 omp_backend: str = "auto"):
+                 omp_backend: str = "auto", sparse_coder: str = "omp"):
         self.data_aware = data_aware
         self.name = "cospadi" if data_aware else "cospadi_free"
         self.iterations = iterations
@@ -31,6 +31,7 @@ class CoSpaDi:
         self.parallel = parallel  # "columns": one matrix's columns sharded over all devices
         self.omp_memory_bytes = None if omp_memory_mb is None else int(omp_memory_mb) * 2**20  # per device
         self.omp_backend = omp_backend
+        self.sparse_coder = sparse_coder  # omp (the paper) | ormp
 
     def fit(self, W: np.ndarray, gram: np.ndarray | None, budget: Any, key: Any) -> DictFactors:
         return self.fit_group([W], [gram], budget, key)[0]
@@ -56,7 +57,8 @@ class CoSpaDi:
                 kwargs.pop("omp_memory_budget_bytes")  # the sharded XLA path's own default
             result = sharded_ksvd(Y, budget.n_atoms, budget.sparsity, self.iterations, make_mesh(), **kwargs)
         else:
-            result = ksvd(Y, budget.n_atoms, budget.sparsity, self.iterations, omp_backend=self.omp_backend, **kwargs)
+            result = ksvd(Y, budget.n_atoms, budget.sparsity, self.iterations, omp_backend=self.omp_backend,
+                          sparse_coder=self.sparse_coder, **kwargs)
         t0 = time.perf_counter()
         D = np.asarray(result.dictionary, np.float64)
         D_a = unwhiten(L, D) if L is not None else D
@@ -71,6 +73,6 @@ class CoSpaDi:
         info.update(early_stopped_columns=int(result.codes.n_early_stopped),
                     unused_atoms=int(result.n_unused_atoms[-1]) if len(result.n_unused_atoms) else 0,
                     objective=[float(x) for x in np.asarray(result.objective)],
-                    omp_backend=backend, phase_seconds={"whitening": whitening_s, **phases})
+                    omp_backend=backend if self.sparse_coder == "omp" else "xla-ormp", phase_seconds={"whitening": whitening_s, **phases})
         cuts = np.cumsum([0, *[w.shape[1] for w in Ws]])
         return [DictFactors(D_a, indices[a:b], values[a:b], dict(info)) for a, b in zip(cuts[:-1], cuts[1:])]

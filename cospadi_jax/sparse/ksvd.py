@@ -28,13 +28,16 @@ import numpy as np
 from jax import lax
 
 from cospadi_jax.sparse.backend import resolve_omp_backend, sparse_code
+from cospadi_jax.sparse.ormp import batch_ormp
 from cospadi_jax.sparse.omp import (
     SparseCodes,
     check_finite,
     resolve_float_dtype,
 )
 
-__all__ = ["KSVDResult", "check_ksvd_arguments", "ksvd", "init_dictionary", "update_dictionary", "relative_error"]
+SPARSE_CODERS = ("omp", "ormp")
+
+__all__ = ["SPARSE_CODERS", "KSVDResult", "check_ksvd_arguments", "ksvd", "init_dictionary", "update_dictionary", "relative_error"]
 
 _UPDATES = ("power", "exact", "mod")
 _UNUSED = ("skip", "reseed")
@@ -211,6 +214,7 @@ def ksvd(
     omp_backend: str = "auto",
     threads: int | None = None,
     progress: bool = False,
+    sparse_coder: str = "omp",
 ) -> KSVDResult:
     """Learn D [d, k] and column-sparse S [k, n] with Y ≈ D S.
 
@@ -232,7 +236,11 @@ def ksvd(
             (:func:`_ksvd_host`); the other updates stay in JAX.
         threads: CPU threads of the ``cpu_kernel`` backend (default: all); results do not depend on it.
         progress: show a tqdm bar with ETA over the iterations.
+        sparse_coder: "omp" (Batch-OMP, the paper) or "ormp" (order-recursive matching pursuit, :mod:`.ormp`:
+            the atom that most reduces the residual after re-projection; XLA, whatever ``omp_backend`` says).
     """
+    if sparse_coder not in SPARSE_CODERS:
+        raise ValueError(f"sparse_coder must be one of {SPARSE_CODERS}, got {sparse_coder!r}")
     check_ksvd_arguments(Y, n_atoms, sparsity, n_iterations, method, power_iterations, unused)
     dtype = resolve_float_dtype(dtype, Y)
     check_finite("Y", Y)
@@ -248,7 +256,7 @@ def ksvd(
         D = jnp.asarray(init, dtype)
         D = D / jnp.linalg.norm(D, axis=0)
 
-    backend = resolve_omp_backend(omp_backend)
+    backend = resolve_omp_backend(omp_backend) if sparse_coder == "omp" else "xla"
     iterator = range(max(int(n_iterations), 1))
     if progress:
         from tqdm.auto import tqdm
@@ -266,8 +274,13 @@ def ksvd(
         gram = jnp.matmul(D.T, D, precision=_HI)
         corr = jnp.matmul(D.T, Y, precision=_HI)
         clock.lap("gemm", gram, corr)
-        codes = sparse_code(gram, corr, int(sparsity), backend=backend, dtype=dtype, chunk_size=omp_chunk_size,
-                            memory_budget_bytes=omp_memory_budget_bytes, threads=threads)
+        if sparse_coder == "ormp":
+            codes = batch_ormp(gram, corr, int(sparsity), dtype=dtype, chunk_size=omp_chunk_size,
+                               **({} if omp_memory_budget_bytes is None
+                                  else {"memory_budget_bytes": omp_memory_budget_bytes}))
+        else:
+            codes = sparse_code(gram, corr, int(sparsity), backend=backend, dtype=dtype, chunk_size=omp_chunk_size,
+                                memory_budget_bytes=omp_memory_budget_bytes, threads=threads)
         clock.lap("omp", codes.values)
         S = codes.to_dense(int(n_atoms))
         err = float(relative_error(Y, D, S))
