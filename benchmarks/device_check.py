@@ -60,7 +60,8 @@ from cospadi_jax.sparse.ksvd import update_dictionary  # noqa: E402
 from cospadi_jax.sparse.omp import batch_omp  # noqa: E402
 from cospadi_jax.sparse.omp_gemm import batch_omp_gemm, default_memory_budget  # noqa: E402
 
-PRECISION_CLASS = {"highest": "f32_highest", "tf32": "tf32", "bf16x3": "bf16x3"}
+# batch_omp_gemm(precision=...) -> the projection's precision class (the inverse of its table)
+PRECISION_CLASS = {name: cls for cls, name in proj.GEMM_FORM_PRECISIONS.items()}
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import threading
 import time
 import uuid
@@ -30,7 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .fileio import atomic_path, atomic_write_json
+from .fileio import atomic_path, atomic_write_json, check_writable
 from .identity import differences
 from .methods.base import DictFactors, Factors, LowRankFactors
 
@@ -61,21 +59,6 @@ def _factors_from_tree(tree: dict[str, np.ndarray], info: dict) -> Factors:
     if "D" in tree:
         return DictFactors(np.asarray(tree["D"]), np.asarray(tree["indices"]), np.asarray(tree["values"]), info)
     return LowRankFactors(np.asarray(tree["A"]), np.asarray(tree["B"]), info)
-
-
-def check_writable(directory: str | Path) -> Path:
-    """Create ``directory`` if needed and prove that it can be written, with a clear error otherwise."""
-    directory = Path(directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        # A unique probe name: the processes of a multi-process run probe the same directory at once.
-        fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-test-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise PermissionError(f"cannot write to the output directory {directory}: {exc}. Choose a writable "
-                              "output_dir=... (or fix its permissions).") from exc
-    return directory
 
 
 def _default_identity(metadata: dict[str, Any]) -> Any:

@@ -50,3 +50,18 @@ def can_create_in(directory: str | Path) -> bool:
     while not path.exists():
         path = path.parent
     return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+
+
+def check_writable(directory: str | Path) -> Path:
+    """Create ``directory`` if needed and prove that it can be written, with a clear error otherwise."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        # A unique probe name: the processes of a multi-process run probe the same directory at once.
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise PermissionError(f"cannot write to the output directory {directory}: {exc}. Choose a writable "
+                              "output_dir=... (or fix its permissions).") from exc
+    return directory

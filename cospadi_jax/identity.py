@@ -73,14 +73,18 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _complete(config: dict[str, Any]) -> dict[str, Any]:
+    """The config over the schema defaults (keys an older artifact lacks take their default), ``hydra`` dropped."""
+    return _merge(_defaults(), {k: v for k, v in _plain(config).items() if k != "hydra"})
+
+
 def run_identity(config: dict[str, Any]) -> dict[str, Any]:
     """Flat ``{dotted key: value}`` of every key of a resolved run config that changes its metrics.
 
     Keys missing from ``config`` (an artifact written before the key existed) take the schema default, so an
     old artifact still resumes when the new key keeps its default. The ``hydra`` node is never identity.
     """
-    config = {k: v for k, v in _plain(config).items() if k != "hydra"}
-    flat = flatten(_merge(_defaults(), config))
+    flat = flatten(_complete(config))
     return {k: v for k, v in sorted(flat.items()) if not _excluded(k, PLACEMENT_KEYS)}
 
 
@@ -95,15 +99,11 @@ def digest(identity: dict[str, Any], length: int = 8) -> str:
 
 def differences(stored: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """One line per key whose value differs: ``method.ratio: 0.2 -> 0.3``."""
-    keys = sorted(set(stored) | set(new))
-    missing = object()
-    lines = []
-    for key in keys:
-        a, b = stored.get(key, missing), new.get(key, missing)
-        if a != b:
-            show = lambda v: "(absent)" if v is missing else json.dumps(v, default=str)  # noqa: E731
-            lines.append(f"{key}: {show(a)} -> {show(b)}")
-    return lines
+    def show(tree: dict[str, Any], key: str) -> str:
+        return json.dumps(tree[key], default=str) if key in tree else "(absent)"
+
+    return [f"{key}: {show(stored, key)} -> {show(new, key)}" for key in sorted(set(stored) | set(new))
+            if key not in stored or key not in new or stored[key] != new[key]]
 
 
 # Methods that fit a dictionary with K-SVD: their directory names carry the K-SVD knobs, the others' do not.
@@ -117,13 +117,12 @@ def run_name(config: dict[str, Any]) -> str:
     The prefix is for people (model, method label, CR, the K-SVD knobs of K-SVD methods, calibration size); the
     hash makes the name unique for every setting that changes a result.
     """
-    identity = run_identity(config)
-    merged = _merge(_defaults(), _plain({k: v for k, v in config.items() if k != "hydra"}))
+    merged = _complete(config)
     model, method, calib = merged["model"], merged["method"], merged["calib"]
     parts = [model["name"], method["label"], f"cr{method['ratio']}"]
     if method["name"] in _KSVD_METHODS:
         parts += [f"rho{method['rho']}", f"T{method['ksvd_iterations']}"]
     if method["group_size"] > 1:
         parts.append(f"m{method['group_size']}")
-    parts += [f"n{calib['nsamples']}x{calib['seqlen']}", digest(identity)]
+    parts += [f"n{calib['nsamples']}x{calib['seqlen']}", digest(run_identity(config))]
     return "-".join(str(p) for p in parts)

@@ -27,9 +27,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import ArtifactWriter, check_writable, fingerprint, load_artifact
+from .checkpoint import ArtifactWriter, fingerprint, load_artifact
 from .config import EvalConf, RunConfig, calibration_spec, compression_config, register_configs, validate
-from .fileio import atomic_write_json, can_create_in
+from .fileio import atomic_write_json, can_create_in, check_writable
 from .identity import artifact_identity, digest, flatten
 from .distributed import initialize, is_primary
 

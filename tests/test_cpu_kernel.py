@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import x64  # noqa: F401  (fixture)
-from test_omp import _assert_parity, _problem, _sklearn
+from test_omp import _assert_parity, _problem, _sklearn, near_dependent_problem
 
 from cospadi_jax.sparse import batch_omp, ksvd, update_dictionary
 from cospadi_jax.sparse import backend as backend_mod
@@ -46,14 +46,9 @@ def test_kernel_stops_early_like_sklearn_when_s_equals_k_overcomplete():
 
 
 def test_kernel_near_dependent_atoms_stop_like_sklearn():
-    rng = np.random.default_rng(1)
-    base = rng.standard_normal((30, 12))
-    combos = base[:, :3] @ rng.standard_normal((3, 4))
-    D = np.concatenate([base, base + 1e-9 * rng.standard_normal(base.shape), combos], axis=1)
-    D /= np.linalg.norm(D, axis=0)
-    Y = D[:, :6] @ rng.standard_normal((6, 40)) + 1e-3 * rng.standard_normal((30, 40))
-    codes = batch_omp_cpu(D.T @ D, D.T @ Y, 20)
-    n_iter = _assert_parity(codes, D.T @ D, D.T @ Y, 20, rtol=1e-7)
+    G, C = near_dependent_problem()
+    codes = batch_omp_cpu(G, C, 20)
+    n_iter = _assert_parity(codes, G, C, 20, rtol=1e-7)
     assert np.all(n_iter <= 12) and int(codes.n_early_stopped) == 40
 
 

@@ -71,16 +71,20 @@ def test_s_equals_k_overcomplete_stops_like_sklearn():
     assert np.all(n_iter <= 10) and int(codes.n_early_stopped) == 40
 
 
-def test_near_dependent_atoms_stop_cleanly_like_sklearn():
+def near_dependent_problem() -> tuple[np.ndarray, np.ndarray]:
+    """G, C of 28 atoms in d = 30: atoms 12..23 are copies of 0..11 up to 1e-9 (near-dependent; exact copies would
+    make the argmax a tie that sklearn breaks by its internal swap order), 24..27 exact combinations of 0..2."""
     rng = np.random.default_rng(1)
     base = rng.standard_normal((30, 12))
-    # Atoms 12..23 are copies of 0..11 up to 1e-9 (near-dependent; exact copies would make the
-    # argmax a tie that sklearn breaks by its internal swap order), 24..27 exact combinations.
     combos = base[:, :3] @ rng.standard_normal((3, 4))
     D = np.concatenate([base, base + 1e-9 * rng.standard_normal(base.shape), combos], axis=1)
     D /= np.linalg.norm(D, axis=0)
     Y = D[:, :6] @ rng.standard_normal((6, 40)) + 1e-3 * rng.standard_normal((30, 40))
-    G, C = D.T @ D, D.T @ Y
+    return D.T @ D, D.T @ Y
+
+
+def test_near_dependent_atoms_stop_cleanly_like_sklearn():
+    G, C = near_dependent_problem()
     codes = batch_omp(G, C, 20, chunk_size=16)
     n_iter = _assert_parity(codes, G, C, 20, rtol=1e-7)
     assert np.all(n_iter <= 12) and int(codes.n_early_stopped) == 40

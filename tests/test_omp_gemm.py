@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import x64  # noqa: F401  (fixture)
-from test_omp import _assert_parity, _problem, _sklearn
+from test_omp import _assert_parity, _problem, _sklearn, near_dependent_problem
 
 from cospadi_jax.sparse import batch_omp
 from cospadi_jax.sparse.omp_gemm import (
@@ -64,14 +64,7 @@ def test_s_equals_k_overcomplete_stops_like_sklearn(triangular):
 
 @pytest.mark.parametrize("triangular", FORMS)
 def test_near_dependent_atoms_stop_cleanly_like_sklearn(triangular):
-    rng = np.random.default_rng(1)
-    base = rng.standard_normal((30, 12))
-    # Atoms 12..23 are copies of 0..11 up to 1e-9 (near-dependent), 24..27 exact combinations of 0..2.
-    combos = base[:, :3] @ rng.standard_normal((3, 4))
-    D = np.concatenate([base, base + 1e-9 * rng.standard_normal(base.shape), combos], axis=1)
-    D /= np.linalg.norm(D, axis=0)
-    Y = D[:, :6] @ rng.standard_normal((6, 40)) + 1e-3 * rng.standard_normal((30, 40))
-    G, C = D.T @ D, D.T @ Y
+    G, C = near_dependent_problem()
     codes = batch_omp_gemm(G, C, 20, chunk_size=16, step_block=7, triangular=triangular)
     n_iter = _assert_parity(codes, G, C, 20, rtol=1e-7)
     assert np.all(n_iter <= 12) and int(codes.n_early_stopped) == 40

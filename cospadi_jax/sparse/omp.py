@@ -261,30 +261,27 @@ def batch_omp(
     chunk_size = int(min(chunk_size, max(n, 1)))
     eps_value = float(np.finfo(dtype).eps) if eps is None else float(eps)
 
+    step_block = int(min(step_block, sparsity))
+    eps_arr = jnp.asarray(eps_value, dtype)
     gram = jnp.asarray(gram, dtype)
-    alpha0 = jnp.asarray(correlations, dtype).T  # [n, k]
+    return run_chunks(lambda alpha: _omp_chunk(gram, alpha, eps_arr, sparsity=sparsity, step_block=step_block),
+                      jnp.asarray(correlations, dtype).T, chunk_size, sparsity)
+
+
+def run_chunks(code_chunk, alpha0: jax.Array, chunk_size: int, sparsity: int) -> SparseCodes:
+    """Code the columns chunk by chunk: alpha0 = (DᵀY)ᵀ [n, k] -> SparseCodes [n, s].
+
+    ``code_chunk(alpha [chunk, k]) -> (indices [chunk, s], values [chunk, s], n_nonzero [chunk])``. The last
+    chunk is padded with zero columns, which every coder stops at step 0 (α = 0), and cut off afterwards.
+    """
+    n, k = alpha0.shape
     n_chunks = max(1, math.ceil(n / chunk_size))
     padded = n_chunks * chunk_size
-    if padded != n:  # zero columns stop at step 0 (alpha² < eps) and are cut off below
-        alpha0 = jnp.concatenate([alpha0, jnp.zeros((padded - n, k), dtype)], axis=0)
-    eps_arr = jnp.asarray(eps_value, dtype)
-    idx_parts, val_parts, cnt_parts = [], [], []
-    for c in range(n_chunks):
-        idx, val, cnt = _omp_chunk(
-            gram,
-            alpha0[c * chunk_size : (c + 1) * chunk_size],
-            eps_arr,
-            sparsity=sparsity,
-            step_block=int(min(step_block, sparsity)),
-        )
-        idx_parts.append(idx)
-        val_parts.append(val)
-        cnt_parts.append(cnt)
-    indices = jnp.concatenate(idx_parts)[:n]
-    values = jnp.concatenate(val_parts)[:n]
-    n_nonzero = jnp.concatenate(cnt_parts)[:n]
-    n_early = jnp.sum(n_nonzero < sparsity).astype(jnp.int32)
-    return SparseCodes(indices, values, n_nonzero, n_early)
+    if padded != n:
+        alpha0 = jnp.concatenate([alpha0, jnp.zeros((padded - n, k), alpha0.dtype)], axis=0)
+    parts = [code_chunk(alpha0[c * chunk_size : (c + 1) * chunk_size]) for c in range(n_chunks)]
+    indices, values, n_nonzero = (jnp.concatenate([p[i] for p in parts])[:n] for i in range(3))
+    return SparseCodes(indices, values, n_nonzero, jnp.sum(n_nonzero < sparsity).astype(jnp.int32))
 
 
 def omp(

@@ -131,7 +131,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from cospadi_jax.sparse.omp import SparseCodes, _check_sparsity, check_finite, resolve_float_dtype
+from cospadi_jax.sparse.omp import SparseCodes, _check_sparsity, check_finite, resolve_float_dtype, run_chunks
 
 __all__ = [
     "DEFAULT_CPU_MEMORY_BUDGET_BYTES",
@@ -414,27 +414,9 @@ def batch_omp_gemm(
     chunk_size = math.ceil(max(n, 1) / math.ceil(max(n, 1) / chunk_size))
     eps_value = float(np.finfo(dtype).eps) if eps is None else float(eps)
 
-    gram = jnp.asarray(gram, dtype)
-    alpha0 = jnp.asarray(correlations, dtype).T  # [n, k]
-    n_chunks = max(1, math.ceil(n / chunk_size))
-    padded = n_chunks * chunk_size
-    if padded != n:  # zero columns stop at step 0 (α² < eps) and are cut off below
-        alpha0 = jnp.concatenate([alpha0, jnp.zeros((padded - n, k), dtype)], axis=0)
+    step_block = int(min(step_block, sparsity))
     eps_arr = jnp.asarray(eps_value, dtype)
-    parts = [
-        _gemm_chunk(
-            gram,
-            alpha0[c * chunk_size : (c + 1) * chunk_size],
-            eps_arr,
-            sparsity=sparsity,
-            step_block=int(min(step_block, sparsity)),
-            precision=precision,
-            triangular=triangular,
-        )
-        for c in range(n_chunks)
-    ]
-    indices = jnp.concatenate([p[0] for p in parts])[:n]
-    values = jnp.concatenate([p[1] for p in parts])[:n]
-    n_nonzero = jnp.concatenate([p[2] for p in parts])[:n]
-    n_early = jnp.sum(n_nonzero < sparsity).astype(jnp.int32)
-    return SparseCodes(indices, values, n_nonzero, n_early)
+    gram = jnp.asarray(gram, dtype)
+    return run_chunks(lambda alpha: _gemm_chunk(gram, alpha, eps_arr, sparsity=sparsity, step_block=step_block,
+                                                precision=precision, triangular=triangular),
+                      jnp.asarray(correlations, dtype).T, chunk_size, sparsity)

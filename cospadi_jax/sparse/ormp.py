@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import solve_triangular
 
-from .omp import SparseCodes, check_finite, resolve_float_dtype
+from .omp import SparseCodes, _check_sparsity, check_finite, resolve_float_dtype, run_chunks
 
 __all__ = ["batch_ormp"]
 
@@ -58,14 +58,9 @@ def _ormp_column(gram: jax.Array, alpha0: jax.Array, s: int, tol: float):
     return idx, jnp.where(filled, values, 0), n
 
 
-@partial(jax.jit, static_argnames=("s", "chunk_size", "tol"))
-def _batch(gram, corr, s, chunk_size, tol):
-    n = corr.shape[1]
-    pad = (-n) % chunk_size
-    chunks = jnp.pad(corr, ((0, 0), (0, pad))).T.reshape(-1, chunk_size, corr.shape[0])
-    column = jax.vmap(lambda a: _ormp_column(gram, a, s, tol))
-    idx, values, nnz = jax.lax.map(column, chunks)
-    return idx.reshape(-1, s)[:n], values.reshape(-1, s)[:n], nnz.reshape(-1)[:n]
+@partial(jax.jit, static_argnames=("s", "tol"))
+def _ormp_chunk(gram, alpha, s, tol):
+    return jax.vmap(lambda a: _ormp_column(gram, a, s, tol))(alpha)
 
 
 def batch_ormp(gram, correlations, sparsity: int, *, dtype=None, chunk_size: int | None = None,
@@ -76,19 +71,16 @@ def batch_ormp(gram, correlations, sparsity: int, *, dtype=None, chunk_size: int
     as many as fit ``memory_budget_bytes`` of per-column state Q [s, k]). tol: relative ν below which an atom
     counts as inside the selected span (default 100·eps of the dtype).
     """
+    sparsity = _check_sparsity(sparsity, gram, correlations)
     dtype = resolve_float_dtype(dtype, gram, correlations)
     check_finite("gram", gram)
     check_finite("correlations", correlations)
-    gram, correlations = jnp.asarray(gram, dtype), jnp.asarray(correlations, dtype)
-    k = gram.shape[0]
-    if gram.shape != (k, k) or correlations.ndim != 2 or correlations.shape[0] != k:
-        raise ValueError(f"gram must be [k, k] and correlations [k, n]; got {gram.shape} and {correlations.shape}")
-    if not isinstance(sparsity, (int, np.integer)) or not 1 <= sparsity <= k:
-        raise ValueError(f"sparsity s must be an int with 1 <= s <= k = {k}, got {sparsity!r}")
-    n = correlations.shape[1]
+    k, n = correlations.shape
     if chunk_size is None:
         per_column = (sparsity * k + 4 * k) * jnp.dtype(dtype).itemsize
-        chunk_size = int(max(1, min(n, memory_budget_bytes // per_column)))
+        chunk_size = memory_budget_bytes // per_column
+    chunk_size = int(max(1, min(chunk_size, max(n, 1))))
     tol = float(100 * np.finfo(dtype).eps) if tol is None else float(tol)
-    idx, values, nnz = _batch(gram, correlations, int(sparsity), int(chunk_size), tol)
-    return SparseCodes(idx, values, nnz, jnp.sum(nnz < sparsity).astype(jnp.int32))
+    gram = jnp.asarray(gram, dtype)
+    return run_chunks(lambda alpha: _ormp_chunk(gram, alpha, sparsity, tol), jnp.asarray(correlations, dtype).T,
+                      chunk_size, sparsity)
