@@ -239,3 +239,22 @@ def load_artifact(directory: str | Path) -> tuple[dict[str, Factors], dict[str, 
         for f, row in zip(unit_factors, rows):
             factors[row["path"]] = f
     return factors, metadata
+
+
+def restore_model(directory: str | Path, *, mode: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
+    """The compressed model of a finished artifact, without recompressing: its base model (from the
+    metadata's model spec and dtype) with every fitted projection swapped for its factors.
+
+    ``mode``: the ``DictLinear`` mode to build (default: the artifact's ``method.mode``). Returns
+    (model, tokenizer, metadata).
+    """
+    from .layers import replace_projection
+    from .models import load_model
+
+    factors, metadata = load_artifact(directory)
+    model_conf = metadata["model"]
+    model, tokenizer = load_model(model_conf["spec"], model_conf["dtype"], revision=model_conf.get("revision"))
+    mode = mode or metadata["config"]["method"]["mode"]
+    for path, f in factors.items():
+        replace_projection(model, path, f, mode=mode)
+    return model, tokenizer, metadata

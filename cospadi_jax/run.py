@@ -27,7 +27,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import ArtifactWriter, fingerprint, load_artifact
+from .checkpoint import ArtifactWriter, fingerprint, restore_model
 from .config import EvalConf, RunConfig, calibration_spec, compression_config, register_configs, validate
 from .fileio import atomic_write_json, can_create_in, check_writable
 from .identity import artifact_identity, digest, flatten
@@ -314,19 +314,11 @@ def run_evaluate(cfg: RunConfig, eval_overrides: dict[str, Any] | None = None) -
     ``eval.*`` keys given on the command line (or ``eval_overrides``) changed. The result goes to
     ``<artifact>/evaluation-<hash of the settings>.json``, so evaluations under other settings are all kept.
     """
-    from . import load_model
-    from .layers import replace_projection
-
-    factors, metadata = load_artifact(cfg.artifact)
+    model, tokenizer, metadata = restore_model(cfg.artifact)
     stored_eval = metadata.get("config", {}).get("eval", {})
     overrides = _eval_overrides() if eval_overrides is None else eval_overrides
     eval_conf = EvalConf(**{**stored_eval, **overrides})
     cfg = dataclasses.replace(cfg, eval=eval_conf)
-    model_conf = metadata["model"]
-    model, tokenizer = load_model(model_conf["spec"], model_conf["dtype"], revision=model_conf.get("revision"))
-    mode = metadata["config"]["method"]["mode"]
-    for path, f in factors.items():
-        replace_projection(model, path, f, mode=mode)
     eval_dict = dataclasses.asdict(eval_conf)
     metrics = {"artifact": str(cfg.artifact), "eval": eval_dict, "eval_overrides": overrides,
                "compressed": _evaluate(model, tokenizer, cfg), **environment()}
