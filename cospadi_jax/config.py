@@ -99,24 +99,36 @@ class LoggerConf:
 
 
 @dataclass
+class GenerateConf:
+    """task=generate (``python -m cospadi_jax.generate``): KV-cached generation, streamed to the console."""
+
+    prompt: Optional[str] = None
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    chat: bool = False  # wrap the prompt in the tokenizer's chat template (instruction-tuned models)
+
+
+@dataclass
 class RunConfig:
     model: ModelConf = field(default_factory=ModelConf)
     method: MethodConf = field(default_factory=MethodConf)
     calib: CalibConf = field(default_factory=CalibConf)
     eval: EvalConf = field(default_factory=EvalConf)
     logger: LoggerConf = field(default_factory=LoggerConf)
-    task: str = "compress"  # compress | evaluate | plot
+    generate: GenerateConf = field(default_factory=GenerateConf)
+    task: str = "compress"  # compress | evaluate | plot | generate
     seed: int = 42
     run_name: str = "run"  # conf/config.yaml: model-method-CR-...-<hash of the run identity> (identity.py)
     output_dir: str = "results/run"
-    artifact: Optional[str] = None  # task=evaluate: artifact directory to restore
+    artifact: Optional[str] = None  # task=evaluate / generate: artifact directory to restore
     results_glob: str = "results/**/metrics.json"  # task=plot
     plot_dir: str = "results/plots"
     ablation_axis: Optional[str] = None  # tagged in wandb: ksvd_iterations | power_iterations | ...
     paper: Optional[dict[str, Any]] = None  # the paper's numbers for this setting, printed beside ours
 
 
-TASKS = ("compress", "evaluate", "plot")
+TASKS = ("compress", "evaluate", "plot", "generate")
 
 
 def register_configs() -> None:
@@ -146,8 +158,10 @@ def _job_dir(*, _root_: DictConfig) -> str:
     ``task=evaluate`` the artifact's ``evaluate/`` (so the artifact's own ``.hydra`` is never overwritten and no
     stray default-named directory appears); ``plot_dir`` for plots."""
     task = _root_.task
-    if task == "evaluate" and _root_.artifact:
-        job_dir = Path(_root_.artifact) / "evaluate"
+    if task in ("evaluate", "generate") and _root_.artifact:
+        job_dir = Path(_root_.artifact) / task
+    elif task == "generate":  # a model spec only: its logs beside the other results
+        job_dir = Path("results") / "generate"
     else:
         job_dir = Path(_root_.plot_dir if task == "plot" else _root_.output_dir)
     from .fileio import can_create_in
@@ -190,5 +204,13 @@ def validate(cfg: RunConfig, n_layers: int | None = None) -> None:
         raise ValueError("eval.seqlen >= 2 and eval.max_windows >= 1 (or null) required")
     if cfg.task == "evaluate" and not cfg.artifact:
         raise ValueError("task=evaluate needs artifact=<directory of a finished compression run>")
+    if cfg.task == "generate":
+        from .models.generation import Sampling
+
+        if not cfg.generate.prompt:
+            raise ValueError("task=generate needs generate.prompt='...' (python -m cospadi_jax.generate prompt='...')")
+        if cfg.generate.max_new_tokens < 1:
+            raise ValueError(f"generate.max_new_tokens={cfg.generate.max_new_tokens} must be >= 1")
+        Sampling(cfg.generate.temperature, cfg.generate.top_p, cfg.seed)  # raises on a bad temperature / top_p
     # Method fields are checked by the compression config itself; layer-dependent checks rerun after loading.
     compression_config(cfg).validate(n_layers)

@@ -340,6 +340,10 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
         return run_compress(run_cfg, resolved)
     if run_cfg.task == "evaluate":
         return run_evaluate(run_cfg)
+    if run_cfg.task == "generate":
+        from .generate import run_generate
+
+        return run_generate(run_cfg)
     import glob
 
     from .plots import plot_results

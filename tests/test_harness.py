@@ -112,3 +112,31 @@ def test_shipped_kjv_lambada_task(smollm2):
     greedy = [g for _, g in FlaxLM(model, tok, batch_size=8, progress=False).loglikelihood(
         [SimpleNamespace(args=(d["context"], " " + d["target"])) for d in docs[:n]])]
     assert task["acc"] == pytest.approx(np.mean(greedy)) and 1 < task["perplexity"] < 1e4
+
+
+def test_generate_until_equals_uncached_greedy(smollm2):
+    """lm-eval's generate_until (KV-cached, batched, left-padded) gives the text of a plain greedy loop over the
+    full forward, cut at the stop string."""
+    from types import SimpleNamespace
+
+    import jax.numpy as jnp
+
+    from cospadi_jax.eval.harness import FlaxLM
+    from cospadi_jax.models import forward_logits
+
+    model, tok = smollm2
+    lm = FlaxLM(model, tok, batch_size=2, progress=False)
+    contexts = ["The Lord is my shepherd;", "In the beginning God created the heaven", "And God said, Let there be"]
+    gen_kwargs = {"until": ["."], "max_gen_toks": 10, "do_sample": False}
+    got = lm.generate_until([SimpleNamespace(args=(c, gen_kwargs)) for c in contexts])
+    for context, text in zip(contexts, got):
+        tokens = tok(context, add_special_tokens=False)["input_ids"]
+        new: list[int] = []
+        for _ in range(10):  # greedy without a cache: the whole prefix every step
+            nxt = int(jnp.argmax(forward_logits(model, jnp.asarray([tokens + new]))[0, -1]))
+            if nxt == tok.eos_token_id:
+                break
+            new.append(nxt)
+            if "." in tok.decode(new):
+                break
+        assert text == tok.decode(new).split(".")[0], (context, text)

@@ -41,7 +41,7 @@ def _compose(overrides):
         return compose("config", overrides=overrides)
 
 
-def test_compress_job_writes_metrics_artifact_and_wandb(tiny_dir, tmp_path, caplog):
+def test_compress_job_writes_metrics_artifact_and_wandb(tiny_dir, tmp_path, caplog, capsys):
     out = tmp_path / "run"
     with caplog.at_level("INFO", logger="cospadi_jax"):
         metrics = run_app.execute(_compose(_overrides(tiny_dir, out)))
@@ -65,6 +65,19 @@ def test_compress_job_writes_metrics_artifact_and_wandb(tiny_dir, tmp_path, capl
     assert evaluated["compressed"]["perplexity"]["embedded:heldout"]["perplexity"] == pytest.approx(ours, rel=1e-6)
     assert evaluated["eval"] == saved["config"]["eval"]  # the artifact's own evaluation settings
     assert [p.name for p in out.glob("evaluation-*.json")] and not (out / "evaluation.json").exists()
+    # task=generate streams the compressed model's greedy continuation (python -m cospadi_jax.generate)
+    from cospadi_jax.checkpoint import restore_model
+    from cospadi_jax.generate import _shorthand
+    from cospadi_jax.models.generation import Generator
+
+    prompt = _shorthand("prompt=In the beginning, God: one; two").partition("=")[2]
+    generated = run_app.execute(_compose(_overrides(tiny_dir, out, "task=generate", f"artifact={out}",
+                                                    f"generate.prompt={prompt}", "generate.max_new_tokens=6")))
+    model, tok, _ = restore_model(out)
+    ids = tok("In the beginning, God: one; two", add_special_tokens=False)["input_ids"]
+    expected = Generator(model).generate([ids], 6, eos_token_ids=[tok.eos_token_id])[0]
+    assert generated["tokens"] == [t for t in expected if t != tok.eos_token_id]
+    assert generated["text"] in capsys.readouterr().out
     # and the plot task draws it
     plotted = run_app.execute(_compose(_overrides(tiny_dir, out, "task=plot", f"results_glob={out}/metrics.json",
                                                   f"plot_dir={tmp_path / 'plots'}")))

@@ -1,7 +1,7 @@
 """Zero-shot evaluation through lm-evaluation-harness with our Flax model.
 
-``FlaxLM`` implements lm-eval's ``LM`` interface (``loglikelihood``, ``loglikelihood_rolling``, and a plain
-greedy ``generate_until``). Requests are packed into batches of one fixed shape per call, [batch_size, length]
+``FlaxLM`` implements lm-eval's ``LM`` interface (``loglikelihood``, ``loglikelihood_rolling``, and a KV-cached
+``generate_until``). Requests are packed into batches of one fixed shape per call, [batch_size, length]
 with length the smallest power of two that holds the longest request, so the scoring function compiles once.
 Tokenisation follows lm-eval's HF model: no special tokens, trailing context spaces move to the continuation,
 context + continuation are encoded together and split, and an empty context is replaced by the prefix token.
@@ -158,30 +158,52 @@ class FlaxLM(LM):
         return totals
 
     def generate_until(self, requests: list[Any]) -> list[str]:
-        """Greedy decoding without a KV cache (the paper's tasks do not generate; kept for completeness).
+        """KV-cached generation (:mod:`cospadi_jax.models.generation`), batched ``batch_size`` requests at a time
+        among requests with the same generation arguments, longest first, as lm-eval's HF model does.
 
-        Runs on this process' default device even with a mesh: followers take no part in it."""
-        outputs = []
-        for req in tqdm(requests, desc="generate_until", disable=not self.progress):
-            context, kwargs = req.args
+        ``do_sample`` false (lm-eval's default) is greedy; otherwise ``temperature`` and ``top_p`` apply, seeded
+        with 0. A context is left-truncated to ``max_length - max_gen_toks`` tokens; a row stops at EOS or once
+        its text holds one of ``until``, and is cut before it. Runs on this process' default device even with a
+        mesh: followers take no part in it."""
+        from ..models.generation import Generator, Sampling
+
+        if getattr(self, "_generator", None) is None:
+            self._generator = Generator(self.model)
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(repr(sorted(req.args[1].items())), []).append(i)
+        outputs: list[str] = [""] * len(requests)
+        eos = [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.prefix_token_id
+        bar = tqdm(total=len(requests), desc="generate_until", disable=not self.progress)
+        for members in groups.values():
+            kwargs = dict(requests[members[0]].args[1])
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
-            tokens = self._encode(context) or [self.prefix_token_id]
-            generated: list[int] = []
-            for _ in range(int(kwargs.get("max_gen_toks", 256))):
-                window = (tokens + generated)[-self.max_length:]
-                logits = self.model(jnp.asarray([window], jnp.int32))[0, -1]
-                nxt = int(jnp.argmax(logits))
-                if nxt == self.tokenizer.eos_token_id:
-                    break
-                generated.append(nxt)
-                text = self.tokenizer.decode(generated)
-                if any(stop in text for stop in until):
-                    break
-            text = self.tokenizer.decode(generated)
-            for stop in until:
-                text = text.split(stop)[0]
-            outputs.append(text)
+            max_new = int(kwargs.get("max_gen_toks", 256))
+            sampling = Sampling(temperature=float(kwargs.get("temperature") or 0.0), top_p=float(kwargs.get("top_p") or 1.0)
+                                ) if kwargs.get("do_sample") else Sampling()
+            context_tokens = self.max_length - max_new
+            if context_tokens < 1:
+                raise ValueError(f"max_gen_toks={max_new} leaves no room for a context in max_length={self.max_length}")
+            prompts = {i: (self._encode(requests[i].args[0]) or [self.prefix_token_id])[-context_tokens:] for i in members}
+            order = sorted(members, key=lambda i: -len(prompts[i]))
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start : start + self.batch_size]
+
+                def stop(row: int, tokens: list[int]) -> bool:
+                    text = self.tokenizer.decode(tokens)
+                    return any(u in text for u in until)
+
+                tokens = self._generator.generate([prompts[i] for i in batch], max_new, sampling=sampling,
+                                                  eos_token_ids=eos, pad_token_id=pad, stop=stop if until else None)
+                for i, row in zip(batch, tokens):
+                    text = self.tokenizer.decode([t for t in row if t not in eos])
+                    for u in until:
+                        text = text.split(u)[0]
+                    outputs[i] = text
+                bar.update(len(batch))
+        bar.close()
         return outputs
 
 

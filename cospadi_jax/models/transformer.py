@@ -81,8 +81,8 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
         self.cfg = cfg
 
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array) -> tuple[Array, Array]:
-        """x: [B, T, hidden], mask: [B, 1, T, T] bool. Returns (output, o_proj input [B, T, heads*head_dim])."""
+    def _qkv(self, x: Array, cos: Array, sin: Array) -> tuple[Array, Array, Array]:
+        """x: [B, T, hidden] -> q [B, T, heads, hd], k, v [B, T, kv_heads, hd] (normed and rotated)."""
         b, t, _ = x.shape
         cfg = self.cfg
         q = self.q_proj(x).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
@@ -90,11 +90,33 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def _attend(self, q: Array, k: Array, v: Array, mask: Array) -> tuple[Array, Array]:
+        """q [B, T, heads, hd] over k, v [B, S, kv_heads, hd] with mask [B, 1, T, S] -> (output, o_proj input)."""
+        b, t = q.shape[:2]
         # GQA/MQA handled natively: key/value heads must divide query heads.
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=cfg.head_dim**-0.5)
-        attn = out.reshape(b, t, cfg.num_attention_heads * cfg.head_dim)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.cfg.head_dim**-0.5)
+        attn = out.reshape(b, t, self.cfg.num_attention_heads * self.cfg.head_dim)
         return self.o_proj(attn), attn
+
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array) -> tuple[Array, Array]:
+        """x: [B, T, hidden], mask: [B, 1, T, T] bool. Returns (output, o_proj input [B, T, heads*head_dim])."""
+        return self._attend(*self._qkv(x, cos, sin), mask)
+
+    def cached(self, x: Array, cos: Array, sin: Array, mask: Array, cache: tuple[Array, Array], index: Array
+               ) -> tuple[Array, tuple[Array, Array]]:
+        """The same attention over a KV cache: the T new tokens' keys and values are written into the cache's
+        slots [index, index + T) first, then the queries attend over all L slots.
+
+        x: [B, T, hidden]; cache: (keys, values) [B, L, kv_heads, hd]; mask: [B, 1, T, L] bool; index: int32
+        scalar. Returns (output [B, T, hidden], updated cache).
+        """
+        q, k, v = self._qkv(x, cos, sin)
+        keys, values = cache
+        keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, index, 0, 0))
+        values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, index, 0, 0))
+        return self._attend(q, keys, values, mask)[0], (keys, values)
 
 
 class MLP(nnx.Module):
@@ -135,6 +157,13 @@ class DecoderLayer(nnx.Module):
             return h
         inputs = {"self_attn.q_proj": x_attn, "self_attn.o_proj": o_in, "mlp.gate_proj": x_mlp, "mlp.down_proj": down_in}
         return h, inputs
+
+    def cached(self, h: Array, cos: Array, sin: Array, mask: Array, cache: tuple[Array, Array], index: Array
+               ) -> tuple[Array, tuple[Array, Array]]:
+        """:meth:`__call__` over a KV cache (see :meth:`Attention.cached`): h [B, T, hidden] -> (h, cache)."""
+        attn_out, cache = self.self_attn.cached(self.input_layernorm(h), cos, sin, mask, cache, index)
+        h = h + attn_out
+        return h + self.mlp(self.post_attention_layernorm(h))[0], cache
 
 
 class Embed(nnx.Module):
