@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/device_check.sh              # on a lent GPU machine: the image's python3 (JAX + CUDA), < 5 min
 #   bash benchmarks/device_check.sh --cpu-smoke  # here: tiny shapes on the CPU, < 1 min
+#   bash benchmarks/device_check.sh --inference  # benchmarks/bench_inference.py on the device (random weights)
 #
 # On the device tool's machine the working tree is copied and nothing can be installed from the internet.
 # Its image has JAX with CUDA (KINDS.md, 2026-11: jax 0.11.2, jax-cuda13-plugin/-pjrt 0.11.2, python 3.12).
@@ -48,5 +49,12 @@ Then run with carry [".whl"]; this script installs them first with
 MSG
     exit 3
   fi
+fi
+if [ "${1:-}" = "--inference" ]; then
+  # Inference on the device: SmolLM2's shapes with random weights (the GGUF does not travel), every model of
+  # benchmarks/bench_inference.py; needs the image's Flax and transformers. Results under $OUT.
+  shift
+  exec "$PYTHON" benchmarks/bench_inference.py --random-weights --cores none --no-memory \
+    --json "${OUT:-/tmp}/bench_inference.json" --plot "${OUT:-/tmp}/inference.png" "$@"
 fi
 exec "$PYTHON" benchmarks/device_check.py "$@"
