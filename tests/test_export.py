@@ -426,3 +426,54 @@ def test_a_truncated_or_inconsistent_export_is_refused(exported, tmp_path):
     (bad / "cospadi.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointMismatchError, match="lists 'model.layers.7.mlp.up_proj', which the model"):
         load_model(bad)
+
+
+# ------------------------------------------------------------------------------------------- Hydra task
+
+
+def test_hydra_export_task_writes_both_formats_from_an_artifact(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    import cospadi_jax.run as run_app
+    from cospadi_jax.checkpoint import ArtifactWriter, restore_model
+    from cospadi_jax.compress import compress
+
+    tiny = save_tiny_model_with_tokenizer(tmp_path / "tiny", family="llama_gqa", tied=True, layers=2)
+    artifact = tmp_path / "artifact"
+    metadata = {"config": _record(0.3, method="svd")["config"], "git_sha": "0123abc",
+                "model": {"spec": str(tiny), "dtype": "float32", "revision": None}}
+    writer = ArtifactWriter(artifact, metadata)
+    model, tokenizer = load_model(tiny)
+    _, report = compress(model, None, method="svd", ratio=0.3, layers=(0,), proj_types=("q_proj", "up_proj"),
+                         artifact=writer, progress=False)
+    writer.finalize(report.to_dict())
+
+    def compose_export(*overrides, hydra=False):
+        conf = str(Path(run_app.__file__).parent / "conf")
+        with initialize_config_dir(config_dir=conf, version_base="1.3"):
+            return compose("config", overrides=["task=export", f"artifact={artifact}", "logger.mode=disabled",
+                                                 *overrides], return_hydra_config=hydra)
+
+    def run(*overrides):
+        return run_app.execute(compose_export(*overrides))
+
+    # Hydra's job directory (.hydra/, run.log) is the artifact's export/, never the export directory itself
+    assert compose_export(hydra=True).hydra.run.dir == f"{artifact}/export"
+
+    dense = run("export.format=hf-dense")
+    assert dense["export"] == str(artifact / "export-hf-dense") and dense["record"]["git_sha"] == "0123abc"
+    assert (artifact / "export-hf-dense" / "tokenizer.json").is_file()
+    factored = run(f"export.path={tmp_path / 'mine'}")
+    assert factored["record"]["realised_ratio"] == pytest.approx(report.realised_ratio)
+    assert factored["bytes"]["compressed_tensors"] == factored["bytes"]["accounted"]
+    restored, _, _ = restore_model(artifact)
+    loaded, tok = load_model(tmp_path / "mine")
+    assert tok is not None and tok("In the beginning").input_ids == tokenizer("In the beginning").input_ids
+    assert np.abs(_logits(loaded) - _logits(restored)).max() < 1e-2
+    with pytest.raises(FileExistsError, match="export.overwrite=true"):
+        run(f"export.path={tmp_path / 'mine'}")
+    run(f"export.path={tmp_path / 'mine'}", "export.overwrite=true")
+    with pytest.raises(ValueError, match="export.format='gguf'"):
+        run("export.format=gguf")
+    with pytest.raises(ValueError, match="task=export needs artifact"):
+        run_app.validate(dataclasses.replace(run_app.RunConfig(), task="export"))
