@@ -86,8 +86,9 @@ def pack_14bit(values: np.ndarray) -> np.ndarray:
     """Values on Eq. 11's 14-bit grid (``quantize_coefficients(v, "bf16-14bit")``), any shape, float32 ->
     uint8 [14·⌈n/8⌉]. Code = bf16 bits >> 2 (1 sign, 8 exponent, 5 mantissa bits); code i occupies bits
     14i … 14i+13 of a little-endian bit stream, so 8 codes fill 14 bytes (n is zero-padded to a multiple of 8)."""
-    bits = np.asarray(values, np.float32).reshape(-1).astype(_BF16).view(np.uint16)
-    if np.any(bits & 3):
+    values = np.asarray(values, np.float32).reshape(-1)
+    bits = values.astype(_BF16).view(np.uint16)
+    if np.any(bits & 3) or not np.array_equal(bits.view(_BF16).astype(np.float32), values, equal_nan=True):
         raise ValueError("pack_14bit needs values on the 14-bit grid; round them with "
                          "layers.quantize_coefficients(v, 'bf16-14bit') first")
     codes = np.pad(bits >> 2, (0, -bits.size % 8)).astype(np.uint64).reshape(-1, 4)
@@ -120,14 +121,14 @@ def encodings(accounting: str, quantization: str | None) -> tuple[str, str]:
     return ("bf16-14bit" if accounting == "eq11" else "bf16"), support
 
 
-def _merge_columns(D_k: int, indices: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _merge_columns(k: int, indices: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each column's slots in increasing atom order with repeats summed (float32): (atoms [d_out, s] int64,
     values [d_out, s] float32, used [d_out, s] bool), left-aligned. Padded slots (atom 0, value 0) merge into
     atom 0 and are dropped later as zeros, so S (and the function) is unchanged."""
     idx = np.asarray(indices, np.int64)
     val = np.asarray(values, np.float32)
-    if idx.size and (idx.min() < 0 or idx.max() >= D_k):
-        raise ValueError(f"coefficient indices outside [0, {D_k}) (the dictionary's atoms)")
+    if idx.size and (idx.min() < 0 or idx.max() >= k):
+        raise ValueError(f"coefficient indices outside [0, {k}) (the dictionary's atoms)")
     order = np.argsort(idx, axis=1, kind="stable")
     idx, val = np.take_along_axis(idx, order, 1), np.take_along_axis(val, order, 1)
     first = np.ones(idx.shape, bool)
