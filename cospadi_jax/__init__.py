@@ -5,5 +5,6 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .models import load_model  # noqa: E402
+from .export import save_pretrained  # noqa: E402
 
-__all__ = ["load_model", "__version__"]
+__all__ = ["load_model", "save_pretrained", "__version__"]

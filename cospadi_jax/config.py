@@ -110,6 +110,15 @@ class GenerateConf:
 
 
 @dataclass
+class ExportConf:
+    """task=export: write the artifact's compressed model as a checkpoint (cospadi_jax/export.py)."""
+
+    format: str = "factored"  # factored (the factors at their accounted sizes) | hf-dense (W̃ for transformers)
+    path: Optional[str] = None  # null: <artifact>/export-<format>
+    overwrite: bool = False  # replace a non-empty path
+
+
+@dataclass
 class RunConfig:
     model: ModelConf = field(default_factory=ModelConf)
     method: MethodConf = field(default_factory=MethodConf)
@@ -117,18 +126,20 @@ class RunConfig:
     eval: EvalConf = field(default_factory=EvalConf)
     logger: LoggerConf = field(default_factory=LoggerConf)
     generate: GenerateConf = field(default_factory=GenerateConf)
-    task: str = "compress"  # compress | evaluate | plot | generate
+    export: ExportConf = field(default_factory=ExportConf)
+    task: str = "compress"  # compress | evaluate | export | plot | generate
     seed: int = 42
     run_name: str = "run"  # conf/config.yaml: model-method-CR-...-<hash of the run identity> (identity.py)
     output_dir: str = "results/run"
-    artifact: Optional[str] = None  # task=evaluate / generate: artifact directory to restore
+    artifact: Optional[str] = None  # task=evaluate | export | generate: artifact directory to restore
     results_glob: str = "results/**/metrics.json"  # task=plot
     plot_dir: str = "results/plots"
     ablation_axis: Optional[str] = None  # tagged in wandb: ksvd_iterations | power_iterations | ...
     paper: Optional[dict[str, Any]] = None  # the paper's numbers for this setting, printed beside ours
 
 
-TASKS = ("compress", "evaluate", "plot", "generate")
+TASKS = ("compress", "evaluate", "export", "plot", "generate")
+EXPORT_JOB_DIR = "export"  # task=export's Hydra job directory inside the artifact (never the export itself)
 
 
 def register_configs() -> None:
@@ -155,11 +166,12 @@ def _run_name(*, _root_: DictConfig) -> str:
 
 def _job_dir(*, _root_: DictConfig) -> str:
     """Hydra's job directory (``.hydra/`` and ``run.log``): the run directory for ``task=compress``; for
-    ``task=evaluate`` the artifact's ``evaluate/`` (so the artifact's own ``.hydra`` is never overwritten and no
-    stray default-named directory appears); ``plot_dir`` for plots."""
+    ``task=evaluate`` the artifact's ``evaluate/`` and for ``task=export`` its ``export/`` (so the artifact's own
+    ``.hydra`` is never overwritten, no stray default-named directory appears, and the export directory, which
+    must be new or empty, is not the one Hydra writes into); ``plot_dir`` for plots."""
     task = _root_.task
-    if task in ("evaluate", "generate") and _root_.artifact:
-        job_dir = Path(_root_.artifact) / task
+    if task in ("evaluate", "export", "generate") and _root_.artifact:
+        job_dir = Path(_root_.artifact) / (EXPORT_JOB_DIR if task == "export" else task)
     elif task == "generate":  # a model spec only: its logs beside the other results
         job_dir = Path("results") / "generate"
     else:
@@ -202,8 +214,10 @@ def validate(cfg: RunConfig, n_layers: int | None = None) -> None:
                          f"{cfg.calib.seqlen}")
     if cfg.eval.seqlen < 2 or (cfg.eval.max_windows is not None and cfg.eval.max_windows < 1):
         raise ValueError("eval.seqlen >= 2 and eval.max_windows >= 1 (or null) required")
-    if cfg.task == "evaluate" and not cfg.artifact:
-        raise ValueError("task=evaluate needs artifact=<directory of a finished compression run>")
+    if cfg.task in ("evaluate", "export") and not cfg.artifact:
+        raise ValueError(f"task={cfg.task} needs artifact=<directory of a finished compression run>")
+    if cfg.task == "export":
+        _validate_export(cfg)
     if cfg.task == "generate":
         from .models.generation import Sampling
 
@@ -214,3 +228,18 @@ def validate(cfg: RunConfig, n_layers: int | None = None) -> None:
         Sampling(cfg.generate.temperature, cfg.generate.top_p, cfg.seed)  # raises on a bad temperature / top_p
     # Method fields are checked by the compression config itself; layer-dependent checks rerun after loading.
     compression_config(cfg).validate(n_layers)
+
+
+def export_path(cfg: RunConfig) -> Path:
+    """Where task=export writes: ``export.path``, or ``<artifact>/export-<format>``."""
+    return Path(cfg.export.path) if cfg.export.path else Path(cfg.artifact) / f"export-{cfg.export.format}"
+
+
+def _validate_export(cfg: RunConfig) -> None:
+    from .export import FORMATS
+
+    if cfg.export.format not in FORMATS:
+        raise ValueError(f"export.format={cfg.export.format!r}; use one of {FORMATS}")
+    if export_path(cfg).absolute() == (Path(cfg.artifact) / EXPORT_JOB_DIR).absolute():
+        raise ValueError(f"export.path={cfg.export.path} is the job's log directory (Hydra writes .hydra/ there); "
+                         "choose another export.path.")

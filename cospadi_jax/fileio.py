@@ -1,9 +1,11 @@
-"""The one atomic writer: a file is there whole or not at all, with the permissions the umask asks for."""
+"""The atomic writers: a file (or a directory of files) is there whole or not at all, with the permissions the
+umask asks for."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +34,52 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def check_replaceable(directory: str | Path, *, overwrite: bool, flag: str = "overwrite=True") -> Path:
+    """Refuse, before any work, to write a directory over one that holds files unless ``overwrite``; a file in
+    the way is always refused. ``flag`` is how the caller's user sets overwrite (named in the error)."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} exists and is not a directory; choose another path or remove it.")
+    if directory.is_dir() and not overwrite:
+        entries = sorted(p.name for p in directory.iterdir())
+        if entries:
+            shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+            raise FileExistsError(f"{directory} is not empty ({len(entries)} entries: {shown}); nothing was "
+                                  f"written. Pass {flag} to replace it, or choose another path.")
+    if not can_create_in(directory.parent):
+        raise PermissionError(f"cannot create {directory}: {directory.parent} is not writable; choose another path "
+                              "or fix its permissions.")
+    return directory
+
+
+@contextmanager
+def atomic_directory(directory: str | Path, *, overwrite: bool = False,
+                     flag: str = "overwrite=True") -> Iterator[Path]:
+    """A temporary sibling directory to write into; renamed into place when the block succeeds, removed when it
+    fails, so ``directory`` holds either its old contents or the complete new ones, never a half-written mix.
+
+    An existing ``directory`` that is non-empty needs ``overwrite`` (checked first, by
+    :func:`check_replaceable`); it is moved aside, the new one renamed in, then the old one deleted. Both renames
+    are on one filesystem (siblings), hence atomic. The new directory gets 0777 & ~umask (``mkdtemp`` makes 0700).
+    """
+    directory = check_replaceable(directory, overwrite=overwrite, flag=flag)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        old = None
+        if directory.exists():
+            old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".old"))
+            os.replace(directory, old)  # onto the empty placeholder mkdtemp made
+        os.replace(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def atomic_write_json(path: str | Path, payload: Any) -> None:

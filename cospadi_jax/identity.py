@@ -24,6 +24,8 @@ from typing import Any
 # Dotted keys (a key covers its subtree) that never change what a run computes.
 PLACEMENT_KEYS = frozenset({
     "output_dir", "run_name", "artifact", "results_glob", "plot_dir", "paper", "ablation_axis", "logger",
+    "export",  # task=export writes a finished artifact out; it computes nothing new
+    "generate",  # task=generate samples from a finished artifact or model; it writes no result
     "model.name",  # a short name for directories and plots; the model is model.spec (+ dtype, revision)
     "method.label",  # the method's config name, a key into paper tables and legends
     "method.parallel", "method.omp_memory_mb",  # how the work is spread and chunked, not what it computes

@@ -4,6 +4,7 @@
     python -m cospadi_jax.run -m method.ratio=0.2,0.3,0.4 method.rho=1.5,2
     python -m cospadi_jax.run experiment=ablation_ksvd_iterations   # multirun over K-SVD iterations
     python -m cospadi_jax.run task=evaluate artifact=results/<run>  # evaluate a saved artifact
+    python -m cospadi_jax.run task=export artifact=results/<run> export.format=hf-dense  # write it as a checkpoint
     python -m cospadi_jax.run task=plot results_glob='results/**/metrics.json'
 
 task=compress loads the model, compresses it (checkpointing every finished matrix or group into
@@ -28,8 +29,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import ArtifactWriter, fingerprint, restore_model
-from .config import EvalConf, RunConfig, calibration_spec, compression_config, register_configs, validate
-from .fileio import atomic_write_json, can_create_in, check_writable
+from .config import (EvalConf, RunConfig, calibration_spec, compression_config, export_path, register_configs,
+                     validate)
+from .fileio import atomic_write_json, can_create_in, check_replaceable, check_writable
 from .identity import artifact_identity, digest, flatten
 from .distributed import initialize, is_primary
 
@@ -331,6 +333,28 @@ def run_evaluate(cfg: RunConfig, eval_overrides: dict[str, Any] | None = None) -
     return metrics
 
 
+def run_export(cfg: RunConfig) -> dict[str, Any]:
+    """Write a finished artifact's compressed model as a checkpoint (``export.format``: factored | hf-dense) to
+    ``export.path`` (default ``<artifact>/export-<format>``), with its tokenizer and a record of the compression
+    (the artifact's metadata, its realised ratio and calibration key). Returns the export's manifest."""
+    from .export import save_pretrained
+
+    path = export_path(cfg)
+    check_replaceable(path, overwrite=cfg.export.overwrite, flag="export.overwrite=true")  # before the restore
+    model, tokenizer, metadata = restore_model(cfg.artifact)
+    report = json.loads((Path(cfg.artifact) / "report.json").read_text())
+    record = {**metadata, "realised_ratio": report.get("realised_ratio"),
+              "calibration_key": (report.get("calibration") or {}).get("key")}
+    manifest = save_pretrained(model, path, cfg.export.format, tokenizer=tokenizer, overwrite=cfg.export.overwrite,
+                               metadata=record)
+    sizes = manifest["bytes"]
+    accounted = sizes.get("accounted")
+    log.info("%s export of %s written to %s: %s bytes%s", cfg.export.format, cfg.artifact, path,
+             f"{sizes['file']:,}", "" if accounted is None else
+             f" (compressed tensors {sizes['compressed_tensors']:,}, accounted {accounted:,.0f})")
+    return {"export": str(path), **manifest}
+
+
 def execute(cfg: DictConfig) -> dict[str, Any]:
     """Run one job from a composed config (used by the Hydra entry point and by tests)."""
     run_cfg: RunConfig = OmegaConf.to_object(cfg)  # structured schema: unknown keys and wrong types fail here
@@ -340,6 +364,8 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
         return run_compress(run_cfg, resolved)
     if run_cfg.task == "evaluate":
         return run_evaluate(run_cfg)
+    if run_cfg.task == "export":
+        return run_export(run_cfg)
     if run_cfg.task == "generate":
         from .generate import run_generate
 

@@ -6,7 +6,7 @@ function computed but that we do not implement are rejected, not ignored.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -42,6 +42,9 @@ class DecoderConfig:
     rope_inv_freq: tuple[float, ...]  # [head_dim // 2], computed once from the config
     rope_attention_scaling: float
     bos_token_id: int | None = None
+    # The source HF config as JSON (what an export writes as config.json). Excluded from ==, hash and repr: it
+    # changes no computation, so jit caches and model fingerprints (Gram and dense-score caches) ignore it.
+    hf_config_json: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def kv_groups(self) -> int:
@@ -130,4 +133,5 @@ def decoder_config_from_hf(hf_config: Any) -> DecoderConfig:
         rope_inv_freq=tuple(float(x) for x in inv_freq),
         rope_attention_scaling=scaling,
         bos_token_id=getattr(hf_config, "bos_token_id", None),
+        hf_config_json=hf_config.to_json_string(use_diff=False) if hasattr(hf_config, "to_json_string") else None,
     )

