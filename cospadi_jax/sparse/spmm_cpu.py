@@ -62,11 +62,14 @@ __all__ = ["AVX512", "FFI_TARGETS", "pad16", "register_ffi_targets", "spmm_bitma
            "workspace_size"]
 
 
+_AVX512_FEATURES = ("avx512f", "avx512bw", "avx512vbmi2", "bmi2")  # Ice Lake, Zen 4 and later
+
+
 def _host_has_avx512() -> bool:
     import llvmlite.binding as llvm
 
     features = llvm.get_host_cpu_features()
-    return bool(features.get("avx512f", False) and features.get("avx512bw", False))
+    return all(features.get(f, False) for f in _AVX512_FEATURES)
 
 
 _ISA = os.environ.get("COSPADI_SPMM_ISA", "auto")
@@ -87,6 +90,7 @@ _ROWS_OUT = 4 * 16  # the coo16 n > 1 pass: up to 4 vectors of 16 tokens
 
 I1, I16, I32, I64, F32 = ir.IntType(1), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 VF, VI16, VI32, VB = (ir.VectorType(t, _LANES) for t in (F32, I16, I32, I1))
+VW32, VB32, V32I32 = ir.VectorType(I16, 32), ir.VectorType(I1, 32), ir.VectorType(I32, 32)  # a zmm as 32 words
 
 
 def pad16(n: int) -> int:
@@ -219,57 +223,84 @@ def _make_mask_dot(tokens: int):
     """Intrinsic: for ``tokens`` rows of Z, y[t] = Σ_chunks Z[t, 16c:16c+16] · expand(values, mask chunk c).
 
     Args (all int64): z_addr (Z[t0, 0]), z_stride, v_addr (values[j, 0] bits), v_limit (values readable from
-    v_addr to the end of the array), m_addr (mask[j, 0]), n_full (full 16-atom chunks), tail (mask bits of the
-    last partial chunk, already cut to k), y_addr (y[t0, j]), y_stride. Writes ``tokens`` floats."""
+    v_addr to the end of the array), m_addr (mask[j, 0]), n_full (full 16-atom chunks, k // 16), tail_bytes
+    (mask bytes after them: 0, 1 or 2), tail_keep ((1 << k % 16) − 1: bits at or above k are ignored), y_addr
+    (y[t0, j]), y_stride. Writes ``tokens`` floats. The tail is read here, not by the caller: a Numba helper
+    taking the mask array cost an NRT incref/decref per column."""
 
     @intrinsic
-    def mask_dot(typingctx, z_addr, z_stride, v_addr, v_limit, m_addr, n_full, tail, y_addr, y_stride):
+    def mask_dot(typingctx, z_addr, z_stride, v_addr, v_limit, m_addr, n_full, tail_bytes, tail_keep, y_addr,
+                 y_stride):
         def codegen(context, builder, signature, args):
-            za, zs, va, vlim, ma, nf, tail_bits, ya, ys = args
+            za, zs, va, vlim, ma, nf, tb, keep, ya, ys = args
             zp, vp, yp = _ptr(builder, za, F32), _ptr(builder, va, I16), _ptr(builder, ya, F32)
             mp = _ptr(builder, ma, I16)
             ctpop = _fn(builder, "llvm.ctpop.i16", I16, [I16])
+            if AVX512:
+                pdep = _fn(builder, "llvm.x86.bmi.pdep.32", I32, [I32, I32])
+                expand = _fn(builder, "llvm.x86.avx512.mask.expand.v32i16", VW32, [VW32, VW32, VB32])
             # Few tokens leave one FMA chain per accumulator, bound by its latency: alternate two sets.
             sets = 2 if tokens < 4 else 1
             acc = [[cgutils.alloca_once_value(builder, ir.Constant(VF, None)) for _ in range(tokens)]
                    for _ in range(sets)]
             used = cgutils.alloca_once_value(builder, _c64(0))
 
-            def chunk(index, m16, a):
+            def chunk(index, m16, a, guarded):
                 c = builder.load(used)
-                bits = builder.bitcast(m16, VB)
                 count = builder.zext(builder.call(ctpop, [m16]), I32)
-                if AVX512:  # register expand of 16 loaded values (the memory form is microcoded on Zen 4)
+                if AVX512:
+                    # One vpexpandw does the expansion and the bf16 -> f32 widening: the 16 loaded values go to
+                    # the odd (high) words of the lanes whose bit is set, pdep spreading the mask to those words.
                     first = builder.trunc(builder.sub(builder.shl(ir.Constant(I32, 1), count), ir.Constant(I32, 1)), I16)
-                    packed = _widen_bf16(builder, _load_words(builder, vp, c, vlim, builder.bitcast(first, VB)))
-                    expand = _fn(builder, "llvm.x86.avx512.mask.expand.v16f32", VF, [VF, VF, VB])
-                    coef = builder.call(expand, [packed, ir.Constant(VF, None), bits])
+                    if guarded:
+                        raw = _load_words(builder, vp, c, vlim, builder.bitcast(first, VB))
+                    else:
+                        raw = builder.load(builder.bitcast(builder.gep(vp, [c]), ir.PointerType(VI16)), align=2)
+                    words = builder.shuffle_vector(raw, ir.Constant(VI16, None), ir.Constant(V32I32, list(range(32))))
+                    odd = builder.call(pdep, [builder.zext(m16, I32), ir.Constant(I32, 0xAAAAAAAA)])
+                    coef = builder.bitcast(builder.call(expand, [words, ir.Constant(VW32, None), builder.bitcast(odd, VB32)]), VF)
                 else:  # generic intrinsic, lowered for the host (scalarised without AVX-512)
-                    expand = _fn(builder, "llvm.masked.expandload.v16i16", VI16, [ir.PointerType(I16), VB, VI16])
-                    coef = _widen_bf16(builder, builder.call(expand, [builder.gep(vp, [c]), bits, ir.Constant(VI16, None)]))
+                    expandload = _fn(builder, "llvm.masked.expandload.v16i16", VI16, [ir.PointerType(I16), VB, VI16])
+                    coef = _widen_bf16(builder, builder.call(expandload, [builder.gep(vp, [c]), builder.bitcast(m16, VB),
+                                                                          ir.Constant(VI16, None)]))
                 for t in range(tokens):
                     row = builder.gep(zp, [builder.add(builder.mul(_c64(t), zs), builder.mul(index, _c64(_LANES)))])
                     zv = builder.load(builder.bitcast(row, ir.PointerType(VF)), align=4)
                     builder.store(_fma(builder, coef, zv, builder.load(a[t])), a[t])
                 builder.store(builder.add(c, builder.zext(count, I64)), used)
 
-            def full_chunk(index, a):
-                chunk(index, builder.load(builder.gep(mp, [index]), align=1), a)
+            def full_chunks(guarded):
+                def full_chunk(index, a):
+                    chunk(index, builder.load(builder.gep(mp, [index]), align=1), a, guarded)
 
-            pairs = builder.udiv(nf, _c64(sets))
-            with cgutils.for_range(builder, pairs) as loop:
-                for u in range(sets):
-                    full_chunk(builder.add(builder.mul(loop.index, _c64(sets)), _c64(u)), acc[u])
-            with cgutils.for_range(builder, builder.sub(nf, builder.mul(pairs, _c64(sets)))) as loop:
-                full_chunk(builder.add(builder.mul(pairs, _c64(sets)), loop.index), acc[0])
-            with builder.if_then(builder.icmp_unsigned("!=", tail_bits, _c64(0))):  # k % 16 != 0 (else no z there)
-                chunk(nf, builder.trunc(tail_bits, I16), acc[sets - 1])
+                pairs = builder.udiv(nf, _c64(sets))
+                with cgutils.for_range(builder, pairs) as loop:
+                    for u in range(sets):
+                        full_chunk(builder.add(builder.mul(loop.index, _c64(sets)), _c64(u)), acc[u])
+                with cgutils.for_range(builder, builder.sub(nf, builder.mul(pairs, _c64(sets)))) as loop:
+                    full_chunk(builder.add(builder.mul(pairs, _c64(sets)), loop.index), acc[0])
+
+            # A column reads at most k values; with k + 16 of them readable every load can be a plain one
+            # (a per-chunk check measured 25 % slower). Only the last few columns of an array take the guarded loop.
+            roomy = builder.icmp_signed(">=", vlim, builder.add(builder.mul(nf, _c64(_LANES)), _c64(2 * _LANES)))
+            with builder.if_else(roomy) as (plain, guarded):
+                with plain:
+                    full_chunks(False)
+                with guarded:
+                    full_chunks(True)
+            with builder.if_then(builder.icmp_signed(">", tb, _c64(0))):  # k % 16 != 0 (else no z there)
+                bytes_ = _ptr(builder, builder.add(ma, builder.mul(nf, _c64(2))), ir.IntType(8))
+                tail = cgutils.alloca_once_value(builder, builder.zext(builder.load(bytes_), I16))
+                with builder.if_then(builder.icmp_signed(">", tb, _c64(1))):
+                    high = builder.shl(builder.zext(builder.load(builder.gep(bytes_, [_c64(1)])), I16), ir.Constant(I16, 8))
+                    builder.store(builder.or_(builder.load(tail), high), tail)
+                chunk(nf, builder.and_(builder.load(tail), builder.trunc(keep, I16)), acc[sets - 1], True)
             for t in range(tokens):
                 total = builder.load(acc[0][t])
                 for u in range(1, sets):
                     total = builder.fadd(total, builder.load(acc[u][t]))
                 builder.store(_hsum(builder, total), builder.gep(yp, [builder.mul(_c64(t), ys)]))
-        return types.void(*[types.int64] * 9), codegen
+        return types.void(*[types.int64] * 10), codegen
 
     return mask_dot
 
@@ -411,19 +442,6 @@ def _dictionary_product(x, D, Z):
 
 
 @njit(**_OPTS)
-def _tail_bits(mask, j, n_full, k):
-    """Bits of row j's partial last 16-atom chunk (atoms 16·n_full .. k−1), bits at or above k cleared."""
-    nb = mask.shape[1]
-    b0 = 2 * n_full
-    bits = 0
-    if b0 < nb:
-        bits = np.int64(mask[j, b0])
-        if b0 + 1 < nb:
-            bits |= np.int64(mask[j, b0 + 1]) << 8
-    return bits & ((np.int64(1) << (k - _LANES * n_full)) - 1)
-
-
-@njit(**_OPTS)
 def spmm_bitmask_host(x, D, mask, values, y, ws):
     """y = (x·D)·S with S as a bitmask (module docstring). All arrays C-contiguous; bf16 as uint16; ws: f32
     scratch of :func:`workspace_size` words."""
@@ -435,9 +453,10 @@ def spmm_bitmask_host(x, D, mask, values, y, ws):
     Z = ws[:n * kp].reshape((n, kp))
     _dictionary_product(x, D, Z)
     n_full = k // _LANES
+    tail_bytes = nb - 2 * n_full
+    keep = (np.int64(1) << (k - _LANES * n_full)) - 1
     za, va, ma, ya = Z.ctypes.data, values.ctypes.data, mask.ctypes.data, y.ctypes.data
     for j in range(d_out):
-        tail = _tail_bits(mask, j, n_full, k)
         v, m = va + 2 * j * s, ma + j * nb
         vlim = (d_out - j) * s
         t0 = 0
@@ -445,16 +464,16 @@ def spmm_bitmask_host(x, D, mask, values, y, ws):
             rem = n - t0
             z, out = za + 4 * t0 * kp, ya + 4 * (t0 * d_out + j)
             if rem >= 8:
-                _mask_dot8(z, kp, v, vlim, m, n_full, tail, out, d_out)
+                _mask_dot8(z, kp, v, vlim, m, n_full, tail_bytes, keep, out, d_out)
                 t0 += 8
             elif rem >= 4:
-                _mask_dot4(z, kp, v, vlim, m, n_full, tail, out, d_out)
+                _mask_dot4(z, kp, v, vlim, m, n_full, tail_bytes, keep, out, d_out)
                 t0 += 4
             elif rem >= 2:
-                _mask_dot2(z, kp, v, vlim, m, n_full, tail, out, d_out)
+                _mask_dot2(z, kp, v, vlim, m, n_full, tail_bytes, keep, out, d_out)
                 t0 += 2
             else:
-                _mask_dot1(z, kp, v, vlim, m, n_full, tail, out, d_out)
+                _mask_dot1(z, kp, v, vlim, m, n_full, tail_bytes, keep, out, d_out)
                 t0 += 1
 
 
