@@ -36,6 +36,8 @@ from .sparse import spmm
 
 QUANTIZATIONS = (None, "bf16-14bit", "int8")
 DICT_MODES = ("dense", "factored", "sparse", "sparse_coo16")
+# The budget storage (budget.budget(..., storage=...)) whose bytes a packed mode holds exactly.
+MODE_STORAGE = {"sparse": "eq10", "sparse_coo16": "coo16"}
 
 
 def quantize_coefficients(values: np.ndarray, scheme: str | None) -> np.ndarray:
