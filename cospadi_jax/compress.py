@@ -23,7 +23,7 @@ from .data.calibration import sample_windows, tokenizer_fingerprint
 from .data.text import load_text
 from .distributed import map_units
 from .fileio import can_create_in
-from .layers import QUANTIZATIONS, quantize_coefficients, replace_projection
+from .layers import DICT_MODES, QUANTIZATIONS, quantize_coefficients, replace_projection
 from .methods import METHODS, make_method
 from .methods.base import DictFactors, Factors, functional_error, weight_error
 from .models.paths import PROJECTION_TYPES, get_module, projection_path, projection_weight
@@ -67,7 +67,7 @@ class CompressionConfig:
     dict_update: str = "power"  # power | exact | mod
     reseed_unused: bool = False  # paper: unused atoms are skipped; True re-seeds them (K-SVD original)
     seed: int = 42
-    mode: str = "dense"  # DictLinear evaluation path: dense | factored
+    mode: str = "dense"  # DictLinear evaluation path: dense | factored | sparse | sparse_coo16 (layers.DICT_MODES)
     # None | bf16-14bit | int8: CoSpaDi's coefficient values quantised and dequantised (simulated: they stay
     # float32 in memory and in the artifact; the realised ratio counts the accounting's value bits, Eq. 10/11)
     quantization: str | None = None
@@ -160,8 +160,8 @@ class CompressionConfig:
         if self.parallel == "columns" and self.omp_backend not in ("auto", "xla"):
             raise ValueError(f"parallel='columns' shards the XLA Batch-OMP over devices; omp_backend="
                              f"{self.omp_backend!r} cannot be sharded: use omp_backend=auto or xla.")
-        if self.mode not in ("dense", "factored"):
-            raise ValueError(f"mode must be 'dense' or 'factored', got {self.mode!r}")
+        if self.mode not in DICT_MODES:
+            raise ValueError(f"mode must be one of {DICT_MODES}, got {self.mode!r}")
 
 
 @dataclass

@@ -1,11 +1,19 @@
 """Factored projections that replace a ``Linear`` in place, addressed by HF path.
 
-``DictLinear`` computes y = (x·D)·S in one of two jit-compatible ways:
+``DictLinear`` computes y = (x·D)·S in one of four jit-compatible ways (``DICT_MODES``):
 
 - ``"dense"``: reconstruct W̃ = D·S inside the compiled function, then one GEMM (fastest on CPU/GPU for
-  evaluation; numerically the same function);
+  evaluation of long sequences; numerically the same function);
 - ``"factored"``: z = x·D, then y_j = Σ_t values[j, t] · z[indices[j, t]], gathered in blocks of the sparsity so
-  that neither dense S nor an [tokens, d_out, s] tensor is ever built.
+  that neither dense S nor an [tokens, d_out, s] tensor is ever built;
+- ``"sparse"``: the inference layout. D and the values are held in bfloat16 and S's support as a bitmask
+  (uint8 [d_out, ceil(k/8)]), so the resident bytes are budget's ``storage="eq10"`` accounting; the product
+  runs in the fused CPU kernel of :mod:`.sparse.spmm` (an XLA FFI call inside the jitted model; the XLA gather
+  path on other platforms). For batch-1 decode and short prefill;
+- ``"sparse_coo16"``: the same with int16 atom ids instead of the bitmask (``storage="coo16"``).
+
+The sparse modes round D and the values to bf16 once, when the layer is built; they compute in float32 and
+return the model dtype. :func:`resident_bytes` counts what a module holds.
 
 Optional coefficient quantisation (applied once, when the layer is built): ``"bf16-14bit"`` is bf16 with the two
 lowest mantissa bits truncated (Eq. 11's 14-bit values: 1 sign, 8 exponent, 5 mantissa bits), ``"int8"`` is
@@ -24,9 +32,12 @@ from flax import nnx
 from .methods.base import DictFactors, Factors, LowRankFactors
 from .models.paths import get_module, parse_projection_path
 from .models.transformer import Linear
+from .sparse import spmm
 
 QUANTIZATIONS = (None, "bf16-14bit", "int8")
-_GATHER_BLOCK = 8  # sparsity slots gathered per step in the factored path
+DICT_MODES = ("dense", "factored", "sparse", "sparse_coo16")
+# The budget storage (budget.budget(..., storage=...)) whose bytes a packed mode holds exactly.
+MODE_STORAGE = {"sparse": "eq10", "sparse_coo16": "coo16"}
 
 
 def quantize_coefficients(values: np.ndarray, scheme: str | None) -> np.ndarray:
@@ -60,51 +71,75 @@ class LowRankLinear(nnx.Module):
 
 
 class DictLinear(nnx.Module):
-    """y = (x @ D) @ S (+ bias) with S stored column-wise as indices [d_out, s] and values [d_out, s]."""
+    """y = (x @ D) @ S (+ bias), S column-sparse with s entries per output column (see the module docstring).
+
+    Held arrays by mode: "dense" / "factored": D [d_in, k], values [d_out, s] in ``dtype``, indices [d_out, s]
+    int32 (padded slots are value 0; repeated ids add up); "sparse": D and values bf16, mask uint8
+    [d_out, ceil(k/8)] (:func:`.sparse.spmm.pack_bitmask`); "sparse_coo16": D and values bf16, indices int16
+    (:func:`.sparse.spmm.pack_coo16`). ``bias`` [d_out] stays in ``dtype``.
+    """
 
     def __init__(self, D: np.ndarray, indices: np.ndarray, values: np.ndarray, bias: jax.Array | None, *,
                  dtype: Any, mode: str = "dense"):
-        if mode not in ("dense", "factored"):
-            raise ValueError(f"unknown DictLinear mode {mode!r}; use 'dense' or 'factored'")
-        self.D = nnx.Param(jnp.asarray(D, dtype))
-        self.indices = nnx.Variable(jnp.asarray(indices, jnp.int32))  # not trainable: a support, not a weight
-        self.values = nnx.Param(jnp.asarray(values, dtype))
+        if mode not in DICT_MODES:
+            raise ValueError(f"unknown DictLinear mode {mode!r}; use one of {DICT_MODES}")
+        k = int(np.shape(D)[1])
+        if mode == "sparse":
+            mask, values = spmm.pack_bitmask(np.asarray(indices), np.asarray(values), k)
+            self.mask = nnx.Variable(jnp.asarray(mask))  # not trainable: a support, not a weight
+        elif mode == "sparse_coo16":
+            indices, values = spmm.pack_coo16(np.asarray(indices), np.asarray(values), k)
+            self.indices = nnx.Variable(jnp.asarray(indices))
+        else:
+            self.indices = nnx.Variable(jnp.asarray(indices, jnp.int32))
+        weight_dtype = spmm.BF16 if mode.startswith("sparse") else dtype
+        self.D = nnx.Param(jnp.asarray(D, weight_dtype))
+        self.values = nnx.Param(jnp.asarray(values, weight_dtype))
         self.bias = None if bias is None else nnx.Param(jnp.asarray(bias, dtype))
         self.dtype = dtype
         self.mode = mode
 
+    def support(self) -> jax.Array:
+        """Atom ids [d_out, s] (int32) of the held layout; with a bitmask, used atoms ascending then 0."""
+        if self.mode == "sparse":
+            return spmm.bitmask_indices(self.mask[...], self.D.shape[1], self.values.shape[1])
+        return self.indices[...].astype(jnp.int32)
+
     def coefficients(self) -> jax.Array:
         """Dense S [k, d_out] (scatter-add, so padded slots with value 0 are harmless)."""
-        idx, val = self.indices[...], self.values[...]
+        idx, val = self.support(), self.values[...].astype(self.dtype)
         cols = jnp.broadcast_to(jnp.arange(idx.shape[0])[:, None], idx.shape)
         return jnp.zeros((self.D.shape[1], idx.shape[0]), self.dtype).at[idx, cols].add(val)
-
-    def _factored(self, z: jax.Array) -> jax.Array:
-        idx, val = self.indices[...], self.values[...]
-        d_out, s = idx.shape
-        pad = -s % _GATHER_BLOCK
-        idx = jnp.pad(idx, ((0, 0), (0, pad))).reshape(d_out, -1, _GATHER_BLOCK).transpose(1, 0, 2)
-        val = jnp.pad(val, ((0, 0), (0, pad))).reshape(d_out, -1, _GATHER_BLOCK).transpose(1, 0, 2)
-
-        def step(y, block):
-            i, v = block  # [d_out, block]
-            return y + jnp.einsum("...jb,jb->...j", jnp.take(z, i, axis=-1), v), None
-
-        y0 = jnp.zeros(z.shape[:-1] + (d_out,), z.dtype)
-        return jax.lax.scan(step, y0, (idx, val))[0]
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
         if self.mode == "dense":
             y = x @ (self.D[...] @ self.coefficients())
+        elif self.mode == "factored":
+            y = spmm.gather_columns(x @ self.D[...], self.indices[...], self.values[...])
+        elif self.mode == "sparse":
+            y = spmm.bitmask_matmul(x, self.D[...], self.mask[...], self.values[...]).astype(self.dtype)
         else:
-            y = self._factored(x @ self.D[...])
+            y = spmm.coo16_matmul(x, self.D[...], self.indices[...], self.values[...]).astype(self.dtype)
         return y if self.bias is None else y + self.bias[...]
+
+
+def resident_bytes(module: nnx.Module) -> int:
+    """Bytes of every array a module holds (parameters, supports, biases, norms; each distinct array once).
+
+    For a DictLinear in a sparse mode this is the inference footprint: D and values in bf16 plus the mask or
+    the int16 ids (and a bias if the original layer had one), i.e. budget's eq10 / coo16 bytes."""
+    seen: dict[int, int] = {}
+    for leaf in jax.tree_util.tree_leaves(nnx.state(module)):
+        if hasattr(leaf, "nbytes"):
+            seen.setdefault(id(leaf), int(leaf.nbytes))
+    return sum(seen.values())
 
 
 def factored_module(factors: Factors, bias: jax.Array | None, *, dtype: Any, mode: str = "dense") -> nnx.Module:
     """The NNX module computing x ↦ x·W̃ (+ bias) for one set of factors (coefficient quantisation, if any, is
-    applied once by the orchestrator before the factors are stored)."""
+    applied once by the orchestrator before the factors are stored). ``mode``: the DictLinear path
+    (:data:`DICT_MODES`); low-rank factors have one path and ignore it."""
     if isinstance(factors, LowRankFactors):
         return LowRankLinear(factors.A, factors.B, bias, dtype=dtype)
     if isinstance(factors, DictFactors):
