@@ -233,7 +233,8 @@ def module_factors(module: nnx.Module) -> Factors | None:
     """The factors a projection module computes with (float32 numpy), or None for a dense ``Linear``. The one
     place that reads the factored modules' parameters."""
     if isinstance(module, DictLinear):
-        return DictFactors(np.asarray(module.D[...], np.float32), np.asarray(module.indices[...], np.int32),
+        # support(): the atom ids of whichever layout the mode holds (int32 ids, int16 ids or a bitmask)
+        return DictFactors(np.asarray(module.D[...], np.float32), np.asarray(module.support(), np.int32),
                            np.asarray(module.values[...], np.float32))
     if isinstance(module, LowRankLinear):
         return LowRankFactors(np.asarray(module.A[...], np.float32), np.asarray(module.B[...], np.float32))

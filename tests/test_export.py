@@ -248,6 +248,8 @@ ROUND_TRIPS = {  # (storage, quantization, values encoding, kind, group size, mo
     "eq11-14bit": ("eq11", "bf16-14bit", "bf16-14bit", "cospadi", 1, "dense", 0.3),
     "eq10": ("eq10", None, "bf16", "cospadi", 1, "dense", 0.3),
     "coo16-factored-mode": ("coo16", None, "bf16", "cospadi", 1, "factored", 0.3),
+    "eq10-sparse-mode": ("eq10", None, "bf16", "cospadi", 1, "sparse", 0.3),  # the bitmask kernel's layout
+    "coo16-sparse_coo16-mode": ("coo16", None, "bf16", "cospadi", 1, "sparse_coo16", 0.3),
     "int8": ("eq11", "int8", "exact", "cospadi", 1, "dense", 0.3),
     "grouped": ("eq11", "bf16-14bit", "bf16-14bit", "cospadi", 2, "dense", 0.25),
     "low-rank-shared": ("eq11", None, None, "low_rank", 2, "dense", 0.3),
@@ -265,7 +267,8 @@ def test_factored_export_loads_back_bit_exactly_and_saves_the_same_bytes(case, t
     projections = compressed_projections(model)
     with caplog.at_level("WARNING", logger="cospadi_jax.export"):
         manifest = save_pretrained(model, tmp_path / "a", metadata=_record(ratio, storage, quant, m))
-    assert ("export rounds them" in caplog.text) == (case in ("eq11-rounds-f32-values", "eq10", "coo16-factored-mode"))
+    assert ("export rounds them" in caplog.text) == (case in ("eq11-rounds-f32-values", "eq10", "coo16-factored-mode",
+                                                              "coo16-sparse_coo16-mode"))
     loaded, tokenizer = load_model(tmp_path / "a")
     assert tokenizer is None
     reference = _rounded_reference(model, projections, encoding)

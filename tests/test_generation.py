@@ -52,7 +52,8 @@ def _cached_logits(gen: Generator, prompts, steps: int):
 
 
 CASES = [(family, None) for family in TINY_FAMILIES] + [
-    (family, mode) for family in ("llama_gqa", "qwen2_bias") for mode in ("dense", "factored")]
+    (family, mode) for family in ("llama_gqa", "qwen2_bias") for mode in ("dense", "factored")] + [
+    ("llama_gqa", "sparse"), ("qwen3_qknorm", "sparse_coo16")]  # the packed layouts of the CPU kernel
 
 
 @pytest.mark.parametrize("family,mode", CASES, ids=[f"{f}-{m or 'uncompressed'}" for f, m in CASES])
