@@ -107,6 +107,7 @@ class GenerateConf:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     chat: bool = False  # wrap the prompt in the tokenizer's chat template (instruction-tuned models)
+    mode: Optional[str] = None  # rebuild CoSpaDi layers in this DictLinear mode, e.g. sparse (fast CPU decode)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Generate text with a (compressed) model, streamed token by token to the console.
 
     python -m cospadi_jax.generate prompt='The Lord is my shepherd'                    # the embedded SmolLM2
-    python -m cospadi_jax.generate artifact=results/<run> prompt='...' generate.max_new_tokens=128
+    python -m cospadi_jax.generate artifact=results/<run> prompt='...' max_new_tokens=128 mode=sparse
     python -m cospadi_jax.generate model.spec=<exported dir> generate.chat=true generate.temperature=0.7 \\
         generate.top_p=0.9 seed=1 prompt='Name three rivers.'
 
@@ -32,6 +32,10 @@ def run_generate(cfg: Any) -> dict[str, Any]:
         model, tokenizer, _ = restore_model(cfg.artifact)
     else:
         model, tokenizer = load_model(cfg.model.spec, cfg.model.dtype, revision=cfg.model.revision)
+    if g.mode:
+        from .layers import set_dict_mode
+
+        log.info("%d CoSpaDi layers rebuilt in mode %s", set_dict_mode(model, g.mode), g.mode)
     if tokenizer is None:
         raise ValueError(f"{cfg.artifact or cfg.model.spec} has no tokenizer; generation needs one to encode the prompt")
     if g.chat:
@@ -67,7 +71,7 @@ def run_generate(cfg: Any) -> dict[str, Any]:
             "first_token_s": first_s, "decode_tokens_per_s": rate}
 
 
-_SHORT_KEYS = ("prompt", "max_new_tokens", "temperature", "top_p", "chat")
+_SHORT_KEYS = ("prompt", "max_new_tokens", "temperature", "top_p", "chat", "mode")
 
 
 def _shorthand(arg: str) -> str:

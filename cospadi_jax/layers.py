@@ -165,3 +165,24 @@ def replace_projection(model: nnx.Module, path: str, factors: Factors, *, mode: 
     new = factored_module(factors, bias, dtype=old.dtype, mode=mode)
     setattr(parent, name, new)
     return new
+
+
+def set_dict_mode(model: nnx.Module, mode: str) -> int:
+    """Rebuild every ``DictLinear`` of ``model`` in ``mode`` (:data:`DICT_MODES`), in place, from the support and
+    values it holds: e.g. ``"sparse"`` for fast batch-1 decode on the CPU after loading an artifact or an export
+    evaluated in ``"dense"`` mode. Returns the number of modules rebuilt.
+
+    Going to a sparse mode rounds D and the values to bf16 (what those layouts hold); from a sparse mode the
+    bf16 numbers are kept exactly."""
+    if mode not in DICT_MODES:
+        raise ValueError(f"unknown DictLinear mode {mode!r}; use one of {DICT_MODES}")
+    rebuilt = 0
+    for path, module in list(nnx.iter_graph(model)):
+        if isinstance(module, DictLinear) and module.mode != mode:
+            parent = get_module(model, ".".join(str(p) for p in path[:-1])) if len(path) > 1 else model
+            bias = None if module.bias is None else module.bias[...]
+            new = DictLinear(np.asarray(module.D[...], np.float32), np.asarray(module.support()),
+                             np.asarray(module.values[...], np.float32), bias, dtype=module.dtype, mode=mode)
+            setattr(parent, str(path[-1]), new)
+            rebuilt += 1
+    return rebuilt

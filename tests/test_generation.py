@@ -190,3 +190,20 @@ def test_bad_requests_are_refused():
         Sampling(temperature=-0.5)
     with pytest.raises(ValueError, match="top_p=0 must be in"):
         Sampling(top_p=0)
+
+
+def test_set_dict_mode_equals_building_in_that_mode():
+    from cospadi_jax.layers import DictLinear, set_dict_mode
+
+    built = _compress_some(random_model(tiny_hf_config("llama_gqa", True), seed=3), "sparse")
+    switched = _compress_some(random_model(tiny_hf_config("llama_gqa", True), seed=3), "dense")
+    assert set_dict_mode(switched, "sparse") == 1
+    assert isinstance(switched.model.layers[0].self_attn.q_proj, DictLinear)
+    ids = jnp.asarray([PROMPTS[0]])
+    np.testing.assert_array_equal(np.asarray(forward_logits(switched, ids)), np.asarray(forward_logits(built, ids)))
+    # and back: the bf16 numbers of the sparse layout are kept exactly by the dense mode
+    assert set_dict_mode(switched, "dense") == 1
+    np.testing.assert_allclose(np.asarray(forward_logits(switched, ids)), np.asarray(forward_logits(built, ids)),
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="unknown DictLinear mode 'fast'"):
+        set_dict_mode(switched, "fast")

@@ -72,8 +72,9 @@ def test_compress_job_writes_metrics_artifact_and_wandb(tiny_dir, tmp_path, capl
 
     prompt = _shorthand("prompt=In the beginning, God: one; two").partition("=")[2]
     generated = run_app.execute(_compose(_overrides(tiny_dir, out, "task=generate", f"artifact={out}",
-                                                    f"generate.prompt={prompt}", "generate.max_new_tokens=6")))
-    model, tok, _ = restore_model(out)
+                                                    f"generate.prompt={prompt}", "generate.max_new_tokens=6",
+                                                    "generate.mode=sparse")))
+    model, tok, _ = restore_model(out, mode="sparse")
     ids = tok("In the beginning, God: one; two", add_special_tokens=False)["input_ids"]
     expected = Generator(model).generate([ids], 6, eos_token_ids=[tok.eos_token_id])[0]
     assert generated["tokens"] == [t for t in expected if t != tok.eos_token_id]
