@@ -17,12 +17,15 @@ pinned to ``--cores`` and XLA and Numba use those cores. Prefill: one call on a 
 tokens/s = P / time. Decode: ``--decode-steps`` one-token steps after a 16-token prompt, each step's token read back
 to the host as generation does, tokens/s = steps / time. Resident weight bytes: every array of the model's state
 (parameters, supports, scales). Peak memory: one fresh process per model builds it, frees the dense source,
-resets the kernel's high-water mark (/proc/self/clear_refs) and runs the prefills and the decode: VmHWM then.
+returns freed heap pages to the kernel (``malloc_trim``), resets the kernel's high-water mark
+(/proc/self/clear_refs) and runs the prefills and the decode: VmHWM then (the peak), and VmHWM minus the RSS before
+inference (the working set: activations, KV cache, compiled code, XLA buffers).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import gc
 import json
@@ -206,12 +209,16 @@ def worker(spec: dict, decode_steps: int, random_weights: bool) -> None:
     if model is not base:
         del base
     gc.collect()
+    # Hand the freed dense source back to the kernel: glibc keeps freed heap pages mapped, and VmHWM would
+    # count them as this model's memory.
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     before = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the peak from here on
     timer = Timer(model, decode_steps)
     timer.measure()
-    print(json.dumps({"rss_before_inference": before, "peak_rss_inference": _status("VmHWM"),
-                      "resident_weight_bytes": resident_bytes(model)}))
+    peak = _status("VmHWM")
+    print(json.dumps({"rss_before_inference": before, "peak_rss_inference": peak,
+                      "inference_working_set": peak - before, "resident_weight_bytes": resident_bytes(model)}))
 
 
 def machine() -> str:
@@ -307,9 +314,10 @@ def main() -> None:
 
 def table(report: dict) -> str:
     lines = ["| model | prefill 16 / 64 / 256 tok/s | decode tok/s | decode × dense f32 | projections MiB "
-             "| × (1 − CR) dense bf16 | whole model MiB | peak RSS MiB |", "|---|---|---|---|---|---|---|---|"]
+             "| × (1 − CR) dense bf16 | whole model MiB | peak RSS (working set) MiB |", "|---|---|---|---|---|---|---|---|"]
     for r in report["models"]:
-        peak = f"{r['peak_rss_inference'] / 2**20:.0f}" if "peak_rss_inference" in r else "–"
+        peak = (f"{r['peak_rss_inference'] / 2**20:.0f} ({r['inference_working_set'] / 2**20:.0f})"
+                if "peak_rss_inference" in r else "–")
         budget = f"{r['projection_vs_budget']:.3f}" if "projection_vs_budget" in r else "–"
         lines.append(f"| {r['name']} | {r['prefill_16_tok_s']:.0f} / {r['prefill_64_tok_s']:.0f} / "
                      f"{r['prefill_256_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {r['decode_vs_dense_f32']:.2f} | "
@@ -319,6 +327,7 @@ def table(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
+    """Six panels: prefill at each prompt length, decode, resident weights (against CR) and peak memory (bars)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -327,10 +336,10 @@ def plot(report: dict, path: Path) -> None:
     rows = [r for r in report["models"] if r["kind"] != "dense" and r.get("scope") == "all"]
     dense = {r["name"]: r for r in report["models"] if r["kind"] == "dense"}
     series = sorted({r["name"].rsplit(" CR", 1)[0] for r in rows})
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    panels = (("decode_tok_s", "batch-1 decode (tokens/s)"), ("prefill_256_tok_s", "prefill, 256-token prompt (tokens/s)"),
-              ("resident_weight_bytes", "resident weights (MiB)"))
-    for ax, (key, title) in zip(axes, panels):
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    panels = [(f"prefill_{p}_tok_s", f"prefill, {p}-token prompt (tokens/s)") for p in PROMPTS]
+    panels += [("decode_tok_s", "batch-1 decode (tokens/s)"), ("resident_weight_bytes", "resident weights (MiB)")]
+    for ax, (key, title) in zip(axes.flat, panels):
         scale = 2**20 if key == "resident_weight_bytes" else 1
         for name in series:
             pts = sorted((r["ratio"], r[key] / scale) for r in rows if r["name"].startswith(name + " CR"))
@@ -338,14 +347,29 @@ def plot(report: dict, path: Path) -> None:
         for name, r in dense.items():
             ax.axhline(r[key] / scale, ls="--", lw=1, color="k" if "f32" in name else "grey", label=name)
         ax.set_xlabel("compression ratio (all 210 projections)")
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+        if key.startswith("prefill") or key == "decode_tok_s":
+            ax.set_yscale("log")
+    axes.flat[3].legend(fontsize=7)
+    measured = [r for r in report["models"] if "peak_rss_inference" in r]
+    ax = axes.flat[5]
+    y = np.arange(len(measured))
+    ax.barh(y, [(r["peak_rss_inference"] - r["inference_working_set"]) / 2**20 for r in measured],
+            label="RSS before inference")
+    ax.barh(y, [r["inference_working_set"] / 2**20 for r in measured],
+            left=[(r["peak_rss_inference"] - r["inference_working_set"]) / 2**20 for r in measured],
+            label="inference working set")
+    ax.set_yticks(y, [r["name"] for r in measured], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_title("peak process memory (MiB)", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="x")
     fig.suptitle(f"SmolLM2-135M inference on {report['machine'].split(',')[0]} (cores {report['cores']}), "
                  f"{report['date']}", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
