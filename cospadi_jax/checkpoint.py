@@ -7,6 +7,8 @@ Layout of an artifact directory::
     units/00017/           one orbax PyTree checkpoint per finished fitting unit: its factors and its report rows
     progress.json          finished unit indices (rewritten atomically after each unit); in a multi-process
                            run process p writes progress.p<p>.json instead and readers take the union
+    refined/00003/         a decoder layer's factors after block-output refinement (refine.py), then its
+                           record.json; they replace the layer's fitted factors when the artifact is loaded
     report.json            the final report (written last)
 
 A unit's orbax directory is finalised atomically by orbax, and ``progress.json`` is replaced atomically after it,
@@ -17,6 +19,7 @@ Nothing here unpickles: factors are arrays, everything else is JSON.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -139,6 +142,22 @@ class ArtifactWriter:
             mine = _read_progress(self._progress_path) if self._progress_path.exists() else []
             atomic_write_json(self._progress_path, {"finished": sorted({*mine, idx})})
 
+    def save_refined(self, layer: int, factors: dict[str, Factors], record: dict) -> None:
+        """Decoder layer ``layer``'s refined factors (by HF path) and its refinement record (process 0 only:
+        every process refines identically). ``record.json`` is written last: a layer is there whole or not at all."""
+        import jax
+
+        if jax.process_index() != 0:
+            return
+        layer_dir = self.directory / REFINED / f"{layer:05d}"
+        layer_dir.mkdir(parents=True, exist_ok=True)
+        _save_orbax(layer_dir, [_factors_tree(f) for f in factors.values()])
+        atomic_write_json(layer_dir / "record.json", {"record": record, "paths": list(factors)})
+
+    def refined_layers(self) -> dict[int, tuple[dict, dict[str, Factors]]]:
+        """(record, factors by path) of every layer an earlier attempt refined."""
+        return _read_refined(self.directory)
+
     def finalize(self, report: dict) -> None:
         """Write the final report (process 0, after every process has read the units it needs). Units staged
         by other processes are converted to orbax first, so a finished artifact is orbax throughout."""
@@ -153,7 +172,8 @@ def _remove_leftovers(directory: Path) -> None:
     import shutil
 
     leftovers = [*directory.glob("*.tmp"), *directory.glob("units/*/*.tmp*"),
-                 *directory.glob("units/*/*orbax-checkpoint-tmp*")]
+                 *directory.glob("units/*/*orbax-checkpoint-tmp*"), *directory.glob(f"{REFINED}/*/*.tmp*"),
+                 *directory.glob(f"{REFINED}/*/*orbax-checkpoint-tmp*")]
     for path in leftovers:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     if leftovers:
@@ -161,6 +181,7 @@ def _remove_leftovers(directory: Path) -> None:
 
 
 STAGED_FACTORS = "factors.npz"  # a unit fitted by a process other than 0, until finalize()
+REFINED = "refined"  # refined/<layer>/: a decoder layer's factors after block-output refinement (refine.py)
 
 
 def _save_orbax(unit_dir: Path, trees: list[dict[str, np.ndarray]]) -> None:
@@ -228,6 +249,21 @@ def _read_units(directory: Path, indices: list[int]) -> dict[int, tuple[list[Fac
     return out
 
 
+def _read_refined(directory: Path) -> dict[int, tuple[dict, dict[str, Factors]]]:
+    out = {}
+    for record_path in sorted(directory.glob(f"{REFINED}/*/record.json")):
+        try:
+            stored = json.loads(record_path.read_text())
+            trees = _load_factors(record_path.parent)["factors"]
+        except Exception as exc:
+            raise CorruptCheckpointError(
+                f"refined layer {record_path.parent.name} cannot be read ({type(exc).__name__}: {exc}); delete "
+                f"{record_path.parent} to refine it again") from exc
+        out[int(stored["record"]["layer"])] = (stored["record"], {
+            p: _factors_from_tree(t, {}) for p, t in zip(stored["paths"], trees)})
+    return out
+
+
 def load_artifact(directory: str | Path) -> tuple[dict[str, Factors], dict[str, Any]]:
     """Factors by projection path and the metadata of a finished artifact."""
     directory = Path(directory)
@@ -238,6 +274,8 @@ def load_artifact(directory: str | Path) -> tuple[dict[str, Factors], dict[str, 
     for _, (unit_factors, rows) in sorted(_read_units(directory, _finished_indices(directory)).items()):
         for f, row in zip(unit_factors, rows):
             factors[row["path"]] = f
+    for _, refined in _read_refined(directory).values():  # refined factors replace the fitted ones
+        factors.update({p: dataclasses.replace(f, info=factors[p].info) for p, f in refined.items()})
     return factors, metadata
 
 

@@ -23,11 +23,12 @@ from .data.calibration import sample_windows, tokenizer_fingerprint
 from .data.text import load_text
 from .distributed import map_units
 from .fileio import can_create_in
-from .layers import DICT_MODES, QUANTIZATIONS, quantize_coefficients, replace_projection
+from .layers import DICT_MODES, QUANTIZATIONS, quantize_coefficients, replace_projection, set_dict_mode
 from .methods import METHODS, make_method
 from .methods.base import DictFactors, Factors, functional_error, weight_error
 from .models.paths import PROJECTION_TYPES, get_module, projection_path, projection_weight
 from .models.transformer import CausalLM
+from .refine import RefineConfig, refine_layers
 from .sparse.backend import check_omp_backend
 from .sparse.ksvd import SPARSE_CODERS
 
@@ -192,6 +193,8 @@ class MatrixReport:
     # CoSpaDi: resolved Batch-OMP backend and fitting time per phase (whitening, omp, update, gemm).
     omp_backend: str | None = None
     phase_seconds: dict | None = None
+    # Block-output refinement (refine.py): the held-out functional error of the factors as fitted, before it.
+    functional_error_heldout_fitted: float | None = None
 
 
 @dataclass
@@ -202,6 +205,7 @@ class CompressionReport:
     seconds: float = 0.0
     units: int = 0  # fitting units (a matrix or a shared group)
     units_reused: int = 0  # read back from the artifact of an interrupted run instead of being fitted
+    refinement: list[dict] = field(default_factory=list)  # one refine.LayerRefinement per refined layer
 
     @property
     def realised_ratio(self) -> float:
@@ -212,7 +216,7 @@ class CompressionReport:
     def to_dict(self) -> dict:
         return {"config": self.config, "calibration": self.calibration, "seconds": self.seconds,
                 "realised_ratio": self.realised_ratio, "units": self.units, "units_reused": self.units_reused,
-                "matrices": [asdict(m) for m in self.matrices]}
+                "refinement": self.refinement, "matrices": [asdict(m) for m in self.matrices]}
 
 
 def work_units(cfg: CompressionConfig, n_layers: int) -> list[list[str]]:
@@ -316,6 +320,9 @@ def compress(
     progress: bool = True,
     artifact: Any = None,
     on_unit: Any = None,
+    refine: RefineConfig | None = None,
+    windows: np.ndarray | None = None,
+    on_refined: Any = None,
     **overrides: Any,
 ) -> tuple[CausalLM, CompressionReport]:
     """Compress the model's projections with one method; returns (compressed model, report).
@@ -327,6 +334,11 @@ def compress(
     ``artifact`` (a :class:`cospadi_jax.checkpoint.ArtifactWriter`) saves every finished unit and, when it already
     holds finished units from a killed run, reuses them instead of refitting, so the result is bit-identical to an
     uninterrupted run. ``on_unit(index, rows)`` is called after each unit (e.g. to log to wandb).
+
+    ``refine`` (:class:`cospadi_jax.refine.RefineConfig`, off when ``steps=0``) re-fits every compressed layer's
+    factored numbers to the dense layer's output after all units are fitted, on ``windows`` [n, T] token ids
+    (default: the calibration spec's windows, which needs the tokenizer). Refined layers are saved to and resumed
+    from ``artifact`` like units; ``on_refined(record)`` is called after each (a ``LayerRefinement``).
     """
     if not isinstance(model, CausalLM):
         raise TypeError(f"model must be a cospadi_jax CausalLM (from cospadi_jax.load_model), got "
@@ -335,6 +347,11 @@ def compress(
     n_layers = model.config.num_hidden_layers
     config.validate(n_layers)
     calibration = calibration or CalibrationSpec()
+    refine = refine or RefineConfig()
+    refine.validate()
+    if refine.steps and inplace:
+        raise ValueError("refinement matches each compressed layer to the dense one, so the dense model must "
+                         "survive: use inplace=False with refine.steps > 0")
     method = make_method(config)
     already = [p for unit in work_units(config, n_layers) for p in unit if not hasattr(get_module(model, p), "kernel")]
     if already:
@@ -358,6 +375,14 @@ def compress(
     report = CompressionReport(config=asdict(config), calibration=calibration_info)
     units = work_units(config, n_layers)
     key = jax.random.key(config.seed)
+    if refine.steps and windows is None:
+        if tokenizer is None:
+            raise ValueError("refine.steps > 0 needs calibration windows: pass a tokenizer (and a calibration spec) "
+                             "or windows=[n, T] token ids")
+        windows = sample_windows(tokenizer, load_text(calibration.source), calibration.nsamples,
+                                 calibration.seqlen, calibration.seed)
+    # Refinement differentiates through the layers: a sparse (packed bf16) mode is set once it is done.
+    build_mode = "dense" if refine.steps and config.mode not in ("dense", "factored") else config.mode
 
     def fit(unit_index: int) -> tuple[list[Factors], list[dict]]:
         paths = units[unit_index]
@@ -391,13 +416,59 @@ def compress(
         factors, rows = done[unit_index] if unit_index in done else fit(unit_index)
         unit_rows = [MatrixReport(**{k: v for k, v in row.items() if k != "info"}) for row in rows]
         for path, f in zip(paths, factors):
-            replace_projection(target, path, f, mode=config.mode)
+            replace_projection(target, path, f, mode=build_mode)
         report.matrices.extend(unit_rows)
         if on_unit is not None:
             on_unit(unit_index, unit_rows)
+    if refine.steps:
+        _refine(model, target, windows, refine, config, units, report, grams, heldout_grams, artifact, on_refined,
+                progress)
+        if build_mode != config.mode:
+            set_dict_mode(target, config.mode)
     report.seconds = time.perf_counter() - t_start
     warn_about(report, config)
     return target, report
+
+
+def _refine(dense: CausalLM, target: CausalLM, windows: np.ndarray, refine: RefineConfig,
+            config: CompressionConfig, units: list[list[str]], report: CompressionReport, grams: Grams | None,
+            heldout_grams: Grams | None, artifact: Any, on_refined: Any, progress: bool) -> None:
+    """Refine ``target`` in place (refine.refine_layers), resuming from and saving to ``artifact``; the report
+    rows of refined matrices then give the refined factors' errors."""
+    shared = frozenset(p for unit in units if len(unit) > 1 for p in unit)
+    layers = sorted({int(p.split(".")[2]) for unit in units for p in unit})
+    done = artifact.refined_layers() if artifact is not None else {}
+    records = {int(r["layer"]): r for r, _ in done.values()}
+
+    def on_layer(record: Any, factors: dict[str, Factors]) -> None:
+        records[record.layer] = asdict(record)
+        if artifact is not None:
+            artifact.save_refined(record.layer, factors, asdict(record))
+        if on_refined is not None:
+            on_refined(record)
+
+    refine_layers(dense, target, windows, refine, seed=config.seed, layers=layers, shared=shared,
+                  quantization=config.quantization, done={l: f for l, (_, f) in done.items()}, on_layer=on_layer,
+                  progress=progress)
+    report.refinement = [records[l] for l in sorted(records)]
+    for row in report.matrices:
+        layer = int(row.path.split(".")[2])
+        if records.get(layer, {}).get("status") != "refined":
+            continue
+        W, W_hat = projection_weight(dense, row.path), _dense_of(get_module(target, row.path))
+        row.functional_error_heldout_fitted = row.functional_error_heldout
+        if grams is not None:
+            row.functional_error_calib = functional_error(W, W_hat, grams.gram(row.path))
+        if heldout_grams is not None:
+            row.functional_error_heldout = functional_error(W, W_hat, heldout_grams.gram(row.path))
+        row.weight_error = weight_error(W, W_hat)
+
+
+def _dense_of(module: Any) -> np.ndarray:
+    """W̃ [d_in, d_out] (float64) of a factored module."""
+    if hasattr(module, "coefficients"):
+        return np.asarray(module.D[...], np.float64) @ np.asarray(module.coefficients(), np.float64)
+    return np.asarray(module.A[...], np.float64) @ np.asarray(module.B[...], np.float64)
 
 
 def warn_about(report: CompressionReport, config: CompressionConfig) -> None:

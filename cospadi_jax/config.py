@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .compress import DEFAULT_SHARED_TYPES, CalibrationSpec, CompressionConfig
 from .models.paths import PROJECTION_TYPES
+from .refine import RefineConfig
 from .sparse.backend import OMP_BACKENDS
 from .sparse.ksvd import SPARSE_CODERS
 
@@ -124,6 +125,7 @@ class RunConfig:
     model: ModelConf = field(default_factory=ModelConf)
     method: MethodConf = field(default_factory=MethodConf)
     calib: CalibConf = field(default_factory=CalibConf)
+    refine: RefineConfig = field(default_factory=RefineConfig)  # block-output refinement, off at steps=0
     eval: EvalConf = field(default_factory=EvalConf)
     logger: LoggerConf = field(default_factory=LoggerConf)
     generate: GenerateConf = field(default_factory=GenerateConf)
@@ -150,7 +152,7 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("cospadi_job_dir", _job_dir, replace=True)
 
 
-_IDENTITY_NODES = ("model", "method", "calib", "eval", "task", "seed")
+_IDENTITY_NODES = ("model", "method", "calib", "refine", "eval", "task", "seed")
 
 
 def _identity_config(root: DictConfig) -> dict[str, Any]:
@@ -229,6 +231,7 @@ def validate(cfg: RunConfig, n_layers: int | None = None) -> None:
         Sampling(cfg.generate.temperature, cfg.generate.top_p, cfg.seed)  # raises on a bad temperature / top_p
     # Method fields are checked by the compression config itself; layer-dependent checks rerun after loading.
     compression_config(cfg).validate(n_layers)
+    cfg.refine.validate()
 
 
 def export_path(cfg: RunConfig) -> Path:

@@ -212,8 +212,13 @@ def run_compress(cfg: RunConfig, resolved: dict) -> dict[str, Any]:
                 if row.objective:
                     tracker.log_objective(row.path, row.objective)
 
+        def on_refined(record: Any) -> None:
+            tracker.log_curve(f"refine_loss/layer{record.layer}", "step", "loss", record.losses)
+            tracker.log({f"refine/layer{record.layer}/loss_before": record.loss_before,
+                         f"refine/layer{record.layer}/loss_after": record.loss_after})
+
         compressed, report = compress(model, tokenizer, config=config, calibration=calibration_spec(cfg),
-                                      artifact=artifact, on_unit=on_unit)
+                                      artifact=artifact, on_unit=on_unit, refine=cfg.refine, on_refined=on_refined)
         metrics["timings"]["compress_s"] = report.seconds
         # Fitting time summed over every unit, those fitted by earlier attempts of a resumed run included.
         metrics["timings"]["fit_s_cumulative"] = sum(m.seconds for m in report.matrices)
@@ -223,7 +228,8 @@ def run_compress(cfg: RunConfig, resolved: dict) -> dict[str, Any]:
         metrics["timings"]["eval_s"] = time.perf_counter() - t0
         report_dict = report.to_dict()
         metrics.update(realised_ratio=report.realised_ratio, calibration_key=report.calibration.get("key"),
-                       matrices=report_dict["matrices"], paper=cfg.paper, engine=_engine(report_dict["matrices"]),
+                       matrices=report_dict["matrices"], refinement=report_dict["refinement"], paper=cfg.paper,
+                       engine=_engine(report_dict["matrices"]),
                        model_size=_model_size(model, report))
         if not is_primary():  # every process compressed and evaluated; only process 0 writes and logs
             return metrics

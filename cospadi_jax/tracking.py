@@ -70,11 +70,15 @@ class Tracker:
 
     def log_objective(self, path: str, objective: list[float]) -> None:
         """K-SVD objective ‖Y − DS‖/‖Y‖ per iteration of one matrix, as a line series."""
-        if self.run is not None and objective:
+        self.log_curve(f"ksvd_objective/{path}", "iteration", "objective", objective)
+
+    def log_curve(self, key: str, x: str, y: str, values: list[float]) -> None:
+        """``values`` against their index, as one wandb line plot under ``key``."""
+        if self.run is not None and values:
             import wandb
 
-            table = wandb.Table(columns=["iteration", "objective"], data=[[i, v] for i, v in enumerate(objective)])
-            self.run.log({f"ksvd_objective/{path}": wandb.plot.line(table, "iteration", "objective", title=path)})
+            table = wandb.Table(columns=[x, y], data=[[i, v] for i, v in enumerate(values)])
+            self.run.log({key: wandb.plot.line(table, x, y, title=key.split("/", 1)[-1])})
 
     def summary(self, metrics: dict[str, Any]) -> None:
         if self.run is not None:
