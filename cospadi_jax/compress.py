@@ -29,6 +29,7 @@ from .methods.base import DictFactors, Factors, functional_error, weight_error
 from .models.paths import PROJECTION_TYPES, get_module, projection_path, projection_weight
 from .models.transformer import CausalLM
 from .refine import RefineConfig, refine_layers
+from .sequential import check_sequential, fit_sequential
 from .sparse.backend import check_omp_backend
 from .sparse.ksvd import SPARSE_CODERS
 
@@ -51,6 +52,8 @@ class CalibrationSpec:
     heldout_nsamples: int = 32
     batch_size: int = 8
     cache_dir: str | None = None  # Gram cache (keyed by model, tokenizer, source, nsamples, seqlen, seed)
+    # Grams of each layer on the activations of the model whose earlier layers are compressed (sequential.py)
+    sequential: bool = False
 
 
 @dataclass(frozen=True)
@@ -363,7 +366,18 @@ def compress(
     t_start = time.perf_counter()
     layers = list(config.layers) if config.layers is not None else None
     calibration_info = asdict(calibration)
-    if method.data_aware and grams is None:
+    sequential = calibration.sequential and method.data_aware
+    if calibration.sequential:
+        check_sequential(grams, jax.process_count())
+        if not method.data_aware:
+            log.warning("calib.sequential=true has no effect on %s, which uses no calibration data", config.method)
+    if (refine.steps or sequential) and windows is None:
+        if tokenizer is None:
+            raise ValueError("sequential calibration and refinement need calibration windows: pass a tokenizer "
+                             "(and a calibration spec) or windows=[n, T] token ids")
+        windows = sample_windows(tokenizer, load_text(calibration.source), calibration.nsamples,
+                                 calibration.seqlen, calibration.seed)
+    if method.data_aware and grams is None and not sequential:
         if tokenizer is None:
             raise ValueError("a data-aware method needs a tokenizer (or precomputed grams) for calibration")
         grams, key_used = calibration_grams(model, tokenizer, calibration, layers, progress=progress)
@@ -375,19 +389,13 @@ def compress(
     report = CompressionReport(config=asdict(config), calibration=calibration_info)
     units = work_units(config, n_layers)
     key = jax.random.key(config.seed)
-    if refine.steps and windows is None:
-        if tokenizer is None:
-            raise ValueError("refine.steps > 0 needs calibration windows: pass a tokenizer (and a calibration spec) "
-                             "or windows=[n, T] token ids")
-        windows = sample_windows(tokenizer, load_text(calibration.source), calibration.nsamples,
-                                 calibration.seqlen, calibration.seed)
     # Refinement differentiates through the layers: a sparse (packed bf16) mode is set once it is done.
     build_mode = "dense" if refine.steps and config.mode not in ("dense", "factored") else config.mode
 
-    def fit(unit_index: int) -> tuple[list[Factors], list[dict]]:
+    def fit(unit_index: int, unit_grams: Grams | None = None) -> tuple[list[Factors], list[dict]]:
         paths = units[unit_index]
-        factors, rows = fit_unit([projection_weight(model, p) for p in paths], paths, method, config, grams,
-                                 heldout_grams, jax.random.fold_in(key, unit_index))
+        factors, rows = fit_unit([projection_weight(model, p) for p in paths], paths, method, config,
+                                 unit_grams or grams, heldout_grams, jax.random.fold_in(key, unit_index))
         if artifact is not None:
             artifact.save_unit(unit_index, factors, rows)
         return factors, rows
@@ -395,7 +403,20 @@ def compress(
     # Resumed units are reused, never refitted: the result is bit-identical to an uninterrupted run.
     done = artifact.finished_units(len(units)) if artifact is not None else {}
     report.units, report.units_reused = len(units), len(done)
-    if config.parallel == "matrices":
+    if sequential:
+        def fit_many(indices: list[int], block_grams: Grams) -> dict:
+            if config.parallel == "matrices":  # a block's units side by side, one thread per local device
+                return map_units(lambda i, _: fit(i, block_grams), units, rank=0, world=1,
+                                 skip=set(range(len(units))) - set(indices))
+            return {i: fit(i, block_grams) for i in indices}
+
+        def swap_in(unit_index: int, result: tuple[list[Factors], list[dict]]) -> None:
+            for path, f in zip(units[unit_index], result[0]):
+                replace_projection(target, path, f, mode=build_mode)
+
+        done = fit_sequential(target, windows, units, fit_many, swap_in, done, batch_size=calibration.batch_size,
+                              progress=progress)
+    elif config.parallel == "matrices":
         # This process's round-robin share, one thread per local device; other processes' units arrive through
         # the artifact directory (a filesystem all processes see) after the barrier.
         if jax.process_count() > 1 and artifact is None:
@@ -415,8 +436,9 @@ def compress(
         bar.set_postfix_str(paths[0] if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1})")
         factors, rows = done[unit_index] if unit_index in done else fit(unit_index)
         unit_rows = [MatrixReport(**{k: v for k, v in row.items() if k != "info"}) for row in rows]
-        for path, f in zip(paths, factors):
-            replace_projection(target, path, f, mode=build_mode)
+        if not sequential:  # sequential calibration swapped every unit in already
+            for path, f in zip(paths, factors):
+                replace_projection(target, path, f, mode=build_mode)
         report.matrices.extend(unit_rows)
         if on_unit is not None:
             on_unit(unit_index, unit_rows)

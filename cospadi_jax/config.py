@@ -72,6 +72,7 @@ class CalibConf:
     heldout_nsamples: int = 32
     batch_size: int = 8
     cache_dir: Optional[str] = ".cache/grams"
+    sequential: bool = False  # Grams of layer l on the model whose layers < l are compressed (sequential.py)
 
 
 @dataclass
@@ -203,7 +204,7 @@ def calibration_spec(cfg: RunConfig) -> CalibrationSpec:
     c = cfg.calib
     return CalibrationSpec(source=c.source, nsamples=c.nsamples, seqlen=c.seqlen, seed=c.seed,
                            heldout_source=c.heldout_source, heldout_nsamples=c.heldout_nsamples,
-                           batch_size=c.batch_size, cache_dir=c.cache_dir)
+                           batch_size=c.batch_size, cache_dir=c.cache_dir, sequential=c.sequential)
 
 
 def validate(cfg: RunConfig, n_layers: int | None = None) -> None:

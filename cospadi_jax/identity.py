@@ -126,6 +126,8 @@ def run_name(config: dict[str, Any]) -> str:
         parts += [f"rho{method['rho']}", f"T{method['ksvd_iterations']}"]
     if method["group_size"] > 1:
         parts.append(f"m{method['group_size']}")
+    if calib["sequential"]:
+        parts.append("seq")
     if merged["refine"]["steps"]:
         parts.append(f"R{merged['refine']['steps']}")
     parts += [f"n{calib['nsamples']}x{calib['seqlen']}", digest(run_identity(config))]

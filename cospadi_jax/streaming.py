@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .calib.grams import Grams, advance_layer
 from .compress import CompressionConfig, CompressionReport, MatrixReport, fit_unit, warn_about, work_units
+from .layers import factored_module
 from .methods import make_method
 from .methods.base import Factors, clear_whitening_cache
 from .models.config import DecoderConfig, decoder_config_from_hf
@@ -238,6 +239,7 @@ def compress_streaming(
     keep_factors: bool = True,
     progress: bool = True,
     on_layer: Callable[[int, dict[str, Any]], None] | None = None,
+    sequential: bool = False,
 ) -> tuple[CompressionReport, dict[str, Factors], MemoryPlan]:
     """Calibrate and compress ``source`` one layer at a time; returns (report, factors by path, memory plan).
 
@@ -245,6 +247,8 @@ def compress_streaming(
     several layers resident: use :func:`cospadi_jax.compress.compress`). Units are saved to ``artifact`` as they
     finish (and reused when it already holds them); ``keep_factors=False`` drops them from memory after saving,
     which a model larger than the host needs. ``on_layer(index, stats)`` gets per-layer timings and the peak RSS.
+    ``sequential``: each layer's Grams on the hidden states of the compressed layers before it
+    (:mod:`cospadi_jax.sequential`); the layer's factors are swapped in before the hidden states advance.
     """
     cfg = source.config
     if config.group_size != 1:
@@ -272,12 +276,15 @@ def compress_streaming(
     for index in range(max(layers) + 1):
         t0 = time.perf_counter()
         layer = source.layer(index)
-        by_path = advance_layer(layer, index, hidden, collect=index in layers)
+        by_path = advance_layer(layer, index, hidden, collect=index in layers,
+                                advance=not (sequential and index in layers))
         t_calib = time.perf_counter() - t0
         if index in layers:
             grams = Grams(n_tokens=int(windows.size))
             for path, (gram, abs_sum) in by_path.items():
                 grams.by_path[path], grams.abs_sums[path] = gram, abs_sum
+            if sequential:
+                layer = nnx.clone(layer)  # compressed below: never the source's own layer (an in-memory model)
             for unit_index in sorted(i for p, i in unit_of.items() if parse_projection_path(p)[0] == index):
                 paths = units[unit_index]
                 if unit_index in done:
@@ -289,9 +296,14 @@ def compress_streaming(
                     if artifact is not None:
                         artifact.save_unit(unit_index, unit_factors, rows)
                 report.matrices.extend(MatrixReport(**{k: v for k, v in r.items() if k != "info"}) for r in rows)
+                if sequential:
+                    for path, f in zip(paths, unit_factors):
+                        _swap_in(layer, path, f, config.mode)
                 if keep_factors:
                     factors_by_path.update(zip(paths, unit_factors))
             del grams
+            if sequential:  # through the compressed layer: the next layer's inputs
+                advance_layer(layer, index, hidden, collect=False)
             clear_whitening_cache()  # this layer's factors are never needed again: free them before the next
             bar.update()
         del layer, by_path
@@ -304,6 +316,15 @@ def compress_streaming(
     report.config["peak_rss_gib"] = peak_rss_gib()
     warn_about(report, config)
     return report, factors_by_path, plan
+
+
+def _swap_in(layer: DecoderLayer, path: str, factors: Factors, mode: str) -> None:
+    """Replace one projection of a standalone layer by its factored module (the bias is kept)."""
+    parent_path, _, name = path.split(".", 3)[3].rpartition(".")  # "mlp", "up_proj"
+    parent = get_module(layer, parent_path)
+    old = getattr(parent, name)
+    bias = None if old.bias is None else old.bias[...]
+    setattr(parent, name, factored_module(factors, bias, dtype=old.dtype, mode=mode))
 
 
 def _weight(layer: DecoderLayer, path: str) -> np.ndarray:

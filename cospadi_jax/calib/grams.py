@@ -83,8 +83,7 @@ def iter_layer_grams(
     bad = [i for i in wanted if not 0 <= i < n_layers]
     if bad:
         raise ValueError(f"layer index {bad} out of range: the model has {n_layers} layers")
-    starts = list(range(0, len(windows), batch_size))
-    hidden = [np.asarray(_embed(model, jnp.asarray(windows[s : s + batch_size]))) for s in starts]
+    hidden = embed_batches(model, windows, batch_size)
     last = max(wanted)
     bar = tqdm(total=last + 1, desc="calibration Grams", unit="layer", disable=not progress)
     for i in range(last + 1):
@@ -95,17 +94,25 @@ def iter_layer_grams(
     bar.close()
 
 
-def advance_layer(layer: DecoderLayer, index: int, hidden: list[np.ndarray], *, collect: bool = True
-                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def embed_batches(model: CausalLM, windows: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Token embeddings of ``windows`` [n, T] in batches of ``batch_size``: the hidden states entering layer 0."""
+    return [np.asarray(_embed(model, jnp.asarray(windows[s : s + batch_size])))
+            for s in range(0, len(windows), batch_size)]
+
+
+def advance_layer(layer: DecoderLayer, index: int, hidden: list[np.ndarray], *, collect: bool = True,
+                  advance: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Run the hidden-state batches (each [b, T, hidden]) through decoder layer ``index``, replacing them in
-    place, and return its Grams {source path: (Gram [d, d], Σ|x| [d]) float64} (empty if not ``collect``).
+    place (unless not ``advance``: Grams only), and return its Grams {source path: (Gram [d, d], Σ|x| [d])
+    float64} (empty if not ``collect``).
 
     Raises FloatingPointError on a non-finite Gram.
     """
     acc: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for b, h in enumerate(hidden):
         h_out, grams = _layer_step(layer, jnp.asarray(h))
-        hidden[b] = np.asarray(h_out)
+        if advance:
+            hidden[b] = np.asarray(h_out)
         if collect:
             for name, stats in grams.items():
                 g64 = tuple(np.asarray(v, dtype=np.float64) for v in stats)
