@@ -1,0 +1,137 @@
+"""Beyond the paper (issue 13): each lever alone and together, on SmolLM2-135M, through the Hydra app.
+
+    python experiments/beyond.py [--ratios 0.3] [--methods cospadi svd_llm] [--variants plain refine ...]
+        [--ksvd-iterations 4] [--refine-steps 50] [--only-summary]
+
+Every job is one ``python -m cospadi_jax.run`` on the committed sweep's setting (32 × 512 calibration tokens,
+perplexity on 16 × 512 held-out windows, the shipped ``kjv_lambada`` task), with the same K-SVD T for every
+CoSpaDi row, into ``experiments/results/beyond/<method>-<variant>-cr<ratio>/``. A job whose ``metrics.json``
+exists is not rerun (the script resumes; a killed job resumes from its artifact). Then the table is written
+to ``experiments/results/beyond/summary.json`` (one record per job) and drawn in ``beyond.png``.
+
+Variants (the issue's levers; ``all`` is every lever the engine has):
+  plain       the paper's setting
+  sequential  calib.sequential=true: each layer's Grams on the compressed prefix
+  refine      refine.steps=N: block-output refinement with Adam (supports fixed)
+  ormp        method.sparse_coder=ormp (CoSpaDi only)
+  all         sequential + refine (+ ormp for CoSpaDi)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+OUT = ROOT / "results" / "beyond"
+SETTING = ["calib.nsamples=32", "calib.seqlen=512", "eval.max_windows=16", "eval.tasks=[kjv_lambada]",
+           "eval.task_batch_size=16", "eval.dense_baseline=false", "logger.mode=disabled"]
+
+
+def levers(variant: str, method: str, refine_steps: int) -> list[str]:
+    """The overrides of one variant."""
+    refine = [f"refine.steps={refine_steps}", "refine.lr=1e-3"]
+    table = {"plain": [], "sequential": ["calib.sequential=true"], "refine": refine,
+             "ormp": ["method.sparse_coder=ormp"],
+             "all": ["calib.sequential=true", *refine, *(["method.sparse_coder=ormp"] if method == "cospadi" else [])]}
+    if variant not in table:
+        raise SystemExit(f"unknown variant {variant!r}; use one of {sorted(table)}")
+    if variant == "ormp" and method != "cospadi":
+        raise SystemExit("ormp is CoSpaDi's sparse coder; SVD-LLM has no ormp variant")
+    return table[variant]
+
+
+def job_dir(method: str, variant: str, ratio: float) -> Path:
+    return OUT / f"{method}-{variant}-cr{ratio}"
+
+
+def run_job(method: str, variant: str, ratio: float, args: argparse.Namespace) -> None:
+    out = job_dir(method, variant, ratio)
+    if (out / "metrics.json").exists():
+        print(f"{out.name}: done", flush=True)
+        return
+    cmd = [sys.executable, "-m", "cospadi_jax.run", f"method={method}", f"method.ratio={ratio}",
+           f"method.ksvd_iterations={args.ksvd_iterations}", *SETTING, *levers(variant, method, args.refine_steps),
+           f"output_dir={out}"]
+    print(f"{out.name}: {' '.join(cmd[2:])}", flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    print(f"{out.name}: finished in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def record(method: str, variant: str, ratio: float) -> dict | None:
+    path = job_dir(method, variant, ratio) / "metrics.json"
+    if not path.exists():
+        return None
+    m = json.loads(path.read_text())
+    task = m["compressed"]["zero_shot"]["tasks"]["kjv_lambada"]
+    errors = [r["functional_error_heldout"] for r in m["matrices"] if r["functional_error_heldout"] is not None]
+    return {"method": method, "variant": variant, "ratio": ratio, "realised_ratio": m["realised_ratio"],
+            "ppl": m["compressed"]["perplexity"]["embedded:heldout"]["perplexity"], "acc": task["acc"],
+            "acc_stderr": task["acc_stderr"], "functional_error": float(np.mean(errors)),
+            "ksvd_iterations": m["config"]["method"]["ksvd_iterations"] if method == "cospadi" else None,
+            "refine_steps": m["config"].get("refine", {}).get("steps", 0),
+            "compress_s": m["timings"]["compress_s"], "eval_s": m["timings"]["eval_s"],
+            "dense_ppl": m.get("dense", {}).get("perplexity", {}).get("embedded:heldout", {}).get("perplexity")}
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    labels = [f"{r['method']}\n{r['variant']}\nCR {r['ratio']}" for r in records]
+    x = np.arange(len(records))
+    axes[0].bar(x, [r["ppl"] for r in records], color=["C0" if r["method"] == "cospadi" else "C1" for r in records])
+    axes[0].set_ylabel("held-out perplexity (16 × 512)")
+    axes[1].bar(x, [r["acc"] for r in records], yerr=[r["acc_stderr"] for r in records], capsize=3,
+                color=["C0" if r["method"] == "cospadi" else "C1" for r in records])
+    axes[1].set_ylabel("kjv_lambada accuracy ± stderr")
+    for ax in axes:
+        ax.set_xticks(x, labels, fontsize=7)
+        ax.grid(alpha=0.3, axis="y")
+    dense = next((r["dense_ppl"] for r in records if r.get("dense_ppl")), None)
+    if dense:
+        axes[0].axhline(dense, ls="--", color="k", lw=1, label=f"dense {dense:.2f}")
+        axes[0].legend(fontsize=8)
+    t = sorted({r["ksvd_iterations"] for r in records if r["ksvd_iterations"] is not None})
+    fig.suptitle(f"SmolLM2-135M, levers beyond the paper (CoSpaDi K-SVD T = {', '.join(map(str, t))}; "
+                 "calibration 32 × 512)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ratios", type=float, nargs="*", default=[0.3])
+    p.add_argument("--methods", nargs="*", default=["svd_llm", "cospadi"])
+    p.add_argument("--variants", nargs="*", default=["plain", "refine"])
+    p.add_argument("--ksvd-iterations", type=int, default=4)
+    p.add_argument("--refine-steps", type=int, default=50)
+    p.add_argument("--only-summary", action="store_true", help="write summary.json and the figure from what exists")
+    args = p.parse_args()
+    jobs = [(m, v, r) for r in args.ratios for m in args.methods for v in args.variants
+            if not (v == "ormp" and m != "cospadi")]
+    if not args.only_summary:
+        for job in jobs:
+            run_job(*job, args)
+    records = [r for job in jobs if (r := record(*job)) is not None]
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "summary.json").write_text(json.dumps(records, indent=1))
+    if records:
+        plot(records, OUT / "beyond.png")
+    for r in records:
+        print(f"{r['method']:8s} {r['variant']:10s} CR {r['ratio']}: ppl {r['ppl']:.3f}  acc {r['acc']:.4f} ± "
+              f"{r['acc_stderr']:.4f}  functional error {r['functional_error']:.4f}  realised {r['realised_ratio']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
