@@ -57,7 +57,7 @@ class RefineConfig:
     """Block-output refinement (Hydra node ``refine``). ``steps=0`` is off: the paper's setting."""
 
     steps: int = 0  # Adam steps per decoder layer
-    lr: float = 1e-3  # peak learning rate (1e-3 beat 1e-4 on SmolLM2 layers 0-2: docs/beyond.md)
+    lr: float = 1e-3  # peak learning rate (1e-3 beat 1e-4 on SmolLM2: docs/beyond.md)
     warmup: float = 0.1  # fraction of the steps with a linear warmup, then cosine decay to lr / 100
     batch_size: int = 4  # calibration windows per step
     inputs: str = "compressed"  # compressed | dense: whose hidden states enter the layer (module docstring)
