@@ -167,7 +167,7 @@ def test_bad_refinement_settings_are_refused_before_any_work(tiny, bad, match):
 
 def test_refinement_needs_windows_and_the_dense_model(tiny):
     model, _, grams, _ = tiny
-    with pytest.raises(ValueError, match="needs calibration windows"):
+    with pytest.raises(ValueError, match="need calibration windows"):
         compress(model, grams=grams, refine=REFINE, **FAST)
     with pytest.raises(ValueError, match="use inplace=False"):
         compress(model, grams=grams, refine=REFINE, inplace=True, **FAST)
