@@ -19,7 +19,8 @@ CoSpaDi's D, Basis Sharing's A) stay as fitted: refining one layer's copy would 
 counts once; the per-layer values (or B) of those layers are refined. Quantised coefficient values are rounded
 back to their grid after the last step, and the reported loss is the rounded model's.
 
-Adam under a linear warmup and cosine decay, float32 (the model's dtype), minibatches of ``batch_size`` windows
+Adam under a linear warmup and cosine decay, with each tensor's step scaled by its RMS (``scale="rms"``: one
+relative lr serves CoSpaDi's small D and coefficient entries and SVD-LLM's A and B alike), float32 (the model's dtype), minibatches of ``batch_size`` windows
 drawn without replacement per epoch from a generator seeded by (seed, layer): the result is deterministic under
 the seed. A layer whose loss turns non-finite, or whose full-calibration loss does not fall, keeps its fitted
 factors, and its record says why.
@@ -47,6 +48,7 @@ from .models.transformer import CausalLM
 log = logging.getLogger(__name__)
 
 INPUTS = ("compressed", "dense")
+SCALES = ("rms", "absolute")
 # The factored numbers that refinement may change, by module type (supports and biases never change).
 TRAINABLE = {DictLinear: ("D", "values"), LowRankLinear: ("A", "B")}
 SHARED = {DictLinear: "D", LowRankLinear: "A"}  # the tensor a shared group holds once
@@ -57,7 +59,10 @@ class RefineConfig:
     """Block-output refinement (Hydra node ``refine``). ``steps=0`` is off: the paper's setting."""
 
     steps: int = 0  # Adam steps per decoder layer
-    lr: float = 1e-3  # peak learning rate (1e-3 beat 1e-4 on SmolLM2: docs/beyond.md)
+    lr: float = 1e-2  # peak learning rate: relative to each tensor's RMS with scale=rms (docs/beyond.md)
+    # rms: each tensor's Adam step is lr × its RMS (one lr fits D, S, A and B, whatever their scale);
+    # absolute: plain Adam, a step of ≈ lr per number
+    scale: str = "rms"
     warmup: float = 0.1  # fraction of the steps with a linear warmup, then cosine decay to lr / 100
     batch_size: int = 4  # calibration windows per step
     inputs: str = "compressed"  # compressed | dense: whose hidden states enter the layer (module docstring)
@@ -75,6 +80,8 @@ class RefineConfig:
             raise ValueError(f"refine.warmup is a fraction of the steps in [0, 1), got {self.warmup}")
         if self.batch_size < 1:
             raise ValueError(f"refine.batch_size must be >= 1, got {self.batch_size}")
+        if self.scale not in SCALES:
+            raise ValueError(f"refine.scale must be one of {SCALES}, got {self.scale!r}")
         if self.inputs not in INPUTS:
             raise ValueError(f"refine.inputs must be one of {INPUTS}, got {self.inputs!r}")
 
@@ -188,9 +195,9 @@ def _refine_layer(l: int, layer: nnx.Module, x: jax.Array, target: jax.Array, x_
     graphdef, params, rest = nnx.split(layer, is_trainable, ...)
     n_params = int(sum(a.size for a in jax.tree.leaves(params)))
     bs = min(config.batch_size, x.shape[0])
-    scale = float(_sq_sum(target - x_dense, bs)) / target[..., 0].size  # the dense layer's update per token
+    norm = float(_sq_sum(target - x_dense, bs)) / target[..., 0].size  # the dense layer's update per token
     fitted = jax.tree.map(jnp.copy, params)
-    loss_before = _full_loss(graphdef, params, rest, x, target, model, bs) / scale
+    loss_before = _full_loss(graphdef, params, rest, x, target, model, bs) / norm
     if not trainable:
         return LayerRefinement(l, "nothing to refine", loss_before, loss_before, 0, time.perf_counter() - t0), \
             factors_of(model, l)
@@ -201,7 +208,8 @@ def _refine_layer(l: int, layer: nnx.Module, x: jax.Array, target: jax.Array, x_
     warmup = int(config.warmup * config.steps)
     schedule = optax.warmup_cosine_decay_schedule(0.0, config.lr, warmup, max(config.steps, warmup + 1),
                                                   end_value=config.lr / 100)
-    optimizer = optax.adam(schedule)
+    optimizer = optax.adam(schedule) if config.scale == "absolute" else optax.chain(
+        optax.scale_by_adam(), optax.scale_by_param_block_rms(), optax.scale_by_learning_rate(schedule))
     opt_state = optimizer.init(params)
     cos, sin, mask = _rotary(model, bs, x.shape[1])
     step = _train_step(graphdef, optimizer)
@@ -213,13 +221,13 @@ def _refine_layer(l: int, layer: nnx.Module, x: jax.Array, target: jax.Array, x_
             order += list(rng.permutation(x.shape[0]))
         batch, order = np.asarray(order[:bs]), order[bs:]
         params, opt_state, loss = step(params, rest, masks, opt_state, x[batch], target[batch], cos, sin, mask)
-        losses.append(float(loss) / scale)
+        losses.append(float(loss) / norm)
         if not np.isfinite(losses[-1]):
             status = f"non-finite loss at step {i}: kept the fitted factors"
             break
     if status == "refined":
         params = _round_values(params, quantization)
-        loss_after = _full_loss(graphdef, params, rest, x, target, model, bs) / scale
+        loss_after = _full_loss(graphdef, params, rest, x, target, model, bs) / norm
         if not loss_after < loss_before:
             status = "no gain: kept the fitted factors"
     if status != "refined":

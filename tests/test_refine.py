@@ -17,7 +17,7 @@ from cospadi_jax.models import get_module, random_model
 from cospadi_jax.refine import RefineConfig, factors_of
 
 FAST = dict(ratio=0.3, ksvd_iterations=2, power_iterations=4, progress=False)
-REFINE = RefineConfig(steps=25, lr=1e-3)
+REFINE = RefineConfig(steps=25, lr=1e-2)  # rms-scaled: a step of 1 % of each tensor's RMS
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +39,15 @@ def _fit(tiny, refine=None, **kw):
     return compress(model, grams=grams, heldout_grams=heldout, windows=windows, refine=refine, **{**FAST, **kw})
 
 
-@pytest.mark.parametrize("method", ["cospadi", "svd_llm"])
-def test_refinement_lowers_every_layer_loss_at_the_same_budget(tiny, method):
+@pytest.mark.parametrize("method, refine", [
+    ("cospadi", REFINE), ("svd_llm", REFINE), ("cospadi", RefineConfig(steps=25, lr=1e-3, scale="absolute"))])
+def test_refinement_lowers_every_layer_loss_at_the_same_budget(tiny, method, refine):
     plain, plain_report = _fit(tiny, method=method)
-    refined, report = _fit(tiny, REFINE, method=method)
+    refined, report = _fit(tiny, refine, method=method)
     assert [r["layer"] for r in report.refinement] == [0, 1]
     for r in report.refinement:
         assert r["status"] == "refined" and r["loss_after"] < 0.8 * r["loss_before"], r
-        assert len(r["losses"]) == REFINE.steps and r["trainable_params"] > 0
+        assert len(r["losses"]) == refine.steps and r["trainable_params"] > 0
     # the stored budget is untouched: the same realised CR, shapes and supports
     assert report.realised_ratio == plain_report.realised_ratio
     before, after = _factors(plain), _factors(refined)
@@ -159,6 +160,7 @@ def test_interrupted_refinement_resumes_bit_identical(tiny, tmp_path):
     (RefineConfig(steps=5, lr=-1e-3), "refine.lr must be a positive"),
     (RefineConfig(steps=5, batch_size=0), "refine.batch_size"),
     (RefineConfig(steps=5, inputs="teacher"), "refine.inputs must be one of"),
+    (RefineConfig(steps=5, scale="relative"), "refine.scale must be one of"),
 ])
 def test_bad_refinement_settings_are_refused_before_any_work(tiny, bad, match):
     with pytest.raises(ValueError, match=match):
