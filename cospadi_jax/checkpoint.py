@@ -158,6 +158,23 @@ class ArtifactWriter:
         """(record, factors by path) of every layer an earlier attempt refined."""
         return _read_refined(self.directory)
 
+    def save_allocation(self, allocation: dict) -> None:
+        """The per-unit ratios of a non-uniform budget (``allocation.json``), written before any unit is fitted."""
+        import jax
+
+        if jax.process_index() == 0:
+            atomic_write_json(self.directory / ALLOCATION, allocation)
+
+    def allocation(self) -> dict | None:
+        """The allocation an earlier attempt saved (reused, so a resumed run fits every unit at its ratio)."""
+        path = self.directory / ALLOCATION
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CorruptCheckpointError(f"{path} is not valid JSON ({exc}); delete it to recompute it") from exc
+
     def finalize(self, report: dict) -> None:
         """Write the final report (process 0, after every process has read the units it needs). Units staged
         by other processes are converted to orbax first, so a finished artifact is orbax throughout."""
@@ -182,6 +199,7 @@ def _remove_leftovers(directory: Path) -> None:
 
 STAGED_FACTORS = "factors.npz"  # a unit fitted by a process other than 0, until finalize()
 REFINED = "refined"  # refined/<layer>/: a decoder layer's factors after block-output refinement (refine.py)
+ALLOCATION = "allocation.json"  # per-unit ratios of a non-uniform budget (allocation.py)
 
 
 def _save_orbax(unit_dir: Path, trees: list[dict[str, np.ndarray]]) -> None:

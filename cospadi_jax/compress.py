@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import jax
@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from .allocation import AllocationConfig, Unit, allocate
 from .calib.cache import GramKey, cached_path, load_grams, model_fingerprint, save_grams
 from .calib.grams import Grams, collect_grams
 from .data.calibration import sample_windows, tokenizer_fingerprint
@@ -25,7 +26,7 @@ from .distributed import map_units
 from .fileio import can_create_in
 from .layers import DICT_MODES, QUANTIZATIONS, quantize_coefficients, replace_projection, set_dict_mode
 from .methods import METHODS, make_method
-from .methods.base import DictFactors, Factors, functional_error, weight_error
+from .methods.base import DictFactors, Factors, functional_error, weight_error, whitening_factor
 from .models.paths import PROJECTION_TYPES, get_module, projection_path, projection_weight
 from .models.transformer import CausalLM
 from .refine import RefineConfig, refine_layers
@@ -198,6 +199,7 @@ class MatrixReport:
     phase_seconds: dict | None = None
     # Block-output refinement (refine.py): the held-out functional error of the factors as fitted, before it.
     functional_error_heldout_fitted: float | None = None
+    target_ratio: float | None = None  # the unit's ratio: config.ratio, or its share of a non-uniform allocation
 
 
 @dataclass
@@ -209,6 +211,7 @@ class CompressionReport:
     units: int = 0  # fitting units (a matrix or a shared group)
     units_reused: int = 0  # read back from the artifact of an interrupted run instead of being fitted
     refinement: list[dict] = field(default_factory=list)  # one refine.LayerRefinement per refined layer
+    allocation: dict | None = None  # allocation.allocate's result (per-unit ratios); None when uniform
 
     @property
     def realised_ratio(self) -> float:
@@ -219,7 +222,8 @@ class CompressionReport:
     def to_dict(self) -> dict:
         return {"config": self.config, "calibration": self.calibration, "seconds": self.seconds,
                 "realised_ratio": self.realised_ratio, "units": self.units, "units_reused": self.units_reused,
-                "refinement": self.refinement, "matrices": [asdict(m) for m in self.matrices]}
+                "refinement": self.refinement, "allocation": self.allocation,
+                "matrices": [asdict(m) for m in self.matrices]}
 
 
 def work_units(cfg: CompressionConfig, n_layers: int) -> list[list[str]]:
@@ -257,7 +261,8 @@ def calibration_grams(model: CausalLM, tokenizer: Any, spec: CalibrationSpec, la
 
 
 def fit_unit(Ws: list[np.ndarray], paths: list[str], method: Any, config: CompressionConfig, grams: Grams | None,
-             heldout_grams: Grams | None, key: jax.Array) -> tuple[list[Factors], list[dict]]:
+             heldout_grams: Grams | None, key: jax.Array, ratio: float | None = None
+             ) -> tuple[list[Factors], list[dict]]:
     """Fit one unit (a matrix or a shared group): its factors and one report row (a dict) per matrix.
 
     Ws: the unit's weights [d_in, d_out] (float32), in the order of ``paths``; ``method`` from
@@ -277,7 +282,7 @@ def fit_unit(Ws: list[np.ndarray], paths: list[str], method: Any, config: Compre
         if not np.all(np.isfinite(g)):
             raise ValueError(f"calibration Gram for {p} contains NaN/inf; recompute the calibration statistics.")
     extra = {"mean_abs": grams.mean_abs(paths[0])} if getattr(method, "needs_mean_abs", False) else {}
-    factors_list, budget = method.fit_unit(Ws, unit_grams, key, **extra)
+    factors_list, budget = method.fit_unit(Ws, unit_grams, key, ratio, **extra)
     seconds = (time.perf_counter() - t0) / len(paths)
     unit_factors, unit_rows = [], []
     for i, (path, W, factors) in enumerate(zip(paths, Ws, factors_list)):
@@ -306,6 +311,7 @@ def fit_unit(Ws: list[np.ndarray], paths: list[str], method: Any, config: Compre
             early_stopped_columns=info.get("early_stopped_columns"),
             quantization_error=quant_err, objective=info.get("objective"),
             omp_backend=info.get("omp_backend"), phase_seconds=info.get("phase_seconds"),
+            target_ratio=budget.target_ratio,
         )))
         unit_factors.append(factors)
     return unit_factors, unit_rows
@@ -326,6 +332,7 @@ def compress(
     refine: RefineConfig | None = None,
     windows: np.ndarray | None = None,
     on_refined: Any = None,
+    allocation: AllocationConfig | None = None,
     **overrides: Any,
 ) -> tuple[CausalLM, CompressionReport]:
     """Compress the model's projections with one method; returns (compressed model, report).
@@ -342,6 +349,10 @@ def compress(
     factored numbers to the dense layer's output after all units are fitted, on ``windows`` [n, T] token ids
     (default: the calibration spec's windows, which needs the tokenizer). Refined layers are saved to and resumed
     from ``artifact`` like units; ``on_refined(record)`` is called after each (a ``LayerRefinement``).
+
+    ``allocation`` (:class:`cospadi_jax.allocation.AllocationConfig`, off when ``allocation="uniform"``) gives
+    each unit its own ratio at the uniform byte budget, from the dense model's calibration Grams (also under
+    sequential calibration); it is saved to and resumed from ``artifact``.
     """
     if not isinstance(model, CausalLM):
         raise TypeError(f"model must be a cospadi_jax CausalLM (from cospadi_jax.load_model), got "
@@ -352,6 +363,8 @@ def compress(
     calibration = calibration or CalibrationSpec()
     refine = refine or RefineConfig()
     refine.validate()
+    allocation = allocation or AllocationConfig()
+    allocation.validate()
     if refine.steps and inplace:
         raise ValueError("refinement matches each compressed layer to the dense one, so the dense model must "
                          "survive: use inplace=False with refine.steps > 0")
@@ -382,11 +395,33 @@ def compress(
             raise ValueError("a data-aware method needs a tokenizer (or precomputed grams) for calibration")
         grams, key_used = calibration_grams(model, tokenizer, calibration, layers, progress=progress)
         calibration_info["key"] = asdict(key_used)
+    ratios, stored = None, None
+    if allocation.allocation != "uniform":
+        if not method.data_aware:
+            raise ValueError(f"budget.allocation={allocation.allocation} weighs each unit's output error on the "
+                             f"calibration Grams, which {config.method!r} does not use: use a data-aware method "
+                             "or budget.allocation=uniform")
+        stored = artifact.allocation() if artifact is not None else None
+        if stored is None:
+            dense_grams = grams
+            if dense_grams is None and tokenizer is not None:  # sequential: the dense model's Grams decide
+                dense_grams, _ = calibration_grams(model, tokenizer, calibration, layers, progress=progress)
+            elif dense_grams is None:
+                dense_grams = collect_grams(model, windows, batch_size=calibration.batch_size, layers=layers,
+                                            progress=progress)
+            stored = allocate_units(model, config, allocation, dense_grams, progress)
+            if artifact is not None:
+                artifact.save_allocation(stored)
+        ratios = stored["ratios"]
+        if len(ratios) != len(work_units(config, n_layers)):
+            raise ValueError("the artifact's allocation.json has another number of units than this run: it "
+                             "belongs to another setting; use another output_dir")
     if heldout_grams is None and tokenizer is not None and calibration.heldout_source:
         heldout_grams, _ = calibration_grams(model, tokenizer, calibration, layers, heldout=True, progress=progress)
 
     target = model if inplace else nnx.clone(model)
-    report = CompressionReport(config=asdict(config), calibration=calibration_info)
+    report = CompressionReport(config=asdict(config), calibration=calibration_info,
+                               allocation=stored if ratios is not None else None)
     units = work_units(config, n_layers)
     key = jax.random.key(config.seed)
     # Refinement differentiates through the layers: a sparse (packed bf16) mode is set once it is done.
@@ -395,7 +430,8 @@ def compress(
     def fit(unit_index: int, unit_grams: Grams | None = None) -> tuple[list[Factors], list[dict]]:
         paths = units[unit_index]
         factors, rows = fit_unit([projection_weight(model, p) for p in paths], paths, method, config,
-                                 unit_grams or grams, heldout_grams, jax.random.fold_in(key, unit_index))
+                                 unit_grams or grams, heldout_grams, jax.random.fold_in(key, unit_index),
+                                 ratios[unit_index] if ratios is not None else None)
         if artifact is not None:
             artifact.save_unit(unit_index, factors, rows)
         return factors, rows
@@ -450,6 +486,40 @@ def compress(
     report.seconds = time.perf_counter() - t_start
     warn_about(report, config)
     return target, report
+
+
+def allocate_units(model: CausalLM, config: CompressionConfig, allocation: AllocationConfig, grams: Grams,
+                   progress: bool = True) -> dict:
+    """:func:`cospadi_jax.allocation.allocate` over the model's fitting units, on the calibration ``grams``
+    (a group: its members side by side with the mean Gram, as it is fitted)."""
+    units = work_units(config, model.config.num_hidden_layers)
+    method = make_method(config)
+    items = []
+    for paths in units:
+        Ws = [projection_weight(model, p) for p in paths]
+        items.append(Unit(paths, np.concatenate(Ws, axis=1),
+                          np.mean([np.asarray(grams.gram(p), np.float64) for p in paths], axis=0)))
+
+    def measure(u: int, ratio: float) -> float:
+        """Mean squared functional error of unit u fitted at ``ratio`` with the curve's K-SVD iterations."""
+        paths = units[u]
+        Ws, unit_grams = [projection_weight(model, p) for p in paths], [grams.gram(p) for p in paths]
+        factors, _ = curve_method.fit_unit(Ws, unit_grams, jax.random.fold_in(jax.random.key(config.seed), u),
+                                           ratio, **({"mean_abs": grams.mean_abs(paths[0])}
+                                                     if curve_method.needs_mean_abs else {}))
+        return float(np.mean([functional_error(W, f.dense(), g) ** 2 for W, f, g in zip(Ws, factors, unit_grams)]))
+
+    curve_method = make_method(replace(config, ksvd_iterations=allocation.curve_iterations))
+    measured = allocation.curve == "measured" and METHODS[config.method].budget_kind == "cospadi"
+    bar = tqdm(total=len(units), desc=f"allocation ({allocation.curve})", unit="group", disable=not progress)
+    result = allocate(items, config.ratio, allocation, kind=method.spec.budget_kind, rho=config.rho,
+                      storage=config.accounting, whiten=lambda G: whitening_factor(G)[0],
+                      measure=measure if measured else None, progress=lambda _: bar.update())
+    bar.close()
+    log.info("budget.allocation=%s: ratios %.3f..%.3f, realised CR %.4f (uniform %.4f), objective %.4g -> %.4g",
+             allocation.allocation, min(result["ratios"]), max(result["ratios"]), result["realised_ratio"],
+             result["uniform_realised_ratio"], result["objective"]["uniform"], result["objective"]["allocated"])
+    return result
 
 
 def _refine(dense: CausalLM, target: CausalLM, windows: np.ndarray, refine: RefineConfig,

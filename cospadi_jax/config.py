@@ -14,6 +14,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from .allocation import AllocationConfig
 from .compress import DEFAULT_SHARED_TYPES, CalibrationSpec, CompressionConfig
 from .models.paths import PROJECTION_TYPES
 from .refine import RefineConfig
@@ -127,6 +128,7 @@ class RunConfig:
     method: MethodConf = field(default_factory=MethodConf)
     calib: CalibConf = field(default_factory=CalibConf)
     refine: RefineConfig = field(default_factory=RefineConfig)  # block-output refinement, off at steps=0
+    budget: AllocationConfig = field(default_factory=AllocationConfig)  # per-unit ratios, uniform by default
     eval: EvalConf = field(default_factory=EvalConf)
     logger: LoggerConf = field(default_factory=LoggerConf)
     generate: GenerateConf = field(default_factory=GenerateConf)
@@ -153,7 +155,7 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("cospadi_job_dir", _job_dir, replace=True)
 
 
-_IDENTITY_NODES = ("model", "method", "calib", "refine", "eval", "task", "seed")
+_IDENTITY_NODES = ("model", "method", "calib", "refine", "budget", "eval", "task", "seed")
 
 
 def _identity_config(root: DictConfig) -> dict[str, Any]:
@@ -233,6 +235,7 @@ def validate(cfg: RunConfig, n_layers: int | None = None) -> None:
     # Method fields are checked by the compression config itself; layer-dependent checks rerun after loading.
     compression_config(cfg).validate(n_layers)
     cfg.refine.validate()
+    cfg.budget.validate()
 
 
 def export_path(cfg: RunConfig) -> Path:

@@ -276,7 +276,8 @@ def export_record(metadata: Any) -> dict[str, Any]:
     (or its ``to_dict()``), or an earlier export's ``cospadi.json``; ``{}`` for None.
 
     Keys: method, ratio, rho, accounting, quantization, group_size, mode, realised_ratio, git_sha,
-    calibration_key, model (those the source has)."""
+    calibration_key, model (those the source has), and unit_ratios ({first path: ratio} of a non-uniform
+    budget)."""
     if metadata is None:
         return {}
     if hasattr(metadata, "to_dict"):
@@ -289,6 +290,9 @@ def export_record(metadata: Any) -> dict[str, Any]:
     settings = {**method, "method": method.get("name")} if isinstance(method, dict) else dict(config)
     record = {k: settings[k] for k in _RECORD_KEYS if k in settings}
     calibration_key = metadata.get("calibration_key", (metadata.get("calibration") or {}).get("key"))
+    allocation = metadata.get("allocation")
+    if allocation:  # a non-uniform budget: each unit's ratio, by its first path
+        record["unit_ratios"] = dict(zip(allocation["paths"], allocation["ratios"]))
     for key, value in (("realised_ratio", metadata.get("realised_ratio")), ("git_sha", metadata.get("git_sha")),
                        ("calibration_key", calibration_key), ("model", metadata.get("model"))):
         if value is not None:
@@ -305,13 +309,14 @@ def _accounted_bytes(layout: dict[str, dict], units: list[list[str]], record: di
     for unit in units:
         entry = layout[unit[0]]
         kind = "cospadi" if entry["kind"] == "dict" else "low_rank"
-        b = budget(entry["d_in"], entry["d_out"], record["ratio"], method=kind, rho=record.get("rho", 2.0),
+        ratio = record.get("unit_ratios", {}).get(unit[0], record["ratio"])
+        b = budget(entry["d_in"], entry["d_out"], ratio, method=kind, rho=record.get("rho", 2.0),
                    storage=record.get("accounting", "eq11"), group_size=len(unit))
         sizes = (b.n_atoms, b.sparsity) if kind == "cospadi" else (b.rank,)
         ours = (entry["k"], entry["s"]) if kind == "cospadi" else (entry["rank"],)
         if sizes != ours:
             raise ValueError(
-                f"the metadata (ratio {record['ratio']}, rho {record.get('rho')}, accounting "
+                f"the metadata (ratio {ratio}, rho {record.get('rho')}, accounting "
                 f"{record.get('accounting')}, group of {len(unit)}) gives {sizes} for {unit[0]}, but the model has "
                 f"{ours}: the metadata belongs to another compression. Pass the metadata of the run that produced "
                 "this model (or none).")

@@ -130,5 +130,7 @@ def run_name(config: dict[str, Any]) -> str:
         parts.append("seq")
     if merged["refine"]["steps"]:
         parts.append(f"R{merged['refine']['steps']}")
+    if merged["budget"]["allocation"] != "uniform":
+        parts.append(f"A{merged['budget']['allocation']}-{merged['budget']['curve']}")
     parts += [f"n{calib['nsamples']}x{calib['seqlen']}", digest(run_identity(config))]
     return "-".join(str(p) for p in parts)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 from .models.paths import PROJECTION_TYPES
 
@@ -47,6 +48,10 @@ SETTING_AXES = {
     "calib seed": lambda c: c.get("calib", {}).get("seed"),
     "dtype": lambda c: c["model"].get("dtype"),
     "eval": lambda c: (f"{c['eval'].get('max_windows')}×{c['eval'].get('seqlen')}" if "eval" in c else None),
+    "seq": lambda c: c.get("calib", {}).get("sequential") or None,
+    "refine": lambda c: c.get("refine", {}).get("steps") or None,
+    "budget": lambda c: (lambda b: None if b.get("allocation", "uniform") == "uniform"
+                         else f"{b['allocation']}/{b.get('curve')}")(c.get("budget", {})),
 }
 
 
@@ -168,6 +173,30 @@ def _figure(rows: list[dict], model: str, metric: str, out_dir: Path, *, log_y: 
         files.append(f"{stem}.{ext}")
     plt.close(fig)
     return files
+
+
+def plot_allocation(matrices: list[dict], path: str | Path, *, title: str = "") -> Path:
+    """Heatmap of each matrix's compression ratio, layer × projection type (a non-uniform budget's allocation).
+
+    matrices: report rows (``metrics.json["matrices"]``) with ``path`` and ``target_ratio``. Writes ``path``."""
+    layers = sorted({int(m["path"].split(".")[2]) for m in matrices})
+    grid = np.full((len(PROJECTION_TYPES), len(layers)), np.nan)
+    for m in matrices:
+        grid[PROJECTION_TYPES.index(m["path"].rsplit(".", 1)[1]), layers.index(int(m["path"].split(".")[2]))] = \
+            m["target_ratio"]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(layers) + 2), 3.2))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_yticks(range(len(PROJECTION_TYPES)), PROJECTION_TYPES)
+    ax.set_xticks(range(len(layers)), layers, fontsize=7)
+    ax.set_xlabel("layer")
+    fig.colorbar(image, ax=ax, label="compression ratio (fraction removed)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
 
 
 def markdown_table(rows: list[dict]) -> str:

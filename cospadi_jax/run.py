@@ -218,7 +218,8 @@ def run_compress(cfg: RunConfig, resolved: dict) -> dict[str, Any]:
                          f"refine/layer{record.layer}/loss_after": record.loss_after})
 
         compressed, report = compress(model, tokenizer, config=config, calibration=calibration_spec(cfg),
-                                      artifact=artifact, on_unit=on_unit, refine=cfg.refine, on_refined=on_refined)
+                                      artifact=artifact, on_unit=on_unit, refine=cfg.refine, on_refined=on_refined,
+                                      allocation=cfg.budget)
         metrics["timings"]["compress_s"] = report.seconds
         # Fitting time summed over every unit, those fitted by earlier attempts of a resumed run included.
         metrics["timings"]["fit_s_cumulative"] = sum(m.seconds for m in report.matrices)
@@ -228,7 +229,8 @@ def run_compress(cfg: RunConfig, resolved: dict) -> dict[str, Any]:
         metrics["timings"]["eval_s"] = time.perf_counter() - t0
         report_dict = report.to_dict()
         metrics.update(realised_ratio=report.realised_ratio, calibration_key=report.calibration.get("key"),
-                       matrices=report_dict["matrices"], refinement=report_dict["refinement"], paper=cfg.paper,
+                       matrices=report_dict["matrices"], refinement=report_dict["refinement"],
+                       allocation=report_dict["allocation"], paper=cfg.paper,
                        engine=_engine(report_dict["matrices"]),
                        model_size=_model_size(model, report))
         if not is_primary():  # every process compressed and evaluated; only process 0 writes and logs
@@ -349,7 +351,7 @@ def run_export(cfg: RunConfig) -> dict[str, Any]:
     check_replaceable(path, overwrite=cfg.export.overwrite, flag="export.overwrite=true")  # before the restore
     model, tokenizer, metadata = restore_model(cfg.artifact)
     report = json.loads((Path(cfg.artifact) / "report.json").read_text())
-    record = {**metadata, "realised_ratio": report.get("realised_ratio"),
+    record = {**metadata, "realised_ratio": report.get("realised_ratio"), "allocation": report.get("allocation"),
               "calibration_key": (report.get("calibration") or {}).get("key")}
     manifest = save_pretrained(model, path, cfg.export.format, tokenizer=tokenizer, overwrite=cfg.export.overwrite,
                                metadata=record)

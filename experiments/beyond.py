@@ -16,7 +16,11 @@ Variants (the issue's levers; ``all`` is every lever the engine has):
               tensor's RMS
   refine_absolute  the same with plain Adam at lr 1e-3 (the first measurement)
   ormp        method.sparse_coder=ormp (CoSpaDi only)
-  all         sequential + refine (+ ormp for CoSpaDi)
+  allocation  budget.allocation=greedy: per-matrix ratios at the uniform byte budget (spectrum curve);
+              its layer × type heatmap is drawn in ``<job>/allocation.png``
+  all         sequential + refine + allocation (+ ormp for CoSpaDi)
+
+summary.json and the figure hold every finished job under the output directory, whichever were asked for.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cospadi_jax.plots import plot_allocation
+
 ROOT = Path(__file__).resolve().parent
 OUT = ROOT / "results" / "beyond"
 SETTING = ["calib.nsamples=32", "calib.seqlen=512", "eval.max_windows=16", "eval.tasks=[kjv_lambada]",
@@ -42,8 +48,9 @@ def levers(variant: str, method: str, refine_steps: int) -> list[str]:
     # refine_absolute: the first measurement's plain Adam at lr 1e-3 (diverges for CoSpaDi: docs/beyond.md)
     table = {"plain": [], "sequential": ["calib.sequential=true"], "refine": refine,
              "refine_absolute": [f"refine.steps={refine_steps}", "refine.lr=1e-3", "refine.scale=absolute"],
-             "ormp": ["method.sparse_coder=ormp"],
-             "all": ["calib.sequential=true", *refine, *(["method.sparse_coder=ormp"] if method == "cospadi" else [])]}
+             "ormp": ["method.sparse_coder=ormp"], "allocation": ["budget.allocation=greedy"],
+             "all": ["calib.sequential=true", *refine, "budget.allocation=greedy",
+                     *(["method.sparse_coder=ormp"] if method == "cospadi" else [])]}
     if variant not in table:
         raise SystemExit(f"unknown variant {variant!r}; use one of {sorted(table)}")
     if variant == "ormp" and method != "cospadi":
@@ -127,7 +134,17 @@ def main() -> None:
     if not args.only_summary:
         for job in jobs:
             run_job(*job, args)
-    records = [r for job in jobs if (r := record(*job)) is not None]
+    variants = ["plain", "sequential", "refine_absolute", "refine", "ormp", "allocation", "all"]
+    finished = sorted((float(d.name.rsplit("-cr", 1)[1]), d.name.split("-")[0], d.name.split("-")[1])
+                      for d in OUT.glob("*-cr*") if (d / "metrics.json").exists())
+    records = [record(m, v, r) for r, m, v in sorted(finished, key=lambda j: (j[0], j[1], variants.index(j[2])))]
+    for r in records:
+        if r["variant"] in ("allocation", "all"):
+            path = job_dir(r["method"], r["variant"], r["ratio"])
+            metrics = json.loads((path / "metrics.json").read_text())
+            plot_allocation(metrics["matrices"], path / "allocation.png",
+                            title=f"{r['method']} {r['variant']}, CR {r['ratio']} (realised "
+                                  f"{r['realised_ratio']:.4f}): per-matrix compression ratio")
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "summary.json").write_text(json.dumps(records, indent=1))
     if records:

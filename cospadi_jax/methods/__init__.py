@@ -49,15 +49,16 @@ class MethodRunner:
         self.data_aware = self.method.data_aware
         self.needs_mean_abs = getattr(self.method, "needs_mean_abs", False)
 
-    def budget(self, d_in: int, d_out: int, group_size: int) -> Budget:
+    def budget(self, d_in: int, d_out: int, group_size: int, ratio: float | None = None) -> Budget:
+        """The unit's budget at ``ratio`` (default: the config's; a non-uniform allocation passes its own)."""
         c = self.config
-        return budget(d_in, d_out, c.ratio, method=self.spec.budget_kind, rho=c.rho, storage=c.accounting,
-                      group_size=group_size)
+        return budget(d_in, d_out, c.ratio if ratio is None else ratio, method=self.spec.budget_kind, rho=c.rho,
+                      storage=c.accounting, group_size=group_size)
 
-    def fit_unit(self, Ws: list[np.ndarray], grams: list[np.ndarray | None], key: Any, **extra: Any
-                 ) -> tuple[list[Factors], Budget]:
+    def fit_unit(self, Ws: list[np.ndarray], grams: list[np.ndarray | None], key: Any, ratio: float | None = None,
+                 **extra: Any) -> tuple[list[Factors], Budget]:
         d_in, d_out = Ws[0].shape
-        b = self.budget(d_in, d_out, len(Ws))
+        b = self.budget(d_in, d_out, len(Ws), ratio)
         if len(Ws) == 1:
             return [self.method.fit(Ws[0], grams[0], b, key, **extra)], b
         return self.method.fit_group(Ws, grams, b, key), b
