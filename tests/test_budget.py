@@ -96,7 +96,11 @@ def test_coo_indices_storage_costs_more():
     coo = budget(2048, 2048, 0.3, storage="coo16")
     assert coo.n_atoms < eq11.n_atoms
     assert coo.index_bytes == coo.values_bytes  # one int16 index per bf16 value
-    assert coo.realised_ratio_bytes >= 0.3
+    # k = ⌊0.7·2048² / (2048 + 2048/2 + 2048/2)⌋ = 716, s = 358: 2·(2048·716 + 2·2048·358) bytes
+    assert (coo.n_atoms, coo.sparsity) == (716, 358)
+    assert coo.total_bytes == 2 * (2048 * 716 + 2 * 2048 * 358)
+    assert coo.realised_ratio_bytes == pytest.approx(1 - coo.total_bytes / (2 * 2048 * 2048))
+    assert 0.3 <= coo.realised_ratio_bytes < 0.3 + 1e-3
 
 
 def test_bad_inputs():
