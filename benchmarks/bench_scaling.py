@@ -15,14 +15,14 @@ concurrently, on the same inputs written once by the parent:
   loops and compiles for minutes (the sharded path unrolls the chunk loop into one program), which
   does not fit a ~5 minute run on 2 shared cores. ``--random`` (and ``--quick``) use a seeded
   Gaussian target of ``--shape`` instead;
-* OMP: :func:`cospadi_jax.distributed.sharded_batch_omp` on GD = DᵀD, DᵀY with D = k random
+* OMP: :func:`cospadi_jax.sparse.sharded.sharded_batch_omp` on GD = DᵀD, DᵀY with D = k random
   normalised columns of Y (seed 42), the same for every device count;
-* update: :func:`cospadi_jax.distributed.sharded_update_dictionary` (power, 8 steps) on that D and
+* update: :func:`cospadi_jax.sparse.sharded.sharded_update_dictionary` (power, 8 steps) on that D and
   the dense S of the 1-device OMP codes;
-* K-SVD iteration: :func:`cospadi_jax.distributed.sharded_ksvd` with ``n_iterations=1`` (seeded
+* K-SVD iteration: :func:`cospadi_jax.sparse.sharded.sharded_ksvd` with ``n_iterations=1`` (seeded
   initial dictionary, coding GEMMs, OMP, dense S, the power update and both objective evaluations).
 
-One thing in ``cospadi_jax.distributed`` shapes how this is measured (reported, not fixed):
+One thing in ``cospadi_jax.sparse.sharded`` shapes how this is measured (reported, not fixed):
 
 * With jax/jaxlib 0.10.2 the sharded OMP deadlocks on XLA:CPU at real sizes when the process has
    only N devices. The batched LAPACK triangular solve at the end of each OMP chunk (jaxlib's
@@ -167,12 +167,8 @@ def child(args: argparse.Namespace) -> None:
     import jax
     import jax.numpy as jnp
 
-    from cospadi_jax.distributed import (
-        make_mesh,
-        sharded_batch_omp,
-        sharded_ksvd,
-        sharded_update_dictionary,
-    )
+    from cospadi_jax.parallel import make_mesh
+    from cospadi_jax.sparse.sharded import sharded_batch_omp, sharded_ksvd, sharded_update_dictionary
     from cospadi_jax.sparse.omp import omp_chunk_size
 
     n_dev = args.child

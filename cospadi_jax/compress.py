@@ -22,7 +22,7 @@ from .calib.cache import GramKey, cached_path, load_grams, model_fingerprint, sa
 from .calib.grams import Grams, collect_grams
 from .data.calibration import sample_windows, tokenizer_fingerprint
 from .data.text import load_text
-from .distributed import map_units
+from .parallel import map_units
 from .fileio import can_create_in
 from .layers import DICT_MODES, QUANTIZATIONS, quantize_coefficients, replace_projection, set_dict_mode
 from .methods import METHODS, make_method

@@ -33,7 +33,7 @@ from .config import (EvalConf, RunConfig, calibration_spec, compression_config, 
                      validate)
 from .fileio import atomic_write_json, can_create_in, check_replaceable, check_writable
 from .identity import artifact_identity, digest, flatten
-from .distributed import initialize, is_primary
+from .parallel import initialize, is_primary
 
 log = logging.getLogger("cospadi_jax")
 register_configs()
@@ -73,7 +73,7 @@ def _evaluate(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, Any]:
     import jax
 
     from .data.text import load_text
-    from .distributed import make_mesh
+    from .parallel import make_mesh
     from .eval import perplexity
 
     mesh = make_mesh() if cfg.eval.data_parallel and jax.device_count() > 1 else None

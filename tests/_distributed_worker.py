@@ -51,7 +51,8 @@ def fit_unit(index: int, Y: np.ndarray) -> dict[str, np.ndarray]:
 def run_single(out: str) -> None:
     import jax
 
-    from cospadi_jax import distributed as dist
+    from cospadi_jax import parallel as dist
+    from cospadi_jax.sparse import sharded
     from cospadi_jax.sparse.ksvd import ksvd
     from cospadi_jax.sparse.omp import batch_omp
 
@@ -59,16 +60,16 @@ def run_single(out: str) -> None:
     D, Y, G, C = make_problem()
     res: dict[str, np.ndarray] = {"device_count": np.asarray(jax.device_count())}
     ref = batch_omp(G, C, S)  # uncommitted inputs: runs on one device
-    sh = dist.sharded_batch_omp(G, C, S, mesh)
+    sh = sharded.sharded_batch_omp(G, C, S, mesh)
     res.update(ref_omp_indices=ref.indices, ref_omp_values=ref.values, ref_omp_early=ref.n_early_stopped,
                omp_indices=sh.indices, omp_values=sh.values, omp_early=sh.n_early_stopped,
                omp_n_shards=np.asarray(len({s.device for s in sh.indices.addressable_shards})))
     # n = 304 (multiple of 8): the result stays column-sharded, one block per device.
-    sh304 = dist.sharded_batch_omp(G, np.pad(C, ((0, 0), (0, 3))), S, mesh)
+    sh304 = sharded.sharded_batch_omp(G, np.pad(C, ((0, 0), (0, 3))), S, mesh)
     res["omp304_block_rows"] = np.asarray(sorted({s.data.shape[0] for s in sh304.indices.addressable_shards}))
     for method in ("power", "mod"):
         r = ksvd(Y, K, S, 2, key=3, method=method)
-        q = dist.sharded_ksvd(Y, K, S, 2, mesh, key=3, method=method)
+        q = sharded.sharded_ksvd(Y, K, S, 2, mesh, key=3, method=method)
         for name, a, b in (("D", r.dictionary, q.dictionary), ("S", r.coefficients, q.coefficients),
                            ("indices", r.codes.indices, q.codes.indices), ("objective", r.objective, q.objective),
                            ("n_unused", r.n_unused_atoms, q.n_unused_atoms)):
@@ -80,12 +81,12 @@ def run_single(out: str) -> None:
     Yp = np.pad(Y, ((0, 0), (0, 3)))
     Sd = np.asarray(batch_omp(G, D.T @ Yp, S).to_dense(K))
     D_ref, S_ref, _ = update_dictionary(Yp, D, Sd, method="power")
-    D_sh, S_sh, _ = dist.sharded_update_dictionary(Yp, D, Sd, mesh, method="power")
+    D_sh, S_sh, _ = sharded.sharded_update_dictionary(Yp, D, Sd, mesh, method="power")
     # GSPMD must keep the update column-parallel: reductions (all-reduce), never a gather of Y or S.
     Yg = jax.device_put(Yp, dist.logical_sharding(mesh, "features", "columns"))
     Sg = jax.device_put(Sd, dist.logical_sharding(mesh, "atoms", "columns"))
     Dg = jax.device_put(D, dist.logical_sharding(mesh, "features", "atoms"))
-    hlo = dist._update_fn(mesh, "power", 8, "skip").lower(Yg, Dg, Sg).compile().as_text()
+    hlo = sharded._update_fn(mesh, "power", 8, "skip").lower(Yg, Dg, Sg).compile().as_text()
     res["upd_all_reduce"] = np.asarray(hlo.count("all-reduce("))
     res["upd_all_gather"] = np.asarray(hlo.count("all-gather("))
     res.update(ref_upd_D=D_ref, ref_upd_S=S_ref, upd_D=D_sh, upd_S=S_sh,
@@ -103,14 +104,15 @@ def run_single(out: str) -> None:
 
 
 def run_multi(out: str, coordinator: str, num_processes: int, process_id: int) -> None:
-    from cospadi_jax import distributed as dist
+    from cospadi_jax import parallel as dist
+    from cospadi_jax.sparse import sharded
 
     assert dist.initialize(coordinator, num_processes, process_id), "jax.distributed did not start"
     import jax
 
     mesh = dist.make_mesh()
     _, _, G, C = make_problem()
-    sh = dist.sharded_batch_omp(G, C, S, mesh)
+    sh = sharded.sharded_batch_omp(G, C, S, mesh)
     res = {
         "process_index": np.asarray(jax.process_index()),
         "process_count": np.asarray(jax.process_count()),
@@ -123,12 +125,12 @@ def run_multi(out: str, coordinator: str, num_processes: int, process_id: int) -
         "early": dist.to_host(sh.n_early_stopped),
     }
     # Column-sharded result on n = 304 (no stripping): each process holds only its own blocks.
-    sh304 = dist.sharded_batch_omp(G, np.pad(C, ((0, 0), (0, 3))), S, mesh)
+    sh304 = sharded.sharded_batch_omp(G, np.pad(C, ((0, 0), (0, 3))), S, mesh)
     res["indices304"] = dist.to_host(sh304.indices)
     res["addressable304"] = np.asarray(sh304.indices.is_fully_addressable)
     # Column-parallel K-SVD across both processes (gloo all-reduces in the dictionary update).
     _, Y, _, _ = make_problem()
-    q = dist.sharded_ksvd(Y, K, S, 2, mesh, key=3, method="power")
+    q = sharded.sharded_ksvd(Y, K, S, 2, mesh, key=3, method="power")
     res.update(ksvd_D=dist.to_host(q.dictionary), ksvd_indices=dist.to_host(q.codes.indices),
                ksvd_objective=q.objective)
     units = make_units()
@@ -165,7 +167,7 @@ def compress_tiny(parallel: str, artifact: str | None = None, finalize: bool = F
 
 
 def run_compress(out: str, coordinator: str, num_processes: int, process_id: int, artifact: str) -> None:
-    from cospadi_jax import distributed as dist
+    from cospadi_jax import parallel as dist
 
     assert dist.initialize(coordinator, num_processes, process_id), "jax.distributed did not start"
     import jax

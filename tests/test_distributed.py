@@ -1,4 +1,4 @@
-"""Sharded compression (cospadi_jax.distributed) equals the single-device run.
+"""Sharded compression (cospadi_jax.parallel, cospadi_jax.sparse.sharded) equals the single-device run.
 
 The device-count-dependent parts run in subprocesses (tests/_distributed_worker.py) so this
 pytest process keeps its own single CPU device:
@@ -48,7 +48,7 @@ def test_sharding_rules_and_mesh():
     import jax
     from jax.sharding import PartitionSpec as P
 
-    from cospadi_jax import distributed as dist
+    from cospadi_jax import parallel as dist
 
     assert set(dist.SHARDING_RULES) >= {"columns", "batch", "atoms", "features", "params"}
     assert dist.logical_spec("features", "columns") == P(None, "data")
@@ -65,7 +65,7 @@ def test_sharding_rules_and_mesh():
 
 
 def test_assign_units_round_robin():
-    from cospadi_jax.distributed import assign_units
+    from cospadi_jax.parallel import assign_units
 
     shares = [assign_units(11, rank, 3) for rank in range(3)]
     assert shares[0] == [0, 3, 6, 9] and shares[2] == [2, 5, 8]

@@ -91,7 +91,7 @@ def score_requests(lm) -> dict[str, np.ndarray]:
 def run_single(out: str) -> None:
     import jax
 
-    from cospadi_jax import distributed as dist
+    from cospadi_jax import parallel as dist
     from cospadi_jax.eval import windows_perplexity
     from cospadi_jax.eval.harness import FlaxLM
     from cospadi_jax.eval.sharded import ShardedScorer, param_sharding
@@ -132,7 +132,7 @@ def run_single(out: str) -> None:
 
 
 def run_multi(out: str, coordinator: str, num_processes: int, process_id: int, task_dir: str) -> None:
-    from cospadi_jax import distributed as dist
+    from cospadi_jax import parallel as dist
 
     assert dist.initialize(coordinator, num_processes, process_id), "jax.distributed did not start"
     import jax
@@ -212,7 +212,7 @@ def test_sharded_eval_8_devices(tmp_path, reference):
 
 def test_one_device_mesh_and_misuse(reference):
     """A one-device mesh takes the sharded path with identical results; misuse raises errors naming the fix."""
-    from cospadi_jax.distributed import make_mesh
+    from cospadi_jax.parallel import make_mesh
     from cospadi_jax.eval import windows_perplexity
     from cospadi_jax.eval.harness import FlaxLM
     from cospadi_jax.eval.sharded import ShardedScorer

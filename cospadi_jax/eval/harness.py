@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 from lm_eval.api.model import LM
 from tqdm.auto import tqdm
 
-from ..distributed import is_primary
+from ..parallel import is_primary
 from ..errors import HubUnavailableError
 from ..models.transformer import CausalLM
 from .sharded import ShardedScorer

@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from ..data.calibration import tokenize
-from ..distributed import is_primary
+from ..parallel import is_primary
 from ..models.transformer import CausalLM, token_logprobs
 from .sharded import ShardedScorer
 

@@ -2,8 +2,8 @@
 
 A :class:`ShardedScorer` holds a model's parameters placed on a mesh by ``SHARDING_RULES["params"]``
 (replicated by default) and one jitted scoring function whose fixed-shape int32 inputs ids, mask [B, T] are
-split over the ``"batch"`` logical axis (:func:`~cospadi_jax.distributed.logical_sharding`); every output
-[B, ...] comes back to the host with :func:`~cospadi_jax.distributed.to_host`. B must be a multiple of the
+split over the ``"batch"`` logical axis (:func:`~cospadi_jax.parallel.logical_sharding`); every output
+[B, ...] comes back to the host with :func:`~cospadi_jax.parallel.to_host`. B must be a multiple of the
 number of batch shards (:meth:`ShardedScorer.round_batch`); callers fill the extra rows with padding they drop.
 
 With a mesh over several processes (``jax.distributed``) every process must launch the same jitted computations
@@ -27,7 +27,7 @@ from flax import nnx
 from jax.experimental.multihost_utils import broadcast_one_to_all
 from jax.sharding import Mesh, NamedSharding
 
-from ..distributed import SHARDING_RULES, _n_shards, _place, is_primary, logical_sharding, to_host
+from ..parallel.mesh import SHARDING_RULES, is_primary, logical_sharding, n_shards, place, to_host
 from ..models.transformer import CausalLM
 
 __all__ = ["ShardedScorer", "param_sharding"]
@@ -46,7 +46,7 @@ def param_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
     """
     if len(shape) == 0:
         return logical_sharding(mesh)
-    n = _n_shards(mesh, "params")
+    n = n_shards(mesh, "params")
     if shape[0] % n:
         raise ValueError(
             f"a parameter of shape {shape} cannot be split over {n} devices along dimension 0 "
@@ -67,7 +67,7 @@ class ShardedScorer:
             [B, ...] (rows independent of each other, as every causal-LM scorer here).
         model: the model; its parameters are copied onto the mesh once, the model itself is left as it is.
         mesh: mesh whose ``SHARDING_RULES["batch"]`` axis splits the batch: over the local devices of one
-            process, or over the devices of every process (:func:`~cospadi_jax.distributed.make_mesh`).
+            process, or over the devices of every process (:func:`~cospadi_jax.parallel.make_mesh`).
 
     Attributes:
         params: the model's ``nnx.State`` placed by :func:`param_sharding`: a copy, the model keeps its own
@@ -84,15 +84,15 @@ class ShardedScorer:
             # broadcast_one_to_all and process_allgather are collectives over every process.
             raise ValueError(
                 f"the mesh holds devices of processes {sorted(processes)} out of {jax.process_count()}; use a mesh "
-                "over all processes (cospadi_jax.distributed.make_mesh()) or over one process' local devices."
+                "over all processes (cospadi_jax.parallel.make_mesh()) or over one process' local devices."
             )
         self.mesh = mesh
         self.spans_processes = len(processes) > 1
-        self.n_shards = _n_shards(mesh, "batch")
+        self.n_shards = n_shards(mesh, "batch")
         self.batch_sharding = logical_sharding(mesh, "batch", None)
         graphdef, state = nnx.split(model)
         shardings = jax.tree.map(lambda x: param_sharding(mesh, x.shape), state)
-        self.params = jax.tree.map(lambda x, s: _place(x, s, x.dtype), state, shardings)
+        self.params = jax.tree.map(lambda x, s: place(x, s, x.dtype), state, shardings)
         # fn and the graph definition are static arguments of one module-level function, so a new scorer for the
         # same model structure and mesh (the next perplexity source) reuses the compiled executable.
         self._fn, self._graphdef = fn, graphdef
@@ -129,7 +129,7 @@ class ShardedScorer:
             )
         out = self._jitted(
             self._fn, self._graphdef, self.params,
-            _place(ids, self.batch_sharding, np.int32), _place(mask, self.batch_sharding, np.int32),
+            place(ids, self.batch_sharding, np.int32), place(mask, self.batch_sharding, np.int32),
         )
         return jax.tree.map(to_host, out)
 

@@ -51,7 +51,8 @@ class CoSpaDi:
         kwargs = dict(key=key, method=self.update, power_iterations=self.power_iterations,
                       unused="reseed" if self.reseed_unused else "skip", omp_memory_budget_bytes=self.omp_memory_bytes)
         if self.parallel == "columns":
-            from ..distributed import make_mesh, sharded_ksvd
+            from ..parallel import make_mesh
+            from ..sparse.sharded import sharded_ksvd
 
             if kwargs["omp_memory_budget_bytes"] is None:
                 kwargs.pop("omp_memory_budget_bytes")  # the sharded XLA path's own default

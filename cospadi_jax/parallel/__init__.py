@@ -1,0 +1,17 @@
+"""Scale-out: the device mesh and its sharding rules (:mod:`.mesh`) and matrix-parallel units (:mod:`.units`).
+Column-parallel OMP / K-SVD inside one matrix is in :mod:`cospadi_jax.sparse.sharded`."""
+
+from cospadi_jax.parallel.mesh import (
+    DEFAULT_MESH_AXIS,
+    SHARDING_RULES,
+    initialize,
+    is_primary,
+    logical_sharding,
+    logical_spec,
+    make_mesh,
+    to_host,
+)
+from cospadi_jax.parallel.units import assign_units, map_units
+
+__all__ = ["DEFAULT_MESH_AXIS", "SHARDING_RULES", "assign_units", "initialize", "is_primary", "logical_sharding",
+           "logical_spec", "make_mesh", "map_units", "to_host"]

@@ -1,0 +1,287 @@
+"""Column parallelism inside one matrix: sharded Batch-OMP and K-SVD over a device mesh.
+
+* :func:`sharded_batch_omp`: OMP is independent per column: ``shard_map`` over column blocks, Gram replicated,
+  no communication but one ``psum`` of a counter.
+* :func:`sharded_update_dictionary`: the K-SVD update needs reductions over columns: the jitted update under
+  column shardings, GSPMD inserts the all-reduces. :func:`sharded_ksvd` alternates the two.
+
+Results equal the single-device ones: the per-column OMP arithmetic is the same kernel, so supports are
+identical and values agree to float roundoff. Layout: :data:`cospadi_jax.parallel.mesh.SHARDING_RULES`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import lru_cache, partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from cospadi_jax.parallel.mesh import SHARDING_RULES, logical_sharding, logical_spec, n_shards, place, to_host
+from cospadi_jax.sparse.ksvd import KSVDResult, check_ksvd_arguments, init_dictionary, update_dictionary
+from cospadi_jax.sparse.omp import (
+    DEFAULT_MEMORY_BUDGET_BYTES,
+    SparseCodes,
+    _check_sparsity,
+    batch_omp,
+    check_finite,
+    resolve_float_dtype,
+)
+
+__all__ = ["sharded_batch_omp", "sharded_ksvd", "sharded_update_dictionary"]
+
+
+# --------------------------------------------------------------------------- column-parallel OMP
+
+
+@partial(jax.jit, static_argnames=("mesh", "sparsity", "n", "chunk_size", "memory_budget_bytes", "step_block", "eps"))
+def _sharded_omp_padded(gram, alpha, *, mesh, sparsity, n, chunk_size, memory_budget_bytes, step_block, eps):
+    """gram [k, k] replicated, alpha = DᵀY [k, n_pad] column-sharded -> padded SparseCodes parts."""
+    col_axis = SHARDING_RULES["columns"]
+    n_local = alpha.shape[1] // mesh.shape[col_axis]
+
+    def local(gram_l, alpha_l):
+        # Same kernel as the single-device path: batch_omp is traceable (its checks are no-ops on tracers).
+        codes = batch_omp(
+            gram_l, alpha_l, sparsity, dtype=alpha_l.dtype, chunk_size=chunk_size,
+            memory_budget_bytes=memory_budget_bytes, step_block=step_block, eps=eps,
+        )
+        # Padding columns are zero: they stop at step 0 and must not count as early-stopped.
+        first = lax.axis_index(col_axis) * n_local
+        valid = first + jnp.arange(n_local) < n
+        early = jnp.sum((codes.n_nonzero < sparsity) & valid).astype(jnp.int32)
+        return codes.indices, codes.values, codes.n_nonzero, lax.psum(early, col_axis)
+
+    cols = logical_spec("columns")  # [n] dimension
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(logical_spec("atoms", "atoms"), logical_spec("atoms", "columns")),
+        out_specs=(P(cols[0], None), P(cols[0], None), cols, P()),
+        # The kernel's while_loop carries start from fresh zeros (device-invariant) and become
+        # per-device values; the varying-axis type check would reject that although it is correct.
+        check_vma=False,
+    )(gram, alpha)
+
+
+def sharded_batch_omp(
+    gram: jax.Array | np.ndarray,
+    correlations: jax.Array | np.ndarray,
+    sparsity: int,
+    mesh: Mesh,
+    *,
+    dtype=None,
+    chunk_size: int | None = None,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    step_block: int = 32,
+    eps: float | None = None,
+) -> SparseCodes:
+    """Batch-OMP with the columns sharded over ``mesh`` (``SHARDING_RULES["columns"]``).
+
+    Args:
+        gram: GD = DᵀD [k, k] (replicated on every device).
+        correlations: DᵀY [k, n]; n is zero-padded to a multiple of the device count and the
+            padding stripped from the result. In a multi-process run pass the same host value
+            on every process, or a global jax array.
+        sparsity, dtype, chunk_size, memory_budget_bytes, step_block, eps: as :func:`batch_omp`;
+            ``chunk_size`` / the budget apply per device.
+
+    Returns:
+        SparseCodes with indices/values [n, s] and n_nonzero [n] sharded by columns, and the
+        global n_early_stopped [] (psum over devices). Use :func:`to_host` to gather.
+    """
+    sparsity = _check_sparsity(sparsity, gram, correlations)
+    dtype = resolve_float_dtype(dtype, gram, correlations)
+    if not isinstance(correlations, jax.Array) or correlations.is_fully_addressable:
+        check_finite("gram", gram)
+        check_finite("correlations", correlations)
+    n = correlations.shape[1]
+    if int(step_block) < 1:
+        raise ValueError(f"step_block must be >= 1, got {step_block}.")
+    n_dev = n_shards(mesh, "columns")
+    n_pad = max(1, math.ceil(n / n_dev)) * n_dev
+    gram_g = place(gram, logical_sharding(mesh, "atoms", "atoms"), dtype)
+    alpha_g = place(correlations, logical_sharding(mesh, "atoms", "columns"), dtype, pad_to=n_pad, axis=1)
+    indices, values, n_nonzero, early = _sharded_omp_padded(
+        gram_g, alpha_g, mesh=mesh, sparsity=sparsity, n=n,
+        chunk_size=None if chunk_size is None else int(chunk_size),
+        memory_budget_bytes=int(memory_budget_bytes), step_block=int(min(step_block, sparsity)),
+        eps=float(np.finfo(dtype).eps) if eps is None else float(eps),
+    )
+    if n_pad != n:
+        indices, values, n_nonzero = _strip(indices, values, n_nonzero, n=n)
+    return SparseCodes(indices, values, n_nonzero, early)
+
+
+@partial(jax.jit, static_argnames=("n",))
+def _strip(*arrays, n: int):
+    return tuple(a[:n] for a in arrays)
+
+
+# --------------------------------------------------------------------------- column-parallel K-SVD
+
+
+@lru_cache(maxsize=32)  # one jitted wrapper per mesh/settings: no recompilation per call
+def _update_fn(mesh: Mesh, method: str, power_iterations: int, unused: str) -> Callable:
+    """update_dictionary jitted with Y, S column-sharded and D replicated (GSPMD adds the all-reduces)."""
+    y_sh = logical_sharding(mesh, "features", "columns")
+    s_sh = logical_sharding(mesh, "atoms", "columns")
+    d_sh = logical_sharding(mesh, "features", "atoms")
+    rep = NamedSharding(mesh, P())
+
+    def fn(Y, D, S):
+        return update_dictionary(Y, D, S, method=method, power_iterations=power_iterations, unused=unused)
+
+    return jax.jit(fn, in_shardings=(y_sh, d_sh, s_sh), out_shardings=(d_sh, s_sh, rep))
+
+
+def sharded_update_dictionary(
+    Y: jax.Array | np.ndarray,
+    D: jax.Array | np.ndarray,
+    S: jax.Array | np.ndarray,
+    mesh: Mesh,
+    *,
+    method: str = "power",
+    power_iterations: int = 8,
+    unused: str = "skip",
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """K-SVD dictionary update with Y [d, n] and S [k, n] sharded by columns, D [d, k] replicated.
+
+    The column count n must be a multiple of the device count (zero-pad Y and S: zero columns
+    with zero codes do not change the update). Returns (D [d, k] replicated, S [k, n]
+    column-sharded, n_unused []) equal to :func:`update_dictionary` up to float roundoff.
+    """
+    n_dev = n_shards(mesh, "columns")
+    if np.shape(Y)[1] % n_dev:
+        raise ValueError(
+            f"Y has n = {np.shape(Y)[1]} columns, not a multiple of the {n_dev} devices; zero-pad Y and S "
+            "(zero columns with zero codes leave the update unchanged) or use sharded_ksvd, which pads."
+        )
+    dtype = resolve_float_dtype(None, Y, D, S)
+    Yg = place(Y, logical_sharding(mesh, "features", "columns"), dtype)
+    Dg = place(D, logical_sharding(mesh, "features", "atoms"), dtype)
+    Sg = place(S, logical_sharding(mesh, "atoms", "columns"), dtype)
+    return _update_fn(mesh, method, int(power_iterations), unused)(Yg, Dg, Sg)
+
+
+@lru_cache(maxsize=32)  # one jitted wrapper per mesh/settings: no recompilation per call
+def _coding_fn(mesh: Mesh) -> Callable:
+    """(D, Y) -> (Gram replicated, DᵀY column-sharded) at HIGHEST precision, like ksvd's ``code``."""
+    hi = lax.Precision.HIGHEST
+
+    def fn(D, Y):
+        return jnp.matmul(D.T, D, precision=hi), jnp.matmul(D.T, Y, precision=hi)
+
+    return jax.jit(
+        fn,
+        in_shardings=(logical_sharding(mesh, "features", "atoms"), logical_sharding(mesh, "features", "columns")),
+        out_shardings=(logical_sharding(mesh, "atoms", "atoms"), logical_sharding(mesh, "atoms", "columns")),
+    )
+
+
+@lru_cache(maxsize=32)  # one jitted wrapper per mesh/settings: no recompilation per call
+def _dense_fn(mesh: Mesh, k: int) -> Callable:
+    """Per-device scatter of SparseCodes into the dense S [k, n] block of its columns (no communication)."""
+
+    def local(indices, values):
+        return SparseCodes(indices, values, None, None).to_dense(k)
+
+    return jax.jit(jax.shard_map(
+        local, mesh=mesh, in_specs=(logical_spec("columns", None),) * 2, out_specs=logical_spec("atoms", "columns"),
+        check_vma=False,
+    ))
+
+
+@lru_cache(maxsize=32)  # one jitted wrapper per mesh/settings: no recompilation per call
+def _error_fn(mesh: Mesh) -> Callable:
+    hi = lax.Precision.HIGHEST
+
+    def fn(Y, D, S):
+        return jnp.linalg.norm(Y - jnp.matmul(D, S, precision=hi)) / jnp.linalg.norm(Y)
+
+    return jax.jit(fn, out_shardings=NamedSharding(mesh, P()))
+
+
+def sharded_ksvd(
+    Y: jax.Array | np.ndarray,
+    n_atoms: int,
+    sparsity: int,
+    n_iterations: int,
+    mesh: Mesh,
+    *,
+    key: jax.Array | int = 0,
+    method: str = "power",
+    power_iterations: int = 8,
+    unused: str = "skip",
+    init: jax.Array | np.ndarray | None = None,
+    dtype=None,
+    omp_chunk_size: int | None = None,
+    omp_memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+) -> KSVDResult:
+    """:func:`~cospadi_jax.sparse.ksvd.ksvd` with the columns of Y [d, n] sharded over ``mesh``.
+
+    OMP runs per device (:func:`sharded_batch_omp`'s kernel), the dictionary update as
+    :func:`sharded_update_dictionary`. Same arguments and result as ``ksvd`` (same seeded
+    initial dictionary); ``coefficients`` [k, n] and ``codes`` stay column-sharded, the
+    dictionary [d, k] is replicated. n is zero-padded to a multiple of the device count
+    internally (zero columns get zero codes and change neither D nor the objective).
+    """
+    check_ksvd_arguments(Y, n_atoms, sparsity, n_iterations, method, power_iterations, unused)
+    dtype = resolve_float_dtype(dtype, Y)
+    d, n = np.shape(Y)
+    k = int(n_atoms)
+    # Initial dictionary exactly as ksvd (same key, unpadded Y), computed on the host value.
+    if init is None:
+        if isinstance(key, (int, np.integer)):
+            key = jax.random.key(int(key))
+        D0 = init_dictionary(jnp.asarray(to_host(Y), dtype), k, key)
+    else:
+        if np.shape(init) != (d, k):
+            raise ValueError(f"init must be [d, k] = [{d}, {k}], got {np.shape(init)}.")
+        D0 = jnp.asarray(to_host(init), dtype)
+        D0 = D0 / jnp.linalg.norm(D0, axis=0)
+    n_dev = n_shards(mesh, "columns")
+    n_pad = max(1, math.ceil(n / n_dev)) * n_dev
+    Yg = place(Y, logical_sharding(mesh, "features", "columns"), dtype, pad_to=n_pad, axis=1)
+    D = place(to_host(D0), logical_sharding(mesh, "features", "atoms"), dtype)
+    coding, dense, error = _coding_fn(mesh), _dense_fn(mesh, k), _error_fn(mesh)
+    update = _update_fn(mesh, method, int(power_iterations), unused)
+    eps = float(np.finfo(dtype).eps)
+
+    objective, after_coding, n_unused, n_early = [], [], [], []
+    codes = S = None
+    for t in range(max(int(n_iterations), 1)):
+        gram, alpha = coding(D, Yg)
+        idx, val, cnt, early = _sharded_omp_padded(
+            gram, alpha, mesh=mesh, sparsity=int(sparsity), n=n, chunk_size=omp_chunk_size,
+            memory_budget_bytes=int(omp_memory_budget_bytes), step_block=int(min(32, sparsity)), eps=eps,
+        )
+        codes = SparseCodes(idx, val, cnt, early)
+        S = dense(idx, val)
+        err = float(error(Yg, D, S))
+        if t == 0:
+            objective.append(err)
+        if n_iterations == 0:
+            break
+        after_coding.append(err)
+        n_early.append(int(early))
+        D, S, unused_count = update(Yg, D, S)
+        n_unused.append(int(unused_count))
+        objective.append(float(error(Yg, D, S)))
+    if n_pad != n:
+        S = _strip(S.T, n=n)[0].T
+        codes = SparseCodes(*_strip(codes.indices, codes.values, codes.n_nonzero, n=n), codes.n_early_stopped)
+    return KSVDResult(
+        dictionary=D,
+        coefficients=S,
+        codes=codes,
+        objective=np.asarray(objective),
+        objective_after_coding=np.asarray(after_coding),
+        n_unused_atoms=np.asarray(n_unused, dtype=np.int32),
+        n_early_stopped=np.asarray(n_early, dtype=np.int32),
+    )
