@@ -395,34 +395,17 @@ def compress(
             raise ValueError("a data-aware method needs a tokenizer (or precomputed grams) for calibration")
         grams, key_used = calibration_grams(model, tokenizer, calibration, layers, progress=progress)
         calibration_info["key"] = asdict(key_used)
-    ratios, stored = None, None
+    units = work_units(config, n_layers)
+    stored = None
     if allocation.allocation != "uniform":
-        if not method.data_aware:
-            raise ValueError(f"budget.allocation={allocation.allocation} weighs each unit's output error on the "
-                             f"calibration Grams, which {config.method!r} does not use: use a data-aware method "
-                             "or budget.allocation=uniform")
-        stored = artifact.allocation() if artifact is not None else None
-        if stored is None:
-            dense_grams = grams
-            if dense_grams is None and tokenizer is not None:  # sequential: the dense model's Grams decide
-                dense_grams, _ = calibration_grams(model, tokenizer, calibration, layers, progress=progress)
-            elif dense_grams is None:
-                dense_grams = collect_grams(model, windows, batch_size=calibration.batch_size, layers=layers,
-                                            progress=progress)
-            stored = allocate_units(model, config, allocation, dense_grams, progress)
-            if artifact is not None:
-                artifact.save_allocation(stored)
-        ratios = stored["ratios"]
-        if len(ratios) != len(work_units(config, n_layers)):
-            raise ValueError("the artifact's allocation.json has another number of units than this run: it "
-                             "belongs to another setting; use another output_dir")
+        stored = _resolve_allocation(model, tokenizer, config, allocation, calibration, method, grams, windows,
+                                     artifact, len(units), progress)
+    ratios = stored["ratios"] if stored is not None else None
     if heldout_grams is None and tokenizer is not None and calibration.heldout_source:
         heldout_grams, _ = calibration_grams(model, tokenizer, calibration, layers, heldout=True, progress=progress)
 
     target = model if inplace else nnx.clone(model)
-    report = CompressionReport(config=asdict(config), calibration=calibration_info,
-                               allocation=stored if ratios is not None else None)
-    units = work_units(config, n_layers)
+    report = CompressionReport(config=asdict(config), calibration=calibration_info, allocation=stored)
     key = jax.random.key(config.seed)
     # Refinement differentiates through the layers: a sparse (packed bf16) mode is set once it is done.
     build_mode = "dense" if refine.steps and config.mode not in ("dense", "factored") else config.mode
@@ -488,12 +471,37 @@ def compress(
     return target, report
 
 
+def _resolve_allocation(model: CausalLM, tokenizer: Any, config: CompressionConfig, allocation: AllocationConfig,
+                        calibration: CalibrationSpec, method: Any, grams: Grams | None, windows: np.ndarray | None,
+                        artifact: Any, n_units: int, progress: bool) -> dict:
+    """The artifact's stored allocation (a resumed run), else :func:`allocate_units` on the dense model's Grams
+    (computed here under sequential calibration, which has none yet), saved to the artifact."""
+    if not method.data_aware:
+        raise ValueError(f"budget.allocation={allocation.allocation} weighs each unit's output error on the "
+                         f"calibration Grams, which {config.method!r} does not use: use a data-aware method "
+                         "or budget.allocation=uniform")
+    stored = artifact.allocation() if artifact is not None else None
+    if stored is None:
+        layers = list(config.layers) if config.layers is not None else None
+        if grams is None and tokenizer is not None:
+            grams, _ = calibration_grams(model, tokenizer, calibration, layers, progress=progress)
+        elif grams is None:
+            grams = collect_grams(model, windows, batch_size=calibration.batch_size, layers=layers,
+                                  progress=progress)
+        stored = allocate_units(model, config, allocation, grams, progress)
+        if artifact is not None:
+            artifact.save_allocation(stored)
+    if len(stored["ratios"]) != n_units:
+        raise ValueError("the artifact's allocation.json has another number of units than this run: it "
+                         "belongs to another setting; use another output_dir")
+    return stored
+
+
 def allocate_units(model: CausalLM, config: CompressionConfig, allocation: AllocationConfig, grams: Grams,
                    progress: bool = True) -> dict:
     """:func:`cospadi_jax.allocation.allocate` over the model's fitting units, on the calibration ``grams``
     (a group: its members side by side with the mean Gram, as it is fitted)."""
     units = work_units(config, model.config.num_hidden_layers)
-    method = make_method(config)
     items = []
     for paths in units:
         Ws = [projection_weight(model, p) for p in paths]
@@ -502,17 +510,15 @@ def allocate_units(model: CausalLM, config: CompressionConfig, allocation: Alloc
 
     def measure(u: int, ratio: float) -> float:
         """Mean squared functional error of unit u fitted at ``ratio`` with the curve's K-SVD iterations."""
-        paths = units[u]
-        Ws, unit_grams = [projection_weight(model, p) for p in paths], [grams.gram(p) for p in paths]
-        factors, _ = curve_method.fit_unit(Ws, unit_grams, jax.random.fold_in(jax.random.key(config.seed), u),
-                                           ratio, **({"mean_abs": grams.mean_abs(paths[0])}
-                                                     if curve_method.needs_mean_abs else {}))
-        return float(np.mean([functional_error(W, f.dense(), g) ** 2 for W, f, g in zip(Ws, factors, unit_grams)]))
+        _, rows = fit_unit([projection_weight(model, p) for p in units[u]], units[u], curve_method, config, grams,
+                           None, jax.random.fold_in(jax.random.key(config.seed), u), ratio)
+        return float(np.mean([row["functional_error_calib"] ** 2 for row in rows]))
 
     curve_method = make_method(replace(config, ksvd_iterations=allocation.curve_iterations))
-    measured = allocation.curve == "measured" and METHODS[config.method].budget_kind == "cospadi"
+    kind = METHODS[config.method].budget_kind
+    measured = allocation.curve == "measured" and kind == "cospadi"  # a low-rank method's spectrum is exact
     bar = tqdm(total=len(units), desc=f"allocation ({allocation.curve})", unit="group", disable=not progress)
-    result = allocate(items, config.ratio, allocation, kind=method.spec.budget_kind, rho=config.rho,
+    result = allocate(items, config.ratio, allocation, kind=kind, rho=config.rho,
                       storage=config.accounting, whiten=lambda G: whitening_factor(G)[0],
                       measure=measure if measured else None, progress=lambda _: bar.update())
     bar.close()

@@ -50,9 +50,13 @@ SETTING_AXES = {
     "eval": lambda c: (f"{c['eval'].get('max_windows')}×{c['eval'].get('seqlen')}" if "eval" in c else None),
     "seq": lambda c: c.get("calib", {}).get("sequential") or None,
     "refine": lambda c: c.get("refine", {}).get("steps") or None,
-    "budget": lambda c: (lambda b: None if b.get("allocation", "uniform") == "uniform"
-                         else f"{b['allocation']}/{b.get('curve')}")(c.get("budget", {})),
+    "budget": lambda c: _allocation(c.get("budget", {})),
 }
+
+
+def _allocation(node: dict[str, Any]) -> str | None:
+    """``greedy/spectrum`` for a non-uniform budget, None (no axis) for the paper's uniform one."""
+    return None if node.get("allocation", "uniform") == "uniform" else f"{node['allocation']}/{node.get('curve')}"
 
 
 def _short(value: Any) -> Any:
