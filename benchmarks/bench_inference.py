@@ -88,13 +88,13 @@ def build(base, spec: dict, seed: int = 0):
     for path in projections(model, spec["scope"]):
         d_in, d_out = get_module(model, path).kernel.shape
         if spec["kind"] == "low_rank":
-            r = budget(d_in, d_out, spec["ratio"], method="low_rank").rank
+            r = budget(d_in, d_out, spec["ratio"], kind="low_rank").rank
             f = LowRankFactors(rng.standard_normal((d_in, r)) * 0.05, rng.standard_normal((r, d_out)) * 0.05)
             # A, B in float32: XLA:CPU's bf16 dot is ~2.6x slower than its f32 one, so a bf16-stored low-rank
             # model would be measured at XLA's bf16 speed, not at its bytes (docs/benchmarks.md).
             replace_projection(model, path, f)
         else:
-            b = budget(d_in, d_out, spec["ratio"], rho=2.0, storage=_storage(spec["mode"]))
+            b = budget(d_in, d_out, spec["ratio"], rho=2.0, accounting=_storage(spec["mode"]))
             supports = np.sort(np.argsort(rng.random((d_out, b.n_atoms)), axis=1)[:, :b.sparsity], axis=1)
             f = DictFactors(_bf16(rng.standard_normal((d_in, b.n_atoms)) * 0.05), supports.astype(np.int32),
                             _bf16(rng.standard_normal((d_out, b.sparsity)) * 0.05))

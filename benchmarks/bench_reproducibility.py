@@ -42,10 +42,10 @@ def child(out: Path, layer: int, ratio: float, ksvd_iterations: int) -> None:
 
     from cospadi_jax import load_model
     from cospadi_jax.calib.grams import collect_grams
-    from cospadi_jax.compress import CompressionConfig
+    from cospadi_jax.compress import CompressionConfig, unit_budget
     from cospadi_jax.data.calibration import sample_windows
     from cospadi_jax.data.text import load_text
-    from cospadi_jax.methods import make_method
+    from cospadi_jax.methods import build
     from cospadi_jax.models import projection_weight
 
     model, tokenizer = load_model("smollm2-135m")
@@ -57,8 +57,9 @@ def child(out: Path, layer: int, ratio: float, ksvd_iterations: int) -> None:
         W, G = projection_weight(model, path), grams.gram(path)
         arrays[f"W::{proj}"], arrays[f"G::{proj}"] = W, G
         for name in METHODS:
-            method = make_method(CompressionConfig(method=name, ratio=ratio, ksvd_iterations=ksvd_iterations))
-            factors = method.fit_unit([W], [G], jax.random.fold_in(jax.random.key(42), layer))[0][0]
+            config = CompressionConfig(method=name, ratio=ratio, ksvd_iterations=ksvd_iterations)
+            factors = build(config).fit_group([W], [G], unit_budget(config, *W.shape, 1),
+                                              jax.random.fold_in(jax.random.key(42), layer))[0]
             arrays[f"{name}::{proj}::dense"] = factors.dense()
             if name == "cospadi":
                 arrays[f"{name}::{proj}::indices"] = factors.indices

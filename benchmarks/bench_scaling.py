@@ -19,7 +19,7 @@ concurrently, on the same inputs written once by the parent:
   normalised columns of Y (seed 42), the same for every device count;
 * update: :func:`cospadi_jax.sparse.sharded.sharded_update_dictionary` (power, 8 steps) on that D and
   the dense S of the 1-device OMP codes;
-* K-SVD iteration: :func:`cospadi_jax.sparse.sharded.sharded_ksvd` with ``n_iterations=1`` (seeded
+* K-SVD iteration: :func:`cospadi_jax.sparse.sharded.sharded_ksvd` with ``ksvd_iterations=1`` (seeded
   initial dictionary, coding GEMMs, OMP, dense S, the power update and both objective evaluations).
 
 One thing in ``cospadi_jax.sparse.sharded`` shapes how this is measured (reported, not fixed):
@@ -196,12 +196,12 @@ def child(args: argparse.Namespace) -> None:
     D0 = data["D"]
 
     def update() -> None:
-        D, S_new, _ = sharded_update_dictionary(Y, D0, S, mesh, method="power", power_iterations=8)
+        D, S_new, _ = sharded_update_dictionary(Y, D0, S, mesh, dict_update="power", power_iterations=8)
         D.block_until_ready()
         S_new.block_until_ready()
 
     def ksvd_iteration() -> Any:
-        r = sharded_ksvd(Y, k, s, 1, mesh, key=42, method="power", power_iterations=8, dtype=f32,
+        r = sharded_ksvd(Y, k, s, 1, mesh, key=42, dict_update="power", power_iterations=8, dtype=f32,
                          omp_memory_budget_bytes=budget)
         r.dictionary.block_until_ready()
         return r

@@ -5,7 +5,7 @@ y = (x·D)·S through the XLA gather path and the fused CPU kernel (cospadi_jax.
         [--shapes q k up down] [--no-cold] [--json out.json]
 
 Shapes (d_in × d_out): q/o 576×576, k/v 576×192, gate/up 576×1536, down 1536×576. For each compression ratio
-and storage (coo16: int16 ids; eq10: bitmask, both with bf16 D and values) k and s are budget.budget(method=
+and storage (coo16: int16 ids; eq10: bitmask, both with bf16 D and values) k and s are budget.budget(kind=
 "cospadi", rho=2, storage=...)'s; D, supports and values are random (speed depends on shapes only).
 
 Each measurement is one jitted function applying M products in sequence (each product's input depends on the
@@ -89,7 +89,7 @@ def weights(d_in: int, d_out: int, ratio: float, storage: str, rng):
     from cospadi_jax.budget import budget
     from cospadi_jax.sparse import spmm
 
-    b = budget(d_in, d_out, ratio, method="cospadi", rho=2.0, storage=storage)
+    b = budget(d_in, d_out, ratio, kind="cospadi", rho=2.0, accounting=storage)
     k, s = b.n_atoms, b.sparsity
     idx = np.argsort(rng.random((d_out, k)), axis=1)[:, :s]
     val = rng.standard_normal((d_out, s)) * 0.05

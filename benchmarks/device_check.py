@@ -13,7 +13,7 @@ unit-norm columns of a second random Gaussian matrix, as K-SVD initialises from 
   model counts; a full-size chunk would only be more efficient), the dictionary update on all k atoms;
 * ``batch_omp_gemm`` at precision "highest", "tf32" and "bf16x3" (supports compared with "highest"),
   the "solve" triangular form (up_proj shape), the B-form ``batch_omp`` (25 % of device memory per chunk, as the projection
-  assumes), and ``update_dictionary(method="power", power_iterations=8)``.
+  assumes), and ``update_dictionary(dict_update="power", power_iterations=8)``.
 
 Each timing is the second of two calls (the first includes the compile, reported separately). A global
 deadline (``--budget-s``, default 240 s) skips the remaining items once passed (the items least sure to
@@ -245,7 +245,7 @@ def run_case(case: Case, mach: proj.Machine, clock: Clock, results: list[dict[st
 
     def update() -> None:
         S = random_codes(case)
-        _, first, steady = timed_twice(lambda: update_dictionary(Y, D, S, method="power", power_iterations=8)[0])
+        _, first, steady = timed_twice(lambda: update_dictionary(Y, D, S, dict_update="power", power_iterations=8)[0])
         record("update_dictionary power 8", first, steady, case.n, model_update_seconds(case, mach),
                seconds_per_atom=steady / case.k)
 

@@ -493,7 +493,7 @@ def measure_cpu(reps: int = 3) -> dict[str, float]:
     D = jnp.asarray(rng.standard_normal((d_, katoms)), jnp.float32)
     D = D / jnp.linalg.norm(D, axis=0)
     S = jnp.asarray(rng.standard_normal((katoms, n_)) * (rng.random((katoms, n_)) < 0.5), jnp.float32)
-    t_upd = _best(lambda: update_dictionary(Y, D, S, method="power", power_iterations=8)[0].block_until_ready(), reps)
+    t_upd = _best(lambda: update_dictionary(Y, D, S, dict_update="power", power_iterations=8)[0].block_until_ready(), reps)
     out["latency_atom"] = t_upd / katoms
     return out
 
@@ -528,7 +528,7 @@ def measure_iteration(projection: str, random: bool, reps: int = 2) -> dict[str,
         state["S"] = codes.to_dense(k).block_until_ready()
 
     def upd() -> None:
-        out = update_dictionary(Yj, D, state["S"], method="power", power_iterations=8)
+        out = update_dictionary(Yj, D, state["S"], dict_update="power", power_iterations=8)
         out[0].block_until_ready()
 
     t_omp = _best(coding, reps)

@@ -95,7 +95,7 @@ def spectrum_error(unit: Unit, whiten: Callable[[np.ndarray], np.ndarray]) -> Ca
     return lambda r: float(tail[min(r, sigma2.size)])
 
 
-def allocate(units: list[Unit], target: float, config: AllocationConfig, *, kind: str, rho: float, storage: str,
+def allocate(units: list[Unit], target: float, config: AllocationConfig, *, kind: str, rho: float, accounting: str,
              whiten: Callable[[np.ndarray], np.ndarray],
              measure: Callable[[int, float], float] | None = None, progress: Callable[[str], None] | None = None,
              ) -> dict[str, Any]:
@@ -115,11 +115,11 @@ def allocate(units: list[Unit], target: float, config: AllocationConfig, *, kind
         m = len(unit.paths)
         d_in, d_out = unit.W.shape[0], unit.W.shape[1] // m
         tail = spectrum_error(unit, whiten)
-        spectrum = lambda g: m * tail(budget(d_in, d_out, g, method="low_rank", group_size=m).rank)
+        spectrum = lambda g: m * tail(budget(d_in, d_out, g, kind="low_rank", group_size=m).rank)
         rows = []  # [bytes, cost, ratio], one per grid ratio that leaves at least one atom / rank
         for g in map(float, grid):
             try:
-                b = budget(d_in, d_out, g, method=kind, rho=rho, storage=storage, group_size=m)
+                b = budget(d_in, d_out, g, kind=kind, rho=rho, accounting=accounting, group_size=m)
             except ValueError:
                 continue
             rows.append([float(b.total_bytes), spectrum(g), g, float(b.dense_bytes)])

@@ -15,9 +15,9 @@ Formulas (γ = ratio, ρ = k/s, m = group size, d2 → m·d2 for a group):
 
 * low rank:   r = ⌊(1−γ)·d1·d2 / (d1 + d2)⌋                    (Eq. 48)
 * CoSpaDi:    k = ⌊(1−γ)·d1·d2 / (d1 + d2/ρ + extra)⌋, s = ⌊k/ρ⌋  (Eq. 49)
-  with extra = 0 for ``storage="eq11"`` ((16−ρ)-bit values + k·d2-bit mask,
-  i.e. 14-bit values at ρ = 2), extra = d2/16 for ``storage="eq10"`` (bf16
-  values + bitmask), extra = d2/ρ for ``storage="coo16"`` (bf16 values +
+  with extra = 0 for ``accounting="eq11"`` ((16−ρ)-bit values + k·d2-bit mask,
+  i.e. 14-bit values at ρ = 2), extra = d2/16 for ``accounting="eq10"`` (bf16
+  values + bitmask), extra = d2/ρ for ``accounting="coo16"`` (bf16 values +
   int16 row indices).
 """
 
@@ -31,8 +31,8 @@ __all__ = ["Budget", "budget", "MIB"]
 
 MIB = 1024 * 1024
 _DENSE_BITS = 16  # bf16 reference
-_METHODS = ("low_rank", "cospadi")
-_STORAGES = ("eq11", "eq10", "coo16")
+_KINDS = ("low_rank", "cospadi")
+_ACCOUNTINGS = ("eq11", "eq10", "coo16")
 _ORIENTATIONS = ("paper", "weight_shape")
 
 
@@ -47,13 +47,13 @@ class Budget:
     realised_ratio_bytes: 1 − total_bytes / dense_bytes (what the paper calls CR).
     """
 
-    method: str
+    kind: str
     target_ratio: float
     d1: int
     d2: int
     group_size: int
     orientation: str
-    storage: str | None
+    accounting: str | None
     rho: float | None
     rank: int | None
     n_atoms: int | None
@@ -83,9 +83,9 @@ def budget(
     d_out: int,
     ratio: float,
     *,
-    method: str = "cospadi",
+    kind: str = "cospadi",
     rho: float = 2.0,
-    storage: str = "eq11",
+    accounting: str = "eq11",
     group_size: int = 1,
     orientation: str = "paper",
 ) -> Budget:
@@ -94,9 +94,9 @@ def budget(
     Args:
         d_in, d_out: in/out features of the linear layer (weight.shape == (d_out, d_in)).
         ratio: γ in [0, 1), fraction of the dense bf16 storage removed.
-        method: "low_rank" (r) or "cospadi" (k, s).
+        kind: "low_rank" (r) or "cospadi" (k, s).
         rho: ρ = k/s (cospadi only), ≥ 1.
-        storage: "eq11" (paper default, (16−ρ)-bit values + bitmask; exact for ρ = 2),
+        accounting: "eq11" (paper default, (16−ρ)-bit values + bitmask; exact for ρ = 2),
             "eq10" (bf16 values + bitmask) or "coo16" (bf16 values + int16 indices).
         group_size: m matrices sharing one dictionary / basis (d2 → m·d2).
         orientation: "paper" (d1 = d_in, d2 = d_out) or "weight_shape" (d1 = d_out,
@@ -105,8 +105,8 @@ def budget(
     for name, v in (("d_in", d_in), ("d_out", d_out), ("group_size", group_size)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}.")
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}.")
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}.")
     if orientation not in _ORIENTATIONS:
         raise ValueError(f"orientation must be one of {_ORIENTATIONS}, got {orientation!r}.")
     gamma = _exact(ratio, "ratio")
@@ -117,23 +117,23 @@ def budget(
     keep = (1 - gamma) * d1 * d2
     dense_bytes = Fraction(_DENSE_BITS, 8) * d1 * d2
 
-    if method == "low_rank":
+    if kind == "low_rank":
         r = math.floor(keep / (d1 + d2))
         if r < 1:
             raise ValueError(f"ratio {ratio} leaves rank 0 for a {d1}×{d2} matrix; use a smaller ratio.")
         stored = r * (d1 + d2)
         dict_b, val_b, idx_b = Fraction(2 * d1 * r), Fraction(2 * d2 * r), Fraction(0)
         k = s = None
-        rho_out = storage_out = None
+        rho_out = accounting_out = None
     else:
         rho_f = _exact(rho, "rho")
         if rho_f < 1:
             raise ValueError(f"rho = k/s must be >= 1, got {rho}.")
-        if storage not in _STORAGES:
-            raise ValueError(f"storage must be one of {_STORAGES}, got {storage!r}.")
-        if storage == "eq11" and not rho_f < 16:
-            raise ValueError("storage='eq11' stores (16−ρ)-bit values; it needs rho < 16.")
-        extra = {"eq11": Fraction(0), "eq10": Fraction(d2, 16), "coo16": d2 / rho_f}[storage]
+        if accounting not in _ACCOUNTINGS:
+            raise ValueError(f"accounting must be one of {_ACCOUNTINGS}, got {accounting!r}.")
+        if accounting == "eq11" and not rho_f < 16:
+            raise ValueError("accounting='eq11' stores (16−ρ)-bit values; it needs rho < 16.")
+        extra = {"eq11": Fraction(0), "eq10": Fraction(d2, 16), "coo16": d2 / rho_f}[accounting]
         k = math.floor(keep / (d1 + d2 / rho_f + extra))
         s = math.floor(k / rho_f)
         if k < 1 or s < 1:
@@ -143,25 +143,25 @@ def budget(
             )
         stored = d1 * k + s * d2
         dict_b = Fraction(2 * d1 * k)
-        if storage == "eq11":
+        if accounting == "eq11":
             val_b = Fraction((_DENSE_BITS - rho_f) * s * d2, 8)  # 14-bit values at ρ = 2
             idx_b = Fraction(k * d2, 8)  # bitmask
-        elif storage == "eq10":
+        elif accounting == "eq10":
             val_b, idx_b = Fraction(2 * s * d2), Fraction(k * d2, 8)
         else:
             val_b, idx_b = Fraction(2 * s * d2), Fraction(2 * s * d2)
-        rho_out, storage_out = float(rho_f), storage
+        rho_out, accounting_out = float(rho_f), accounting
     total = dict_b + val_b + idx_b
     return Budget(
-        method=method,
+        kind=kind,
         target_ratio=float(gamma),
         d1=d1,
         d2=d2,
         group_size=group_size,
         orientation=orientation,
-        storage=storage_out,
+        accounting=accounting_out,
         rho=rho_out,
-        rank=r if method == "low_rank" else None,
+        rank=r if kind == "low_rank" else None,
         n_atoms=k,
         sparsity=s,
         dictionary_bytes=float(dict_b),

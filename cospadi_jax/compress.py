@@ -25,7 +25,8 @@ from .data.text import load_text
 from .parallel import map_units
 from .fileio import can_create_in
 from .layers import DICT_MODES, QUANTIZATIONS, quantize_coefficients, replace_projection, set_dict_mode
-from .methods import METHODS, make_method
+from .budget import Budget, budget
+from .methods import Method, UnitStats, build, method_class
 from .methods.base import DictFactors, Factors, functional_error, weight_error, whitening_factor
 from .models.paths import PROJECTION_TYPES, get_module, projection_path, projection_weight
 from .models.transformer import CausalLM
@@ -85,8 +86,7 @@ class CompressionConfig:
 
     def validate(self, n_layers: int | None = None) -> None:
         """Raise ValueError naming the bad field before any work starts (layer checks need ``n_layers``)."""
-        if not isinstance(self.method, str) or self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; available: {', '.join(sorted(METHODS))}")
+        method = method_class(self.method)
         for name in ("ratio", "rho"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
@@ -129,7 +129,7 @@ class CompressionConfig:
         if self.group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
         if self.group_size > 1:
-            if not METHODS[self.method].supports_groups:
+            if not method.supports_groups:
                 raise ValueError(f"method {self.method!r} does not share bases; use group_size=1")
             n = len(self.layers) if self.layers is not None else n_layers
             if n is not None and n % self.group_size:
@@ -149,7 +149,7 @@ class CompressionConfig:
             raise ValueError("ksvd_iterations must be >= 0 and power_iterations >= 1")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"unknown quantization {self.quantization!r}; use one of {QUANTIZATIONS}")
-        if self.quantization and METHODS[self.method].budget_kind != "cospadi":
+        if self.quantization and method.budget_kind != "cospadi":
             raise ValueError(f"quantization={self.quantization!r} applies to CoSpaDi's coefficient values; "
                              f"{self.method!r} stores dense low-rank factors, so it would be ignored. Use "
                              "quantization=null with low-rank methods.")
@@ -260,13 +260,21 @@ def calibration_grams(model: CausalLM, tokenizer: Any, spec: CalibrationSpec, la
     return grams, key
 
 
-def fit_unit(Ws: list[np.ndarray], paths: list[str], method: Any, config: CompressionConfig, grams: Grams | None,
+def unit_budget(config: CompressionConfig, d_in: int, d_out: int, group_size: int, ratio: float | None = None
+                ) -> Budget:
+    """The budget of a unit of ``group_size`` [d_in, d_out] matrices at ``ratio`` (default: the config's; a
+    non-uniform allocation passes the unit's own), of the kind of ``config.method``."""
+    return budget(d_in, d_out, config.ratio if ratio is None else ratio, kind=method_class(config.method).budget_kind,
+                  rho=config.rho, accounting=config.accounting, group_size=group_size)
+
+
+def fit_unit(Ws: list[np.ndarray], paths: list[str], method: Method, config: CompressionConfig, grams: Grams | None,
              heldout_grams: Grams | None, key: jax.Array, ratio: float | None = None
              ) -> tuple[list[Factors], list[dict]]:
     """Fit one unit (a matrix or a shared group): its factors and one report row (a dict) per matrix.
 
     Ws: the unit's weights [d_in, d_out] (float32), in the order of ``paths``; ``method`` from
-    :func:`~cospadi_jax.methods.make_method`; ``key`` the unit's key (folded from the seed and the unit index).
+    :func:`~cospadi_jax.methods.build`; ``key`` the unit's key (folded from the seed and the unit index).
     """
     t0 = time.perf_counter()
     shapes = {w.shape for w in Ws}
@@ -281,8 +289,9 @@ def fit_unit(Ws: list[np.ndarray], paths: list[str], method: Any, config: Compre
                              "the Grams belong to another model: recompute them for this one.")
         if not np.all(np.isfinite(g)):
             raise ValueError(f"calibration Gram for {p} contains NaN/inf; recompute the calibration statistics.")
-    extra = {"mean_abs": grams.mean_abs(paths[0])} if getattr(method, "needs_mean_abs", False) else {}
-    factors_list, budget = method.fit_unit(Ws, unit_grams, key, ratio, **extra)
+    stats = UnitStats(mean_abs=grams.mean_abs(paths[0]) if method.needs_mean_abs else None)
+    unit_b = unit_budget(config, *Ws[0].shape, len(Ws), ratio)
+    factors_list = method.fit_group(Ws, unit_grams, unit_b, key, stats)
     seconds = (time.perf_counter() - t0) / len(paths)
     unit_factors, unit_rows = [], []
     for i, (path, W, factors) in enumerate(zip(paths, Ws, factors_list)):
@@ -300,10 +309,10 @@ def fit_unit(Ws: list[np.ndarray], paths: list[str], method: Any, config: Compre
             functional_error_heldout=functional_error(W, W_hat, heldout_grams.gram(path))
             if heldout_grams is not None else None,
             weight_error=weight_error(W, W_hat),
-            realised_ratio=budget.realised_ratio_bytes,
-            realised_ratio_params=budget.realised_ratio_params,
+            realised_ratio=unit_b.realised_ratio_bytes,
+            realised_ratio_params=unit_b.realised_ratio_params,
             dense_params=W.size,
-            compressed_params=budget.stored_params / len(paths),
+            compressed_params=unit_b.stored_params / len(paths),
             seconds=seconds,
             k=info.get("k"), s=info.get("s"), rank=info.get("rank"),
             jitter=info.get("jitter"), lambda_min=info.get("lambda_min"),
@@ -311,7 +320,7 @@ def fit_unit(Ws: list[np.ndarray], paths: list[str], method: Any, config: Compre
             early_stopped_columns=info.get("early_stopped_columns"),
             quantization_error=quant_err, objective=info.get("objective"),
             omp_backend=info.get("omp_backend"), phase_seconds=info.get("phase_seconds"),
-            target_ratio=budget.target_ratio,
+            target_ratio=unit_b.target_ratio,
         )))
         unit_factors.append(factors)
     return unit_factors, unit_rows
@@ -368,7 +377,7 @@ def compress(
     if refine.steps and inplace:
         raise ValueError("refinement matches each compressed layer to the dense one, so the dense model must "
                          "survive: use inplace=False with refine.steps > 0")
-    method = make_method(config)
+    method = build(config)
     already = [p for unit in work_units(config, n_layers) for p in unit if not hasattr(get_module(model, p), "kernel")]
     if already:
         raise ValueError(f"{already[0]} is already compressed: compress the original model (load it again), "
@@ -514,12 +523,12 @@ def allocate_units(model: CausalLM, config: CompressionConfig, allocation: Alloc
                            None, jax.random.fold_in(jax.random.key(config.seed), u), ratio)
         return float(np.mean([row["functional_error_calib"] ** 2 for row in rows]))
 
-    curve_method = make_method(replace(config, ksvd_iterations=allocation.curve_iterations))
-    kind = METHODS[config.method].budget_kind
+    curve_method = build(replace(config, ksvd_iterations=allocation.curve_iterations))
+    kind = method_class(config.method).budget_kind
     measured = allocation.curve == "measured" and kind == "cospadi"  # a low-rank method's spectrum is exact
     bar = tqdm(total=len(units), desc=f"allocation ({allocation.curve})", unit="group", disable=not progress)
     result = allocate(items, config.ratio, allocation, kind=kind, rho=config.rho,
-                      storage=config.accounting, whiten=lambda G: whitening_factor(G)[0],
+                      accounting=config.accounting, whiten=lambda G: whitening_factor(G)[0],
                       measure=measure if measured else None, progress=lambda _: bar.update())
     bar.close()
     log.info("budget.allocation=%s: ratios %.3f..%.3f, realised CR %.4f (uniform %.4f), objective %.4g -> %.4g",

@@ -31,17 +31,17 @@ def _one_iteration_seconds(d: int, n: int, k: int, s: int, probe_columns: int, *
     return (time.perf_counter() - t0) * n / columns
 
 
-def estimate_fit_seconds(units: list[tuple[int, int, int, int]], iterations: int, *, probe_columns: int = 2048,
+def estimate_fit_seconds(units: list[tuple[int, int, int, int]], ksvd_iterations: int, *, probe_columns: int = 2048,
                          **ksvd_kwargs: Any) -> dict[str, Any]:
     """Estimated fitting time of K-SVD units.
 
     units: one ``(d_in, n_columns, k, s)`` per fitting unit (a shared group's columns concatenated).
-    iterations: T. ``ksvd_kwargs``: as the method will call :func:`~cospadi_jax.sparse.ksvd.ksvd`
-    (``method``, ``power_iterations``, ``omp_backend``, ...).
+    ksvd_iterations: T. ``ksvd_kwargs``: as the method will call :func:`~cospadi_jax.sparse.ksvd.ksvd`
+    (``dict_update``, ``power_iterations``, ``omp_backend``, ...).
     Returns ``{"seconds": total, "per_iteration_s": ..., "probe_s": time spent measuring}``.
     """
     t0 = time.perf_counter()
     per_shape = {shape: _one_iteration_seconds(*shape, probe_columns, **ksvd_kwargs) for shape in Counter(units)}
     per_iteration = sum(per_shape[u] for u in units)
-    return {"seconds": per_iteration * max(iterations, 1), "per_iteration_s": per_iteration,
+    return {"seconds": per_iteration * max(ksvd_iterations, 1), "per_iteration_s": per_iteration,
             "probe_s": time.perf_counter() - t0}

@@ -11,7 +11,7 @@ Tensors, for a projection at HF path ``P`` with W [d_in, d_out] = HF ``weight.T`
 - CoSpaDi, W ≈ D·S: ``P.D`` bf16 [d_in, k], once per group when a dictionary is shared (grouped CoSpaDi; found
   by equal content); the support, ``P.mask`` uint8 [d_out, ⌈k/8⌉] = ``np.packbits(bits, axis=1,
   bitorder="little")`` with bits[j, t] = 1 iff column j uses atom t (Eq. 10's bitmask), or ``P.indices`` int16
-  [d_out, s] (``storage="coo16"``); the values of column j in increasing atom order, left-aligned and padded with
+  [d_out, s] (``accounting="coo16"``); the values of column j in increasing atom order, left-aligned and padded with
   0: ``P.values`` bf16 [d_out, s], ``P.values_14bit`` uint8 [14·⌈s·d_out/8⌉] (Eq. 11's 14-bit values: bf16 with
   its two lowest mantissa bits dropped, 8 codes of 14 bits packed little-endian into 14 bytes, row-major over
   [d_out, s]), or ``P.values_int8`` int8 [d_out, s] with ``P.scales`` float32 [d_out] (value = q · scale);
@@ -310,8 +310,8 @@ def _accounted_bytes(layout: dict[str, dict], units: list[list[str]], record: di
         entry = layout[unit[0]]
         kind = "cospadi" if entry["kind"] == "dict" else "low_rank"
         ratio = record.get("unit_ratios", {}).get(unit[0], record["ratio"])
-        b = budget(entry["d_in"], entry["d_out"], ratio, method=kind, rho=record.get("rho", 2.0),
-                   storage=record.get("accounting", "eq11"), group_size=len(unit))
+        b = budget(entry["d_in"], entry["d_out"], ratio, kind=kind, rho=record.get("rho", 2.0),
+                   accounting=record.get("accounting", "eq11"), group_size=len(unit))
         sizes = (b.n_atoms, b.sparsity) if kind == "cospadi" else (b.rank,)
         ours = (entry["k"], entry["s"]) if kind == "cospadi" else (entry["rank"],)
         if sizes != ours:

@@ -7,10 +7,10 @@
 - ``"factored"``: z = x·D, then y_j = Σ_t values[j, t] · z[indices[j, t]], gathered in blocks of the sparsity so
   that neither dense S nor an [tokens, d_out, s] tensor is ever built;
 - ``"sparse"``: the inference layout. D and the values are held in bfloat16 and S's support as a bitmask
-  (uint8 [d_out, ceil(k/8)]), so the resident bytes are budget's ``storage="eq10"`` accounting; the product
+  (uint8 [d_out, ceil(k/8)]), so the resident bytes are budget's ``accounting="eq10"`` accounting; the product
   runs in the fused CPU kernel of :mod:`.sparse.spmm` (an XLA FFI call inside the jitted model; the XLA gather
   path on other platforms). For batch-1 decode and short prefill;
-- ``"sparse_coo16"``: the same with int16 atom ids instead of the bitmask (``storage="coo16"``).
+- ``"sparse_coo16"``: the same with int16 atom ids instead of the bitmask (``accounting="coo16"``).
 
 The sparse modes round D and the values to bf16 once, when the layer is built; they compute in float32 and
 return the model dtype. :func:`resident_bytes` counts what a module holds.
@@ -36,7 +36,7 @@ from .sparse import spmm
 
 QUANTIZATIONS = (None, "bf16-14bit", "int8")
 DICT_MODES = ("dense", "factored", "sparse", "sparse_coo16")
-# The budget storage (budget.budget(..., storage=...)) whose bytes a packed mode holds exactly.
+# The budget storage (budget.budget(..., accounting=...)) whose bytes a packed mode holds exactly.
 MODE_STORAGE = {"sparse": "eq10", "sparse_coo16": "coo16"}
 
 

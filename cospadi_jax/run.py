@@ -155,29 +155,27 @@ def _check_model_fits(cfg: RunConfig, model: Any, tokenizer: Any) -> None:
 
 def _log_estimate(model: Any, config: Any, skip: set[int]) -> None:
     """For K-SVD methods, the fitting time measured by a probe on this machine, before the work starts."""
-    from .compress import work_units
+    from .compress import unit_budget, work_units
     from .estimate import estimate_fit_seconds
-    from .methods import METHODS, make_method
+    from .methods import CoSpaDi, build
     from .models.paths import get_module
 
-    if METHODS[config.method].budget_kind != "cospadi" or config.parallel == "columns" or not is_primary():
+    method = build(config)
+    if not isinstance(method, CoSpaDi) or method.parallel == "columns" or not is_primary():
         return
-    runner = make_method(config)
     units = []
     for index, paths in enumerate(work_units(config, model.config.num_hidden_layers)):
         if index not in skip:
             d_in, d_out = get_module(model, paths[0]).kernel.get_value().shape
-            b = runner.budget(d_in, d_out, len(paths))
+            b = unit_budget(config, d_in, d_out, len(paths))
             units.append((d_in, d_out * len(paths), b.n_atoms, b.sparsity))
     if not units:
         return
-    m = runner.method
-    est = estimate_fit_seconds(units, config.ksvd_iterations, method=m.update, power_iterations=m.power_iterations,
-                               omp_backend=m.omp_backend, omp_memory_budget_bytes=m.omp_memory_bytes)
-    workers = "" if config.parallel == "none" else "; parallel=matrices divides it by about the number of workers"
+    est = estimate_fit_seconds(units, method.ksvd_iterations, **method.ksvd_options())
+    workers = "" if method.parallel == "none" else "; parallel=matrices divides it by about the number of workers"
     log.info("estimated fitting time: %.0f min for %d units (T = %d x %.1f s per iteration on this machine, measured "
              "in %.1f s on random data of each shape; calibration and evaluation extra%s)", est["seconds"] / 60,
-             len(units), config.ksvd_iterations, est["per_iteration_s"], est["probe_s"], workers)
+             len(units), method.ksvd_iterations, est["per_iteration_s"], est["probe_s"], workers)
 
 
 def _stored_identity(metadata: dict) -> dict:

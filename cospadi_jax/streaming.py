@@ -30,9 +30,10 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from .calib.grams import Grams, advance_layer
-from .compress import CompressionConfig, CompressionReport, MatrixReport, fit_unit, warn_about, work_units
+from .compress import (CompressionConfig, CompressionReport, MatrixReport, fit_unit, unit_budget, warn_about,
+                       work_units)
 from .layers import factored_module
-from .methods import make_method
+from .methods import build
 from .methods.base import Factors, clear_whitening_cache
 from .models.config import DecoderConfig, decoder_config_from_hf
 from .models.convert import assign_tensors
@@ -192,7 +193,7 @@ def plan_memory(cfg: DecoderConfig, comp: CompressionConfig, n_windows: int, seq
     """
     item = jnp.dtype(dtype).itemsize
     shapes = {t: s for t, s in _shapes(cfg).items() if t in comp.proj_types}
-    budgets = {t: make_method(comp).budget(*s, 1) for t, s in shapes.items()}
+    budgets = {t: unit_budget(comp, *s, 1) for t, s in shapes.items()}
     layer_params = sum(a * b for a, b in _shapes(cfg).values()) + 2 * cfg.hidden_size
     gram_sources = set(GRAM_SOURCE.values())  # calibration collects all four (q/k/v share one, gate/up one)
 
@@ -260,7 +261,7 @@ def compress_streaming(
     windows = np.asarray(windows, np.int32)
     plan = plan_memory(cfg, config, len(windows), windows.shape[1], budget_gib=budget_gib, dtype=source.dtype)
     config = CompressionConfig(**{**asdict(config), "omp_memory_mb": plan.omp_memory_mb})
-    method = make_method(config)
+    method = build(config)
     units = work_units(config, cfg.num_hidden_layers)
     unit_of = {paths[0]: i for i, paths in enumerate(units)}
     layers = sorted({parse_projection_path(paths[0])[0] for paths in units})

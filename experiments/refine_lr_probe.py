@@ -3,8 +3,7 @@
 
     python experiments/refine_lr_probe.py cospadi rms:1e-3 rms:1e-2 absolute:1e-4
 """
-import sys, time, json
-import numpy as np
+import sys, time
 from flax import nnx
 from cospadi_jax import load_model
 from cospadi_jax.compress import compress, CalibrationSpec

@@ -68,8 +68,8 @@ def run_single(out: str) -> None:
     sh304 = sharded.sharded_batch_omp(G, np.pad(C, ((0, 0), (0, 3))), S, mesh)
     res["omp304_block_rows"] = np.asarray(sorted({s.data.shape[0] for s in sh304.indices.addressable_shards}))
     for method in ("power", "mod"):
-        r = ksvd(Y, K, S, 2, key=3, method=method)
-        q = sharded.sharded_ksvd(Y, K, S, 2, mesh, key=3, method=method)
+        r = ksvd(Y, K, S, 2, key=3, dict_update=method)
+        q = sharded.sharded_ksvd(Y, K, S, 2, mesh, key=3, dict_update=method)
         for name, a, b in (("D", r.dictionary, q.dictionary), ("S", r.coefficients, q.coefficients),
                            ("indices", r.codes.indices, q.codes.indices), ("objective", r.objective, q.objective),
                            ("n_unused", r.n_unused_atoms, q.n_unused_atoms)):
@@ -80,8 +80,8 @@ def run_single(out: str) -> None:
 
     Yp = np.pad(Y, ((0, 0), (0, 3)))
     Sd = np.asarray(batch_omp(G, D.T @ Yp, S).to_dense(K))
-    D_ref, S_ref, _ = update_dictionary(Yp, D, Sd, method="power")
-    D_sh, S_sh, _ = sharded.sharded_update_dictionary(Yp, D, Sd, mesh, method="power")
+    D_ref, S_ref, _ = update_dictionary(Yp, D, Sd, dict_update="power")
+    D_sh, S_sh, _ = sharded.sharded_update_dictionary(Yp, D, Sd, mesh, dict_update="power")
     # GSPMD must keep the update column-parallel: reductions (all-reduce), never a gather of Y or S.
     Yg = jax.device_put(Yp, dist.logical_sharding(mesh, "features", "columns"))
     Sg = jax.device_put(Sd, dist.logical_sharding(mesh, "atoms", "columns"))
@@ -130,7 +130,7 @@ def run_multi(out: str, coordinator: str, num_processes: int, process_id: int) -
     res["addressable304"] = np.asarray(sh304.indices.is_fully_addressable)
     # Column-parallel K-SVD across both processes (gloo all-reduces in the dictionary update).
     _, Y, _, _ = make_problem()
-    q = sharded.sharded_ksvd(Y, K, S, 2, mesh, key=3, method="power")
+    q = sharded.sharded_ksvd(Y, K, S, 2, mesh, key=3, dict_update="power")
     res.update(ksvd_D=dist.to_host(q.dictionary), ksvd_indices=dist.to_host(q.codes.indices),
                ksvd_objective=q.objective)
     units = make_units()

@@ -40,13 +40,13 @@ def units():
 
 
 def _bytes(units, ratios, kind="low_rank"):
-    return sum(budget(u.W.shape[0], u.W.shape[1], r, method=kind).total_bytes for u, r in zip(units, ratios))
+    return sum(budget(u.W.shape[0], u.W.shape[1], r, kind=kind).total_bytes for u, r in zip(units, ratios))
 
 
 @pytest.mark.parametrize("kind", ["low_rank", "cospadi"])
 @pytest.mark.parametrize("target", [0.2, 0.3, 0.4])
 def test_the_byte_budget_is_kept_and_the_objective_falls(units, kind, target):
-    result = allocate(units, target, GREEDY, kind=kind, rho=2.0, storage="eq11", whiten=WHITEN)
+    result = allocate(units, target, GREEDY, kind=kind, rho=2.0, accounting="eq11", whiten=WHITEN)
     ratios = result["ratios"]
     assert _bytes(units, ratios, kind) <= _bytes(units, [target] * len(units), kind)
     assert 0 <= result["realised_ratio"] - result["uniform_realised_ratio"] <= 0.005
@@ -60,12 +60,12 @@ def test_greedy_matches_the_exhaustive_optimum_on_a_small_problem(units):
     """Three units, five ratios each: the greedy hull walk finds the best allocation within the uniform bytes
     (up to the last step that does not fit: never worse than uniform, and within the smallest step gap)."""
     cfg = AllocationConfig(allocation="greedy", spread=0.1, step=0.05)
-    result = allocate(units[:3], 0.3, cfg, kind="low_rank", rho=2.0, storage="eq11", whiten=WHITEN)
+    result = allocate(units[:3], 0.3, cfg, kind="low_rank", rho=2.0, accounting="eq11", whiten=WHITEN)
     grid = ratio_grid(0.3, cfg)
     cost = {}
     for u in units[:3]:
         tail = spectrum_error(u, WHITEN)
-        cost[u.paths[0]] = {g: tail(budget(96, 160, g, method="low_rank").rank) for g in grid}
+        cost[u.paths[0]] = {g: tail(budget(96, 160, g, kind="low_rank").rank) for g in grid}
     limit = _bytes(units[:3], [0.3] * 3)
     best = min(sum(cost[u.paths[0]][g] for u, g in zip(units[:3], combo))
                for combo in np.array(np.meshgrid(grid, grid, grid)).T.reshape(-1, 3)
@@ -78,14 +78,14 @@ def test_the_spectrum_curve_is_svd_llm_s_error_exactly(units):
     u = units[1]
     tail = spectrum_error(u, WHITEN)
     for ratio in (0.2, 0.5):
-        b = budget(96, 160, ratio, method="low_rank")
-        W_hat = SVDLLM().fit(u.W, u.gram, b).dense()
+        b = budget(96, 160, ratio, kind="low_rank")
+        W_hat = SVDLLM().fit_group([u.W], [u.gram], b, None)[0].dense()
         assert tail(b.rank) == pytest.approx(functional_error(u.W, W_hat, u.gram) ** 2, rel=1e-6)
 
 
 def test_bad_settings_name_the_key(units):
     with pytest.raises(ValueError, match="max_ratio"):
-        allocate(units, 0.95, GREEDY, kind="low_rank", rho=2.0, storage="eq11", whiten=WHITEN)
+        allocate(units, 0.95, GREEDY, kind="low_rank", rho=2.0, accounting="eq11", whiten=WHITEN)
     for bad, key in ((dict(allocation="lagrange"), "budget.allocation"), (dict(curve="x"), "budget.curve"),
                      (dict(step=0.5), "budget.step"), (dict(points=1), "budget.points")):
         with pytest.raises(ValueError, match=key):
@@ -153,7 +153,7 @@ def test_measured_cospadi_allocation_resumes_and_exports_at_its_bytes(tiny, tmp_
                 np.testing.assert_array_equal(getattr(f, name), getattr(g, name), err_msg=f"{path} {name}")
     manifest = save_pretrained(reference, tmp_path / "export", "factored", metadata=full)
     units = {m.group[0]: m for m in full.matrices}
-    expected = sum(budget(units[p].d_in, units[p].d_out, r, method="cospadi", group_size=len(units[p].group)
+    expected = sum(budget(units[p].d_in, units[p].d_out, r, kind="cospadi", group_size=len(units[p].group)
                           ).total_bytes for p, r in zip(full.allocation["paths"], full.allocation["ratios"]))
     assert manifest["bytes"]["accounted"] == pytest.approx(float(expected))
     assert 1 - expected / sum(2 * m.dense_params for m in full.matrices) == pytest.approx(full.realised_ratio)

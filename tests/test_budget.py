@@ -16,19 +16,19 @@ LLAMA32_1B_LAYERS = 16
 def test_a11_example_in_both_orientations():
     # A.11 states "down_proj of Qwen3-8B, d1 = 4096, d2 = 12288". down_proj has d_in 12288, d_out 4096,
     # so the stated (d1, d2) is weight.shape: orientation="weight_shape" reproduces it for down_proj ...
-    eq11 = budget(12288, 4096, 0.2, storage="eq11", orientation="weight_shape")
-    eq10 = budget(12288, 4096, 0.2, storage="eq10", orientation="weight_shape")
+    eq11 = budget(12288, 4096, 0.2, accounting="eq11", orientation="weight_shape")
+    eq10 = budget(12288, 4096, 0.2, accounting="eq10", orientation="weight_shape")
     assert (eq11.n_atoms, eq11.sparsity) == (3932, 1966)
     assert (eq10.n_atoms, eq10.sparsity) == (3657, 1828)
     # ... and the MB figures of A.11 (MiB): 30.72 / 40.32 / 5.76 and 28.57 / 42.84 / 5.36.
     assert [round(x / MIB, 2) for x in (eq11.dictionary_bytes, eq11.values_bytes, eq11.index_bytes)] == [30.72, 40.32, 5.76]
     assert [round(x / MIB, 2) for x in (eq10.dictionary_bytes, eq10.values_bytes, eq10.index_bytes)] == [28.57, 42.84, 5.36]
     # The paper orientation (d1 = d_in) gives the same numbers only for a [4096 -> 12288] matrix (gate/up) ...
-    up = budget(4096, 12288, 0.2, storage="eq11")
+    up = budget(4096, 12288, 0.2, accounting="eq11")
     assert (up.n_atoms, up.sparsity) == (3932, 1966)
-    assert (budget(4096, 12288, 0.2, storage="eq10").n_atoms, budget(4096, 12288, 0.2, storage="eq10").sparsity) == (3657, 1828)
+    assert (budget(4096, 12288, 0.2, accounting="eq10").n_atoms, budget(4096, 12288, 0.2, accounting="eq10").sparsity) == (3657, 1828)
     # ... and different k, s for the real down_proj (same total budget).
-    down = budget(12288, 4096, 0.2, storage="eq11")
+    down = budget(12288, 4096, 0.2, accounting="eq11")
     assert (down.n_atoms, down.sparsity) == (2808, 1404)
     assert down.realised_ratio_bytes == pytest.approx(eq11.realised_ratio_bytes, abs=1e-3)
 
@@ -45,7 +45,7 @@ TABLE10 = {
 
 
 def _model_mib(ratio, storage, orientation):
-    parts = [budget(i, o, ratio, storage=storage, orientation=orientation) for i, o in LLAMA32_1B]
+    parts = [budget(i, o, ratio, accounting=storage, orientation=orientation) for i, o in LLAMA32_1B]
     f = lambda attr: LLAMA32_1B_LAYERS * sum(getattr(b, attr) for b in parts) / MIB
     return [f(a) for a in ("dictionary_bytes", "values_bytes", "index_bytes", "total_bytes")]
 
@@ -76,7 +76,7 @@ def test_table10_split_is_not_reproduced_in_paper_orientation():
 
 
 def test_low_rank_and_grouped_formulas():
-    b = budget(2048, 8192, 0.2, method="low_rank")
+    b = budget(2048, 8192, 0.2, kind="low_rank")
     assert b.rank == math.floor(0.8 * 2048 * 8192 / (2048 + 8192)) == 1310
     assert b.realised_ratio_params == pytest.approx(1 - 1310 * (2048 + 8192) / (2048 * 8192))
     # Grouped: d2 -> m·d2 (method.md §4.4, Llama-2-7B q/k/v with m = 2: 3276/1638 at CR 0.2).
@@ -93,7 +93,7 @@ def test_low_rank_and_grouped_formulas():
 
 def test_coo_indices_storage_costs_more():
     eq11 = budget(2048, 2048, 0.3)
-    coo = budget(2048, 2048, 0.3, storage="coo16")
+    coo = budget(2048, 2048, 0.3, accounting="coo16")
     assert coo.n_atoms < eq11.n_atoms
     assert coo.index_bytes == coo.values_bytes  # one int16 index per bf16 value
     # k = ⌊0.7·2048² / (2048 + 2048/2 + 2048/2)⌋ = 716, s = 358: 2·(2048·716 + 2·2048·358) bytes
@@ -110,12 +110,12 @@ def test_bad_inputs():
         budget(64, 64, -0.1)
     with pytest.raises(ValueError, match="positive int"):
         budget(0, 64, 0.2)
-    with pytest.raises(ValueError, match="method"):
-        budget(64, 64, 0.2, method="svd")
+    with pytest.raises(ValueError, match="kind"):
+        budget(64, 64, 0.2, kind="svd")
     with pytest.raises(ValueError, match="orientation"):
         budget(64, 64, 0.2, orientation="rows")
-    with pytest.raises(ValueError, match="storage"):
-        budget(64, 64, 0.2, storage="eq12")
+    with pytest.raises(ValueError, match="accounting"):
+        budget(64, 64, 0.2, accounting="eq12")
     with pytest.raises(ValueError, match="rho"):
         budget(64, 64, 0.2, rho=0.5)
     with pytest.raises(ValueError, match="leaves k"):

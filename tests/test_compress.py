@@ -91,7 +91,7 @@ def test_compress_counts_match_budget(tiny, method):
     assert len(report.matrices) == 4 * 7
     spent = 0.0
     for row in report.matrices:
-        b = budget(row.d_in, row.d_out, 0.3, method="low_rank" if row.rank else "cospadi")
+        b = budget(row.d_in, row.d_out, 0.3, kind="low_rank" if row.rank else "cospadi")
         module = get_module(compressed, row.path)
         if row.rank is not None:
             assert row.rank == b.rank and module.A.shape == (row.d_in, b.rank)

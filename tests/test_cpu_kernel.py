@@ -132,8 +132,8 @@ def test_host_ksvd_equals_xla_ksvd_and_decreases():
     assert np.all(np.diff(b.objective) <= 1e-12)
     assert b.seconds["backend"] == "cpu_kernel" and b.seconds["omp"] > 0 and b.seconds["update"] > 0
     # exact / mod updates: the kernel codes, JAX updates
-    c = ksvd(Y, 30, 8, 3, omp_backend="cpu_kernel", method="mod")
-    d = ksvd(Y, 30, 8, 3, omp_backend="xla", method="mod")
+    c = ksvd(Y, 30, 8, 3, omp_backend="cpu_kernel", dict_update="mod")
+    d = ksvd(Y, 30, 8, 3, omp_backend="xla", dict_update="mod")
     np.testing.assert_allclose(c.objective, d.objective, rtol=1e-9)
 
 

@@ -137,7 +137,7 @@ def test_two_processes_jax_distributed(tmp_path, reference_omp):
     from cospadi_jax.sparse.ksvd import ksvd
 
     _, Y, _, _ = worker.make_problem()
-    kref = ksvd(Y, worker.K, worker.S, 2, key=3, method="power")
+    kref = ksvd(Y, worker.K, worker.S, 2, key=3, dict_update="power")
     for r in res:
         np.testing.assert_array_equal(r["ksvd_indices"], np.asarray(kref.codes.indices))
         np.testing.assert_allclose(r["ksvd_D"], np.asarray(kref.dictionary), rtol=0, atol=1e-5)

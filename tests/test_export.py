@@ -72,7 +72,7 @@ def _compress_by_hand(model, proj_types, ratio, *, storage="eq11", group_size=1,
         for g in range(0, len(layers), group_size):
             paths = [projection_path(i, proj) for i in layers[g:g + group_size]]
             d_in, d_out = get_module(model, paths[0]).kernel.get_value().shape
-            b = budget(d_in, d_out, ratio, method=kind, storage=storage, group_size=len(paths))
+            b = budget(d_in, d_out, ratio, kind=kind, accounting=storage, group_size=len(paths))
             if kind == "cospadi":
                 factors = _dict_factors(d_in, [d_out] * len(paths), b.n_atoms, b.sparsity, rng,
                                         quantization=quantization, messy=messy)

@@ -26,7 +26,7 @@ def _planted(d=20, k=30, n=600, s=3, seed=0, noise=0.0):
 def test_exact_update_objective_never_increases():
     rng = np.random.default_rng(0)
     Y = rng.standard_normal((16, 120))
-    res = ksvd(Y, 24, 4, 12, key=3, method="exact")
+    res = ksvd(Y, 24, 4, 12, key=3, dict_update="exact")
     assert res.objective.shape == (13,) and res.objective_after_coding.shape == (12,)
     # Within an iteration the exact update is a sequence of optimal rank-1 refits: guaranteed.
     assert np.all(res.objective[1:] <= res.objective_after_coding + 1e-12)
@@ -42,21 +42,21 @@ def test_power_with_many_iterations_matches_exact():
     from cospadi_jax.sparse import batch_omp
 
     S = batch_omp(D.T @ D, D.T @ Y, 3).to_dense(18)
-    Dp, Sp, _ = update_dictionary(jnp.asarray(Y), jnp.asarray(D), S, method="power", power_iterations=300)
-    De, Se, _ = update_dictionary(jnp.asarray(Y), jnp.asarray(D), S, method="exact")
+    Dp, Sp, _ = update_dictionary(jnp.asarray(Y), jnp.asarray(D), S, dict_update="power", power_iterations=300)
+    De, Se, _ = update_dictionary(jnp.asarray(Y), jnp.asarray(D), S, dict_update="exact")
     # Same rank-1 terms up to a sign per atom: compare the products d_i s_iᵀ.
     for i in range(18):
         np.testing.assert_allclose(np.outer(Dp[:, i], Sp[i]), np.outer(De[:, i], Se[i]), atol=1e-7)
     np.testing.assert_allclose(np.linalg.norm(np.asarray(Dp), axis=0), 1.0, rtol=1e-12)
     # 8 power steps (the paper's default) already land close to exact on the objective.
-    D8, S8, _ = update_dictionary(jnp.asarray(Y), jnp.asarray(D), S, method="power", power_iterations=8)
+    D8, S8, _ = update_dictionary(jnp.asarray(Y), jnp.asarray(D), S, dict_update="power", power_iterations=8)
     assert float(relative_error(Y, D8, S8)) == pytest.approx(float(relative_error(Y, De, Se)), rel=1e-2)
 
 
 @pytest.mark.parametrize("method", ["power", "exact", "mod"])
 def test_planted_dictionary_is_recovered(method):
     D0, S0, Y = _planted()
-    res = ksvd(Y, 30, 3, 40, key=7, method=method)
+    res = ksvd(Y, 30, 3, 40, key=7, dict_update=method)
     match = np.abs(D0.T @ np.asarray(res.dictionary)).max(axis=1)  # best |cos| per planted atom
     # K-SVD from random-column initialisation recovers most (not all) atoms: a few end in local
     # optima (duplicated atoms). 80 % at |cos| > 0.99 is the classical success criterion; on this
@@ -113,7 +113,7 @@ def test_zero_iterations_and_progress_bar(capsys):
 
 def test_bad_inputs():
     Y = np.random.default_rng(0).standard_normal((8, 20))
-    with pytest.raises(ValueError, match="n_iterations"):
+    with pytest.raises(ValueError, match="ksvd_iterations"):
         ksvd(Y, 10, 2, -1)
     with pytest.raises(ValueError, match="k <= 20"):
         ksvd(Y, 21, 2, 1)
@@ -123,8 +123,8 @@ def test_bad_inputs():
         ksvd(Y, 10, 0, 1)
     with pytest.raises(ValueError, match="sparsity"):
         ksvd(Y, 10, 11, 1)
-    with pytest.raises(ValueError, match="method"):
-        ksvd(Y, 10, 2, 1, method="pca")
+    with pytest.raises(ValueError, match="dict_update"):
+        ksvd(Y, 10, 2, 1, dict_update="pca")
     with pytest.raises(ValueError, match="unused"):
         ksvd(Y, 10, 2, 1, unused="drop")
     with pytest.raises(ValueError, match="power_iterations"):

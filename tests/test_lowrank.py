@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from cospadi_jax.methods.base import functional_error, weight_error
+from cospadi_jax.methods.base import UnitStats, functional_error, weight_error
 from cospadi_jax.methods.lowrank import ASVD, SVDLLM, BasisSharing, TruncatedSVD
 
 
@@ -23,7 +23,7 @@ def test_svd_llm_equals_repository_formula():
     """SVD-LLM repo: S = chol(XXᵀ) lower, SVD(W_torch·S), W_u = U√Σ, W_v = √Σ Vᵀ S⁻¹ (W_torch = Wᵀ [out, in])."""
     W, G, _ = _problem()
     r = 12
-    f = SVDLLM().fit(W, G, SimpleNamespace(rank=r))
+    f = SVDLLM().fit_group([W], [G], SimpleNamespace(rank=r), None)[0]
     S = np.linalg.cholesky(G)
     U, sig, Vt = np.linalg.svd(W.T @ S, full_matrices=False)
     w_u = U[:, :r] * np.sqrt(sig[:r])
@@ -37,14 +37,14 @@ def test_svd_llm_is_optimal_in_the_functional_norm():
     W, G, mean_abs = _problem(seed=1)
     budget = SimpleNamespace(rank=10)
     errs = {m.name: functional_error(W, f.dense(), G) for m, f in (
-        (SVDLLM(), SVDLLM().fit(W, G, budget)),
-        (TruncatedSVD(), TruncatedSVD().fit(W, None, budget)),
-        (ASVD(), ASVD().fit(W, G, budget, mean_abs=mean_abs)),
+        (SVDLLM(), SVDLLM().fit_group([W], [G], budget, None)[0]),
+        (TruncatedSVD(), TruncatedSVD().fit_group([W], [None], budget, None)[0]),
+        (ASVD(), ASVD().fit_group([W], [G], budget, None, UnitStats(mean_abs=mean_abs))[0]),
     )}
     assert errs["svd_llm"] < errs["asvd"] < errs["svd"]
     # and plain SVD is the optimum in weight space
-    assert weight_error(W, TruncatedSVD().fit(W, None, budget).dense()) < weight_error(
-        W, SVDLLM().fit(W, G, budget).dense())
+    assert weight_error(W, TruncatedSVD().fit_group([W], [None], budget, None)[0].dense()) < weight_error(
+        W, SVDLLM().fit_group([W], [G], budget, None)[0].dense())
 
 
 def test_svd_llm_truncation_loss_equals_dropped_singular_values():
@@ -53,7 +53,7 @@ def test_svd_llm_truncation_loss_equals_dropped_singular_values():
     r = 7
     L = np.linalg.cholesky(G).T
     sig = np.linalg.svd(L @ W, compute_uv=False)
-    f = SVDLLM().fit(W, G, SimpleNamespace(rank=r))
+    f = SVDLLM().fit_group([W], [G], SimpleNamespace(rank=r), None)[0]
     delta = W - f.dense()
     loss2 = np.einsum("ij,ij->", delta, G @ delta)
     np.testing.assert_allclose(loss2, (sig[r:] ** 2).sum(), rtol=1e-8)
@@ -61,7 +61,7 @@ def test_svd_llm_truncation_loss_equals_dropped_singular_values():
 
 def test_asvd_scaling_formula():
     W, G, mean_abs = _problem(seed=3)
-    f = ASVD(alpha=0.5).fit(W, G, SimpleNamespace(rank=9), mean_abs=mean_abs)
+    f = ASVD(alpha=0.5).fit_group([W], [G], SimpleNamespace(rank=9), None, UnitStats(mean_abs=mean_abs))[0]
     s = mean_abs**0.5
     U, sig, Vt = np.linalg.svd(s[:, None] * W, full_matrices=False)
     expected = (U[:, :9] * sig[:9]) @ Vt[:9] / s[:, None]
@@ -72,7 +72,7 @@ def test_basis_sharing_shares_one_basis_and_equals_repository_formula():
     W1, G1, _ = _problem(seed=4)
     W2, G2, _ = _problem(seed=5)
     r = 15
-    f1, f2 = BasisSharing().fit_group([W1, W2], [G1, G2], SimpleNamespace(rank=r))
+    f1, f2 = BasisSharing().fit_group([W1, W2], [G1, G2], SimpleNamespace(rank=r), None)
     assert f1.A is f2.A  # one stored basis for the group
     L = np.linalg.cholesky(G1 + G2).T  # the repo sums Grams; the mean gives the same factors
     U, sig, Vt = np.linalg.svd(L @ np.concatenate([W1, W2], 1), full_matrices=False)
@@ -84,4 +84,4 @@ def test_basis_sharing_shares_one_basis_and_equals_repository_formula():
 def test_rank_out_of_range_raises():
     W, G, _ = _problem()
     with pytest.raises(ValueError, match="rank 0 is outside"):
-        TruncatedSVD().fit(W, None, SimpleNamespace(rank=0))
+        TruncatedSVD().fit_group([W], [None], SimpleNamespace(rank=0), None)[0]

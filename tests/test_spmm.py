@@ -197,7 +197,7 @@ def _random_factors(model, ratio: float, storage: str, rng) -> dict[str, DictFac
         for proj in PROJECTION_TYPES:
             path = projection_path(layer, proj)
             W = projection_weight(model, path)
-            b = budget(*W.shape, ratio, storage=storage)
+            b = budget(*W.shape, ratio, accounting=storage)
             idx, val = _support(rng, W.shape[1], b.n_atoms, b.sparsity)
             D = rng.normal(size=(W.shape[0], b.n_atoms)) * np.linalg.norm(W) / math.sqrt(W.size)
             out[path] = DictFactors(_bf16(D), idx, _bf16(val * 0.3))
@@ -239,7 +239,7 @@ def test_sparse_modes_give_the_dense_mode_logits(tiny_llama, mode, storage):
         module = get_module(models[mode], path)
         d_in, k = f.D.shape
         d_out, s = f.indices.shape
-        b = budget(d_in, d_out, 0.3, storage=storage)
+        b = budget(d_in, d_out, 0.3, accounting=storage)
         support = d_out * math.ceil(k / 8) if mode == "sparse" else 2 * d_out * s
         assert resident_bytes(module) == 2 * d_in * k + 2 * d_out * s + support
         assert abs(resident_bytes(module) / b.total_bytes - 1) < 0.02

@@ -12,7 +12,8 @@ import hashlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
 
 import jax
 import numpy as np
@@ -84,17 +85,56 @@ class DictFactors:
 Factors = LowRankFactors | DictFactors
 
 
-class Method(Protocol):
-    """A compression method: one matrix (or one group of matrices sharing a basis) at a time.
+@dataclass(frozen=True)
+class UnitStats:
+    """Calibration statistics of a fitting unit beyond its Grams (what a method with ``needs_mean_abs`` reads).
 
-    ``fit(W, gram, budget, key)``: W [d_in, d_out] float; gram Σxᵀx [d_in, d_in] float64 of the layer input (or
-    None for data-free methods); budget from :mod:`cospadi_jax.budget`; key a jax PRNG key. Returns Factors.
+    mean_abs: [d_in] float64, mean |x| of the unit's input over the calibration tokens (ASVD's scaling).
     """
 
-    name: str
-    data_aware: bool
+    mean_abs: np.ndarray | None = None
 
-    def fit(self, W: np.ndarray, gram: np.ndarray | None, budget: Any, key: Any) -> Factors: ...
+
+class Method(ABC):
+    """A compression method: the whole contract that the orchestrator (:mod:`cospadi_jax.compress`) relies on.
+
+    Class attributes:
+        name: the registry key (``method.name`` in the configs).
+        data_aware: fits on the calibration Grams (False: ``grams`` are None and never needed).
+        budget_kind: ``"low_rank"`` (the budget gives ``rank``) or ``"cospadi"`` (``n_atoms`` k and
+            ``sparsity`` s) — the :func:`cospadi_jax.budget.budget` kind the orchestrator draws the unit's
+            budget with; a method never computes its own budget.
+        supports_groups: m > 1 same-shaped matrices may share one basis (grouped units).
+        needs_mean_abs: ``stats.mean_abs`` must be given.
+
+    A single matrix is a group of one: :meth:`fit_group` is the only fitting entry point. Build a method from a
+    compression config with :func:`cospadi_jax.methods.build`.
+    """
+
+    name: ClassVar[str]
+    data_aware: ClassVar[bool]
+    budget_kind: ClassVar[str]
+    supports_groups: ClassVar[bool] = False
+    needs_mean_abs: ClassVar[bool] = False
+
+    @classmethod
+    def from_config(cls, config: Any) -> "Method":
+        """The method with its knobs from a compression config (methods without knobs ignore it)."""
+        return cls()
+
+    @abstractmethod
+    def fit_group(self, Ws: list[np.ndarray], grams: list[np.ndarray | None], budget: Any, key: Any,
+                  stats: UnitStats = UnitStats()) -> list[Factors]:
+        """Fit one unit: m weights Ws, each [d_in, d_out] (float32 or float64); their calibration Grams Σxᵀx
+        [d_in, d_in] float64 (None entries for data-free methods); the unit's ``budget`` (group size m); a JAX
+        PRNG ``key``; ``stats`` as :class:`UnitStats`. Returns one Factors per W (sharing the basis when m > 1),
+        float64 or float32 arrays in the paper's orientation."""
+
+    def _single(self, Ws: list[np.ndarray], grams: list[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray | None]:
+        """The one matrix of a unit, for methods without groups."""
+        if len(Ws) != 1 or len(grams) != 1:
+            raise ValueError(f"{self.name} fits one matrix at a time, got a group of {len(Ws)}; use group_size=1")
+        return Ws[0], grams[0]
 
 
 def functional_error(W: np.ndarray, W_hat: np.ndarray, gram: np.ndarray) -> float:

@@ -13,31 +13,45 @@ from typing import Any
 import numpy as np
 
 from ..sparse.ksvd import ksvd
-from .base import DictFactors, unwhiten, whitening_factor
+from .base import DictFactors, Method, UnitStats, unwhiten, whitening_factor
 
 
-class CoSpaDi:
+class CoSpaDi(Method):
+    """Data-aware CoSpaDi (whitened K-SVD); its knobs are the K-SVD engine's, under the configs' names."""
+
+    name = "cospadi"
+    data_aware = True
+    budget_kind = "cospadi"
     supports_groups = True
 
-    def __init__(self, *, data_aware: bool = True, iterations: int = 60, power_iterations: int = 8,
-                 update: str = "power", reseed_unused: bool = False, parallel: str = "none", omp_memory_mb: int | None = None,
+    def __init__(self, *, ksvd_iterations: int = 60, power_iterations: int = 8, dict_update: str = "power",
+                 reseed_unused: bool = False, parallel: str = "none", omp_memory_mb: int | None = None,
                  omp_backend: str = "auto", sparse_coder: str = "omp"):
-        self.data_aware = data_aware
-        self.name = "cospadi" if data_aware else "cospadi_free"
-        self.iterations = iterations
+        self.ksvd_iterations = ksvd_iterations
         self.power_iterations = power_iterations
-        self.update = update
+        self.dict_update = dict_update
         self.reseed_unused = reseed_unused
         self.parallel = parallel  # "columns": one matrix's columns sharded over all devices
-        self.omp_memory_bytes = None if omp_memory_mb is None else int(omp_memory_mb) * 2**20  # per device
+        self.omp_memory_mb = omp_memory_mb  # per device
         self.omp_backend = omp_backend
         self.sparse_coder = sparse_coder  # omp (the paper) | ormp
 
-    def fit(self, W: np.ndarray, gram: np.ndarray | None, budget: Any, key: Any) -> DictFactors:
-        return self.fit_group([W], [gram], budget, key)[0]
+    @classmethod
+    def from_config(cls, config: Any) -> "CoSpaDi":
+        return cls(ksvd_iterations=config.ksvd_iterations, power_iterations=config.power_iterations,
+                   dict_update=config.dict_update, reseed_unused=config.reseed_unused, parallel=config.parallel,
+                   omp_memory_mb=config.omp_memory_mb, omp_backend=config.omp_backend,
+                   sparse_coder=config.sparse_coder)
 
-    def fit_group(self, Ws: list[np.ndarray], grams: list[np.ndarray | None], budget: Any, key: Any
-                  ) -> list[DictFactors]:
+    def ksvd_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`~cospadi_jax.sparse.ksvd.ksvd` (besides the key) this method passes."""
+        return dict(dict_update=self.dict_update, power_iterations=self.power_iterations,
+                    unused="reseed" if self.reseed_unused else "skip", omp_backend=self.omp_backend,
+                    sparse_coder=self.sparse_coder,
+                    omp_memory_budget_bytes=None if self.omp_memory_mb is None else int(self.omp_memory_mb) * 2**20)
+
+    def fit_group(self, Ws: list[np.ndarray], grams: list[np.ndarray | None], budget: Any, key: Any,
+                  stats: UnitStats = UnitStats()) -> list[DictFactors]:
         t0 = time.perf_counter()
         W_cat = np.concatenate([np.asarray(w, np.float64) for w in Ws], axis=1)
         info: dict[str, Any] = {"k": budget.n_atoms, "s": budget.sparsity, "group_size": len(Ws)}
@@ -48,18 +62,18 @@ class CoSpaDi:
         else:
             L, Y = None, W_cat
         whitening_s = time.perf_counter() - t0
-        kwargs = dict(key=key, method=self.update, power_iterations=self.power_iterations,
-                      unused="reseed" if self.reseed_unused else "skip", omp_memory_budget_bytes=self.omp_memory_bytes)
+        options = self.ksvd_options()
         if self.parallel == "columns":
             from ..parallel import make_mesh
             from ..sparse.sharded import sharded_ksvd
 
-            if kwargs["omp_memory_budget_bytes"] is None:
-                kwargs.pop("omp_memory_budget_bytes")  # the sharded XLA path's own default
-            result = sharded_ksvd(Y, budget.n_atoms, budget.sparsity, self.iterations, make_mesh(), **kwargs)
+            if options["omp_memory_budget_bytes"] is None:
+                options.pop("omp_memory_budget_bytes")  # the sharded XLA path's own default
+            options = {k: v for k, v in options.items() if k not in ("omp_backend", "sparse_coder")}
+            result = sharded_ksvd(Y, budget.n_atoms, budget.sparsity, self.ksvd_iterations, make_mesh(), key=key,
+                                  **options)
         else:
-            result = ksvd(Y, budget.n_atoms, budget.sparsity, self.iterations, omp_backend=self.omp_backend,
-                          sparse_coder=self.sparse_coder, **kwargs)
+            result = ksvd(Y, budget.n_atoms, budget.sparsity, self.ksvd_iterations, key=key, **options)
         t0 = time.perf_counter()
         D = np.asarray(result.dictionary, np.float64)
         D_a = unwhiten(L, D) if L is not None else D
@@ -77,3 +91,10 @@ class CoSpaDi:
                     omp_backend=backend if self.sparse_coder == "omp" else "xla-ormp", phase_seconds={"whitening": whitening_s, **phases})
         cuts = np.cumsum([0, *[w.shape[1] for w in Ws]])
         return [DictFactors(D_a, indices[a:b], values[a:b], dict(info)) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+class CoSpaDiFree(CoSpaDi):
+    """CoSpaDi† (data-free): the same K-SVD on W itself, L = I."""
+
+    name = "cospadi_free"
+    data_aware = False

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import LowRankFactors, unwhiten, whitening_factor
+from .base import LowRankFactors, Method, UnitStats, unwhiten, whitening_factor
 
 
 def _truncated_svd(Y: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -28,18 +28,21 @@ def _split_sqrt(U: np.ndarray, sigma: np.ndarray, Vt: np.ndarray) -> tuple[np.nd
     return U * root, root[:, None] * Vt
 
 
-class TruncatedSVD:
+class TruncatedSVD(Method):
     """Data-free baseline: W ≈ U_r Σ_r V_rᵀ (Eckart-Young in weight space)."""
 
     name = "svd"
     data_aware = False
+    budget_kind = "low_rank"
 
-    def fit(self, W: np.ndarray, gram: np.ndarray | None, budget: Any, key: Any = None) -> LowRankFactors:
+    def fit_group(self, Ws: list[np.ndarray], grams: list[np.ndarray | None], budget: Any, key: Any = None,
+                  stats: UnitStats = UnitStats()) -> list[LowRankFactors]:
+        W, _ = self._single(Ws, grams)
         A, B = _split_sqrt(*_truncated_svd(W, budget.rank))
-        return LowRankFactors(A, B, {"rank": budget.rank})
+        return [LowRankFactors(A, B, {"rank": budget.rank})]
 
 
-class SVDLLM:
+class SVDLLM(Method):
     """SVD-LLM's truncation-aware whitening step only (no parameter update), as in its repository.
 
     L = chol(G)ᵀ (upper), SVD of L·W, keep r, A = L⁻¹·U_r·√Σ_r, B = √Σ_r·V_rᵀ.
@@ -47,14 +50,17 @@ class SVDLLM:
 
     name = "svd_llm"
     data_aware = True
+    budget_kind = "low_rank"
 
-    def fit(self, W: np.ndarray, gram: np.ndarray, budget: Any, key: Any = None) -> LowRankFactors:
+    def fit_group(self, Ws: list[np.ndarray], grams: list[np.ndarray], budget: Any, key: Any = None,
+                  stats: UnitStats = UnitStats()) -> list[LowRankFactors]:
+        W, gram = self._single(Ws, grams)
         L, info = whitening_factor(gram)
         A_l, B = _split_sqrt(*_truncated_svd(L @ np.asarray(W, np.float64), budget.rank))
-        return LowRankFactors(unwhiten(L, A_l), B, {"rank": budget.rank, **info})
+        return [LowRankFactors(unwhiten(L, A_l), B, {"rank": budget.rank, **info})]
 
 
-class ASVD:
+class ASVD(Method):
     """ASVD with a uniform rank: diagonal scaling S_ii = (mean |x_i|)^α, SVD of S·W, W̃ = S⁻¹·trunc(S·W).
 
     ASVD's sensitivity-based per-layer rank search is not used: every matrix gets the budget's rank, so the
@@ -63,24 +69,28 @@ class ASVD:
 
     name = "asvd"
     data_aware = True
+    budget_kind = "low_rank"
     needs_mean_abs = True
 
     def __init__(self, alpha: float = 0.5):
         self.alpha = alpha
 
-    def fit(self, W: np.ndarray, gram: np.ndarray | None, budget: Any, key: Any = None, *,
-            mean_abs: np.ndarray) -> LowRankFactors:
-        scale = np.asarray(mean_abs, np.float64) ** self.alpha
+    def fit_group(self, Ws: list[np.ndarray], grams: list[np.ndarray | None], budget: Any, key: Any = None,
+                  stats: UnitStats = UnitStats()) -> list[LowRankFactors]:
+        W, _ = self._single(Ws, grams)
+        if stats.mean_abs is None:
+            raise ValueError("ASVD scales by the calibration mean |x|: pass stats=UnitStats(mean_abs=...)")
+        scale = np.asarray(stats.mean_abs, np.float64) ** self.alpha
         # Dead input channels would make S singular; give them the smallest positive scale instead.
         positive = scale[scale > 0]
         if positive.size == 0:
             raise ValueError("ASVD: every input channel has zero mean |x|; the calibration data never reached it")
         scale = np.where(scale > 0, scale, positive.min())
         A_s, B = _split_sqrt(*_truncated_svd(scale[:, None] * np.asarray(W, np.float64), budget.rank))
-        return LowRankFactors(A_s / scale[:, None], B, {"rank": budget.rank, "alpha": self.alpha})
+        return [LowRankFactors(A_s / scale[:, None], B, {"rank": budget.rank, "alpha": self.alpha})]
 
 
-class BasisSharing:
+class BasisSharing(Method):
     """Basis Sharing: one whitened-SVD basis for a group of same-type projections of consecutive layers.
 
     Ḡ = mean of the group's Grams = L̄ᵀL̄; SVD of L̄·[W_1 … W_m] (d_in × m·d_out); shared basis L̄⁻¹·U_r·Σ_r,
@@ -89,12 +99,11 @@ class BasisSharing:
 
     name = "basis_sharing"
     data_aware = True
+    budget_kind = "low_rank"
+    supports_groups = True
 
-    def fit(self, W: np.ndarray, gram: np.ndarray, budget: Any, key: Any = None) -> LowRankFactors:
-        return self.fit_group([W], [gram], budget, key)[0]
-
-    def fit_group(self, Ws: list[np.ndarray], grams: list[np.ndarray], budget: Any, key: Any = None
-                  ) -> list[LowRankFactors]:
+    def fit_group(self, Ws: list[np.ndarray], grams: list[np.ndarray], budget: Any, key: Any = None,
+                  stats: UnitStats = UnitStats()) -> list[LowRankFactors]:
         L, info = whitening_factor(np.mean([np.asarray(g, np.float64) for g in grams], axis=0))
         widths = [w.shape[1] for w in Ws]
         U, sigma, Vt = _truncated_svd(L @ np.concatenate(Ws, axis=1).astype(np.float64), budget.rank)

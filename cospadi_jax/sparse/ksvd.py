@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from functools import partial
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -37,9 +38,10 @@ from cospadi_jax.sparse.omp import (
 
 SPARSE_CODERS = ("omp", "ormp")
 
-__all__ = ["SPARSE_CODERS", "KSVDResult", "check_ksvd_arguments", "ksvd", "init_dictionary", "update_dictionary", "relative_error"]
+__all__ = ["DICT_UPDATES", "SPARSE_CODERS", "KSVDResult", "KSVDSteps", "PhaseClock", "alternate", "check_ksvd_arguments",
+           "init_dictionary", "initial_dictionary", "ksvd", "relative_error", "update_dictionary"]
 
-_UPDATES = ("power", "exact", "mod")
+DICT_UPDATES = ("power", "exact", "mod")
 _UNUSED = ("skip", "reseed")
 _HI = lax.Precision.HIGHEST
 
@@ -108,8 +110,8 @@ def _rank1_power(R_v_fn, R_t_u_fn, u0, n_iter: int):
     return u, R_t_u_fn(u)
 
 
-@partial(jax.jit, static_argnames=("method", "power_iterations", "unused"))
-def update_dictionary(Y, D, S, *, method: str = "power", power_iterations: int = 8, unused: str = "skip"):
+@partial(jax.jit, static_argnames=("dict_update", "power_iterations", "unused"))
+def update_dictionary(Y, D, S, *, dict_update: str = "power", power_iterations: int = 8, unused: str = "skip"):
     """One dictionary update with the supports of S fixed.
 
     Y: [d, n]; D: [d, k] unit-norm; S: [k, n] dense coefficients.
@@ -119,7 +121,7 @@ def update_dictionary(Y, D, S, *, method: str = "power", power_iterations: int =
     k = D.shape[1]
     usage = jnp.sum(S != 0, axis=1)  # [k]
     n_unused = jnp.sum(usage == 0).astype(jnp.int32)
-    if method == "mod":
+    if dict_update == "mod":
         return (*_mod_update(Y, D, S, usage), n_unused)
 
     E = Y - jnp.matmul(D, S, precision=_HI)
@@ -132,7 +134,7 @@ def update_dictionary(Y, D, S, *, method: str = "power", power_iterations: int =
         used = jnp.any(mask)
         fmask = mask.astype(D.dtype)
         # Residual without atom i, restricted to Ω_i: R = (E + d_i s_iᵀ) ⊙ mask (never materialised).
-        if method == "power":
+        if dict_update == "power":
             R_v = lambda v: jnp.matmul(E, v * fmask, precision=_HI) + d_i * jnp.dot(s_i, v, precision=_HI)
             R_t_u = lambda u: (jnp.matmul(u, E, precision=_HI) + s_i * jnp.dot(d_i, u, precision=_HI)) * fmask
             u, g = _rank1_power(R_v, R_t_u, d_i, power_iterations)
@@ -179,12 +181,12 @@ def _mod_update(Y, D, S, usage):
     return D_new, S_new
 
 
-def check_ksvd_arguments(Y, n_atoms, sparsity, n_iterations, method, power_iterations, unused) -> None:
+def check_ksvd_arguments(Y, n_atoms, sparsity, ksvd_iterations, dict_update, power_iterations, unused) -> None:
     """Raise ValueError naming the bad argument of a K-SVD call (shared by the sharded variant)."""
-    if not isinstance(n_iterations, (int, np.integer)) or n_iterations < 0:
-        raise ValueError(f"n_iterations must be an int >= 0, got {n_iterations!r}.")
-    if method not in _UPDATES:
-        raise ValueError(f"method must be one of {_UPDATES}, got {method!r}.")
+    if not isinstance(ksvd_iterations, (int, np.integer)) or ksvd_iterations < 0:
+        raise ValueError(f"ksvd_iterations must be an int >= 0, got {ksvd_iterations!r}.")
+    if dict_update not in DICT_UPDATES:
+        raise ValueError(f"dict_update must be one of {DICT_UPDATES}, got {dict_update!r}.")
     if unused not in _UNUSED:
         raise ValueError(f"unused must be one of {_UNUSED}, got {unused!r}.")
     if not isinstance(power_iterations, (int, np.integer)) or power_iterations < 1:
@@ -197,14 +199,77 @@ def check_ksvd_arguments(Y, n_atoms, sparsity, n_iterations, method, power_itera
         raise ValueError(f"sparsity s must be an int with 1 <= s <= k = {n_atoms}, got {sparsity!r}.")
 
 
+def initial_dictionary(Y: jax.Array, n_atoms: int, key: jax.Array | int, init: jax.Array | None, dtype
+                       ) -> jax.Array:
+    """The starting D [d, k] of a K-SVD on Y [d, n]: ``init`` normalised, else k seeded random columns of Y."""
+    if init is None:
+        if isinstance(key, (int, np.integer)):
+            key = jax.random.key(int(key))
+        return init_dictionary(jnp.asarray(Y, dtype), int(n_atoms), key)
+    if np.shape(init) != (np.shape(Y)[0], n_atoms):
+        raise ValueError(f"init must be [d, k] = [{np.shape(Y)[0]}, {n_atoms}], got {np.shape(init)}.")
+    check_finite("init", init)
+    D = jnp.asarray(init, dtype)
+    return D / jnp.linalg.norm(D, axis=0)
+
+
+class KSVDSteps(NamedTuple):
+    """The two halves of one K-SVD iteration on a fixed target Y, as closures (how and where they run is theirs).
+
+    code(D) -> (codes, S, error): the sparse codes of Y on D [d, k], their dense S [k, n] and ‖Y − DS‖/‖Y‖.
+    update(D, S, codes) -> (D, S, n_unused, error): the dictionary update with the supports of S fixed.
+    """
+
+    code: Callable
+    update: Callable
+
+
+def alternate(D: jax.Array, ksvd_iterations: int, steps: KSVDSteps, *, clock: "PhaseClock | None" = None,
+              progress: bool = False, desc: str = "K-SVD") -> KSVDResult:
+    """The K-SVD loop, shared by every engine: T alternations of ``steps.code`` and ``steps.update`` from D.
+
+    T = 0 is the initial dictionary and one coding pass. The result's ``seconds`` are ``clock``'s, if given.
+    """
+    iterator = range(max(int(ksvd_iterations), 1))
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc=desc, unit="it")
+    objective, after_coding, n_unused, n_early = [], [], [], []
+    codes = S = None
+    for t in iterator:
+        codes, S, err = steps.code(D)
+        if t == 0:
+            objective.append(err)
+        if ksvd_iterations == 0:
+            break
+        after_coding.append(err)
+        n_early.append(int(codes.n_early_stopped))
+        D, S, unused_count, err = steps.update(D, S, codes)
+        n_unused.append(int(unused_count))
+        objective.append(err)
+        if progress:
+            iterator.set_postfix(err=f"{err:.4f}")
+    return KSVDResult(
+        dictionary=D,
+        coefficients=S,
+        codes=codes,
+        objective=np.asarray(objective),
+        objective_after_coding=np.asarray(after_coding),
+        n_unused_atoms=np.asarray(n_unused, dtype=np.int32),
+        n_early_stopped=np.asarray(n_early, dtype=np.int32),
+        seconds=clock.seconds if clock is not None else None,
+    )
+
+
 def ksvd(
     Y: jax.Array,
     n_atoms: int,
     sparsity: int,
-    n_iterations: int,
+    ksvd_iterations: int,
     *,
     key: jax.Array | int = 0,
-    method: str = "power",
+    dict_update: str = "power",
     power_iterations: int = 8,
     unused: str = "skip",
     init: jax.Array | None = None,
@@ -222,9 +287,9 @@ def ksvd(
         Y: target [d, n] (e.g. whitened weights L·W, d = d_in, n = d_out).
         n_atoms: k >= 1, k <= n (initialisation draws k distinct columns of Y).
         sparsity: s, 1 <= s <= k, non-zeros per column.
-        n_iterations: T >= 0 alternations (T = 0: initial dictionary + one OMP pass).
+        ksvd_iterations: T >= 0 alternations (T = 0: initial dictionary + one OMP pass).
         key: jax.random key or int seed for the initialisation.
-        method: "power" | "exact" | "mod".
+        dict_update: "power" | "exact" | "mod".
         power_iterations: power steps per atom (``power`` only), >= 1.
         unused: "skip" (paper) or "reseed" (worst-represented column of Y).
         init: optional initial dictionary [d, k] (normalised here) instead of random columns.
@@ -233,7 +298,7 @@ def ksvd(
             budget, 16 MiB for xla, a quarter of the device's memory for gemm).
         omp_backend: "auto" | "xla" | "cpu_kernel" | "gemm" (:mod:`.backend`). With ``cpu_kernel`` and
             the power update the whole iteration runs on the host in fused Numba kernels
-            (:func:`_ksvd_host`); the other updates stay in JAX.
+            (:func:`_host_steps`); the other updates stay in JAX.
         threads: CPU threads of the ``cpu_kernel`` backend (default: all); results do not depend on it.
         progress: show a tqdm bar with ETA over the iterations.
         sparse_coder: "omp" (Batch-OMP, the paper) or "ormp" (order-recursive matching pursuit, :mod:`.ormp`:
@@ -241,76 +306,53 @@ def ksvd(
     """
     if sparse_coder not in SPARSE_CODERS:
         raise ValueError(f"sparse_coder must be one of {SPARSE_CODERS}, got {sparse_coder!r}")
-    check_ksvd_arguments(Y, n_atoms, sparsity, n_iterations, method, power_iterations, unused)
+    check_ksvd_arguments(Y, n_atoms, sparsity, ksvd_iterations, dict_update, power_iterations, unused)
     dtype = resolve_float_dtype(dtype, Y)
     check_finite("Y", Y)
     Y = jnp.asarray(Y, dtype)
-    if init is None:
-        if isinstance(key, (int, np.integer)):
-            key = jax.random.key(int(key))
-        D = init_dictionary(Y, int(n_atoms), key)
-    else:
-        if np.shape(init) != (Y.shape[0], n_atoms):
-            raise ValueError(f"init must be [d, k] = [{Y.shape[0]}, {n_atoms}], got {np.shape(init)}.")
-        check_finite("init", init)
-        D = jnp.asarray(init, dtype)
-        D = D / jnp.linalg.norm(D, axis=0)
-
+    D = initial_dictionary(Y, n_atoms, key, init, dtype)
     backend = resolve_omp_backend(omp_backend) if sparse_coder == "omp" else "xla"
-    iterator = range(max(int(n_iterations), 1))
-    if progress:
-        from tqdm.auto import tqdm
+    clock = PhaseClock(backend)
+    k, s = int(n_atoms), int(sparsity)
+    if backend == "cpu_kernel" and dict_update == "power":
+        steps = _host_steps(np.asarray(Y), k, s, clock, power_iterations=int(power_iterations), unused=unused,
+                            threads=threads)
+        result = alternate(np.asarray(D), ksvd_iterations, steps, clock=clock, progress=progress,
+                           desc=f"K-SVD (power, {backend})")
+        for name, value in (("dictionary", result.dictionary), ("coefficients", result.coefficients)):
+            check_finite(name, value)
+        return result._replace(dictionary=jnp.asarray(result.dictionary), coefficients=jnp.asarray(result.coefficients))
 
-        iterator = tqdm(iterator, desc=f"K-SVD ({method}, {backend})", unit="it")
-    if backend == "cpu_kernel" and method == "power":
-        return _ksvd_host(np.asarray(Y), np.asarray(D), int(n_atoms), int(sparsity), int(n_iterations), iterator,
-                          power_iterations=int(power_iterations), unused=unused, threads=threads, progress=progress)
+    memory = {} if omp_memory_budget_bytes is None else {"memory_budget_bytes": omp_memory_budget_bytes}
 
-    objective, after_coding, n_unused, n_early = [], [], [], []
-    clock = _PhaseClock(backend)
-    codes = None
-    S = None
-    for t in iterator:
+    def code(D):
         gram = jnp.matmul(D.T, D, precision=_HI)
         corr = jnp.matmul(D.T, Y, precision=_HI)
         clock.lap("gemm", gram, corr)
         if sparse_coder == "ormp":
-            codes = batch_ormp(gram, corr, int(sparsity), dtype=dtype, chunk_size=omp_chunk_size,
-                               **({} if omp_memory_budget_bytes is None
-                                  else {"memory_budget_bytes": omp_memory_budget_bytes}))
+            codes = batch_ormp(gram, corr, s, dtype=dtype, chunk_size=omp_chunk_size, **memory)
         else:
-            codes = sparse_code(gram, corr, int(sparsity), backend=backend, dtype=dtype, chunk_size=omp_chunk_size,
+            codes = sparse_code(gram, corr, s, backend=backend, dtype=dtype, chunk_size=omp_chunk_size,
                                 memory_budget_bytes=omp_memory_budget_bytes, threads=threads)
         clock.lap("omp", codes.values)
-        S = codes.to_dense(int(n_atoms))
+        S = codes.to_dense(k)
         err = float(relative_error(Y, D, S))
         clock.lap("gemm")
-        if t == 0:
-            objective.append(err)
-        if n_iterations == 0:
-            break
-        after_coding.append(err)
-        n_early.append(int(codes.n_early_stopped))
-        D, S, unused_count = update_dictionary(Y, D, S, method=method, power_iterations=int(power_iterations), unused=unused)
-        n_unused.append(int(unused_count))
+        return codes, S, err
+
+    def update(D, S, codes):
+        D, S, unused_count = update_dictionary(Y, D, S, dict_update=dict_update,
+                                               power_iterations=int(power_iterations), unused=unused)
         clock.lap("update", D, S)
-        objective.append(float(relative_error(Y, D, S)))
+        err = float(relative_error(Y, D, S))
         clock.lap("gemm")
-        if progress:
-            iterator.set_postfix(err=f"{objective[-1]:.4f}")
-    return KSVDResult(
-        dictionary=D,
-        coefficients=S,
-        codes=codes,
-        objective=np.asarray(objective),
-        objective_after_coding=np.asarray(after_coding),
-        n_unused_atoms=np.asarray(n_unused, dtype=np.int32),
-        n_early_stopped=np.asarray(n_early, dtype=np.int32),
-        seconds=clock.seconds,
-    )
+        return D, S, unused_count, err
+
+    return alternate(D, ksvd_iterations, KSVDSteps(code, update), clock=clock, progress=progress,
+                     desc=f"K-SVD ({dict_update}, {backend})")
 
 
-class _PhaseClock:
+class PhaseClock:
     """Accumulates wall time per K-SVD phase; ``lap`` waits for the phase's arrays (JAX is asynchronous)."""
 
     def __init__(self, backend: str):
@@ -335,53 +377,37 @@ def _dense_codes(codes: SparseCodes, n_atoms: int) -> np.ndarray:
     return S
 
 
-def _ksvd_host(Y, D, n_atoms, sparsity, n_iterations, iterator, *, power_iterations, unused, threads, progress):
-    """K-SVD with the power update entirely on the host: BLAS GEMMs, fused Numba OMP and update.
+def _host_steps(Y, n_atoms, sparsity, clock, *, power_iterations, unused, threads) -> KSVDSteps:
+    """K-SVD steps with the power update entirely on the host: BLAS GEMMs, fused Numba OMP and update.
 
-    Y: [d, n], D: [d, k] (unit-norm, the working dtype). The residual is kept transposed, Eᵀ [n, d], and
-    updated in place by the atom updates, so the objective after an update is ‖E‖ with no extra GEMM.
+    Y: [d, n] in the working dtype; D arrives as a NumPy [d, k] (unit-norm). The residual is kept transposed,
+    Eᵀ [n, d], and updated in place by the atom updates, so the objective after an update is ‖E‖ with no
+    extra GEMM.
     """
     from cospadi_jax.sparse.cpu_kernel import batch_omp_cpu, power_update_cpu
 
     Y_t = np.ascontiguousarray(Y.T)
     y_norm = float(np.linalg.norm(Y_t))
-    objective, after_coding, n_unused, n_early = [], [], [], []
-    clock = _PhaseClock("cpu_kernel")
-    codes = S = None
-    for t in iterator:
+    residual = {}
+
+    def code(D):
         gram, corr = D.T @ D, D.T @ Y
         clock.lap("gemm")
         codes = batch_omp_cpu(gram, corr, sparsity, dtype=Y.dtype, threads=threads)
         clock.lap("omp")
         S = _dense_codes(codes, n_atoms)
-        E_t = Y_t - S.T @ D.T  # [n, d]
+        residual["E_t"] = E_t = Y_t - S.T @ D.T  # [n, d]
         err = float(np.linalg.norm(E_t)) / y_norm
         clock.lap("gemm")
-        if t == 0:
-            objective.append(err)
-        if n_iterations == 0:
-            break
-        after_coding.append(err)
-        n_early.append(int(codes.n_early_stopped))
-        D_t = np.ascontiguousarray(D.T)
+        return codes, S, err
+
+    def update(D, S, codes):
+        E_t, D_t = residual["E_t"], np.ascontiguousarray(D.T)
         values, unused_count = power_update_cpu(E_t, D_t, codes, power_iterations=power_iterations, unused=unused,
                                                 Y_t=Y_t)
-        D = np.ascontiguousarray(D_t.T)
         S = _dense_codes(codes._replace(values=values), n_atoms)
-        n_unused.append(unused_count)
-        objective.append(float(np.linalg.norm(E_t)) / y_norm)
+        err = float(np.linalg.norm(E_t)) / y_norm
         clock.lap("update")
-        if progress:
-            iterator.set_postfix(err=f"{objective[-1]:.4f}")
-    for name, value in (("dictionary", D), ("coefficients", S)):
-        check_finite(name, value)
-    return KSVDResult(
-        dictionary=jnp.asarray(D),
-        coefficients=jnp.asarray(S),
-        codes=codes,
-        objective=np.asarray(objective),
-        objective_after_coding=np.asarray(after_coding),
-        n_unused_atoms=np.asarray(n_unused, dtype=np.int32),
-        n_early_stopped=np.asarray(n_early, dtype=np.int32),
-        seconds=clock.seconds,
-    )
+        return np.ascontiguousarray(D_t.T), S, unused_count, err
+
+    return KSVDSteps(code, update)

@@ -23,7 +23,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cospadi_jax.parallel.mesh import SHARDING_RULES, logical_sharding, logical_spec, n_shards, place, to_host
-from cospadi_jax.sparse.ksvd import KSVDResult, check_ksvd_arguments, init_dictionary, update_dictionary
+from cospadi_jax.sparse.ksvd import (KSVDResult, KSVDSteps, PhaseClock, alternate, check_ksvd_arguments,
+                                     initial_dictionary, update_dictionary)
 from cospadi_jax.sparse.omp import (
     DEFAULT_MEMORY_BUDGET_BYTES,
     SparseCodes,
@@ -127,7 +128,7 @@ def _strip(*arrays, n: int):
 
 
 @lru_cache(maxsize=32)  # one jitted wrapper per mesh/settings: no recompilation per call
-def _update_fn(mesh: Mesh, method: str, power_iterations: int, unused: str) -> Callable:
+def _update_fn(mesh: Mesh, dict_update: str, power_iterations: int, unused: str) -> Callable:
     """update_dictionary jitted with Y, S column-sharded and D replicated (GSPMD adds the all-reduces)."""
     y_sh = logical_sharding(mesh, "features", "columns")
     s_sh = logical_sharding(mesh, "atoms", "columns")
@@ -135,7 +136,7 @@ def _update_fn(mesh: Mesh, method: str, power_iterations: int, unused: str) -> C
     rep = NamedSharding(mesh, P())
 
     def fn(Y, D, S):
-        return update_dictionary(Y, D, S, method=method, power_iterations=power_iterations, unused=unused)
+        return update_dictionary(Y, D, S, dict_update=dict_update, power_iterations=power_iterations, unused=unused)
 
     return jax.jit(fn, in_shardings=(y_sh, d_sh, s_sh), out_shardings=(d_sh, s_sh, rep))
 
@@ -146,7 +147,7 @@ def sharded_update_dictionary(
     S: jax.Array | np.ndarray,
     mesh: Mesh,
     *,
-    method: str = "power",
+    dict_update: str = "power",
     power_iterations: int = 8,
     unused: str = "skip",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -166,7 +167,7 @@ def sharded_update_dictionary(
     Yg = place(Y, logical_sharding(mesh, "features", "columns"), dtype)
     Dg = place(D, logical_sharding(mesh, "features", "atoms"), dtype)
     Sg = place(S, logical_sharding(mesh, "atoms", "columns"), dtype)
-    return _update_fn(mesh, method, int(power_iterations), unused)(Yg, Dg, Sg)
+    return _update_fn(mesh, dict_update, int(power_iterations), unused)(Yg, Dg, Sg)
 
 
 @lru_cache(maxsize=32)  # one jitted wrapper per mesh/settings: no recompilation per call
@@ -211,11 +212,11 @@ def sharded_ksvd(
     Y: jax.Array | np.ndarray,
     n_atoms: int,
     sparsity: int,
-    n_iterations: int,
+    ksvd_iterations: int,
     mesh: Mesh,
     *,
     key: jax.Array | int = 0,
-    method: str = "power",
+    dict_update: str = "power",
     power_iterations: int = 8,
     unused: str = "skip",
     init: jax.Array | np.ndarray | None = None,
@@ -225,63 +226,49 @@ def sharded_ksvd(
 ) -> KSVDResult:
     """:func:`~cospadi_jax.sparse.ksvd.ksvd` with the columns of Y [d, n] sharded over ``mesh``.
 
-    OMP runs per device (:func:`sharded_batch_omp`'s kernel), the dictionary update as
-    :func:`sharded_update_dictionary`. Same arguments and result as ``ksvd`` (same seeded
-    initial dictionary); ``coefficients`` [k, n] and ``codes`` stay column-sharded, the
-    dictionary [d, k] is replicated. n is zero-padded to a multiple of the device count
+    The same loop (:func:`~cospadi_jax.sparse.ksvd.alternate`) with sharded steps: OMP per device
+    (:func:`sharded_batch_omp`'s kernel), the dictionary update as :func:`sharded_update_dictionary`. Same
+    arguments and result as ``ksvd`` (same seeded initial dictionary); ``coefficients`` [k, n] and ``codes`` stay
+    column-sharded, the dictionary [d, k] is replicated. n is zero-padded to a multiple of the device count
     internally (zero columns get zero codes and change neither D nor the objective).
     """
-    check_ksvd_arguments(Y, n_atoms, sparsity, n_iterations, method, power_iterations, unused)
+    check_ksvd_arguments(Y, n_atoms, sparsity, ksvd_iterations, dict_update, power_iterations, unused)
     dtype = resolve_float_dtype(dtype, Y)
-    d, n = np.shape(Y)
-    k = int(n_atoms)
+    n, k = np.shape(Y)[1], int(n_atoms)
     # Initial dictionary exactly as ksvd (same key, unpadded Y), computed on the host value.
-    if init is None:
-        if isinstance(key, (int, np.integer)):
-            key = jax.random.key(int(key))
-        D0 = init_dictionary(jnp.asarray(to_host(Y), dtype), k, key)
-    else:
-        if np.shape(init) != (d, k):
-            raise ValueError(f"init must be [d, k] = [{d}, {k}], got {np.shape(init)}.")
-        D0 = jnp.asarray(to_host(init), dtype)
-        D0 = D0 / jnp.linalg.norm(D0, axis=0)
+    D0 = initial_dictionary(to_host(Y), k, key, None if init is None else to_host(init), dtype)
     n_dev = n_shards(mesh, "columns")
     n_pad = max(1, math.ceil(n / n_dev)) * n_dev
     Yg = place(Y, logical_sharding(mesh, "features", "columns"), dtype, pad_to=n_pad, axis=1)
     D = place(to_host(D0), logical_sharding(mesh, "features", "atoms"), dtype)
     coding, dense, error = _coding_fn(mesh), _dense_fn(mesh, k), _error_fn(mesh)
-    update = _update_fn(mesh, method, int(power_iterations), unused)
+    update = _update_fn(mesh, dict_update, int(power_iterations), unused)
     eps = float(np.finfo(dtype).eps)
+    clock = PhaseClock("xla-sharded")
 
-    objective, after_coding, n_unused, n_early = [], [], [], []
-    codes = S = None
-    for t in range(max(int(n_iterations), 1)):
+    def code(D):
         gram, alpha = coding(D, Yg)
+        clock.lap("gemm", gram, alpha)
         idx, val, cnt, early = _sharded_omp_padded(
             gram, alpha, mesh=mesh, sparsity=int(sparsity), n=n, chunk_size=omp_chunk_size,
             memory_budget_bytes=int(omp_memory_budget_bytes), step_block=int(min(32, sparsity)), eps=eps,
         )
-        codes = SparseCodes(idx, val, cnt, early)
+        clock.lap("omp", val)
         S = dense(idx, val)
         err = float(error(Yg, D, S))
-        if t == 0:
-            objective.append(err)
-        if n_iterations == 0:
-            break
-        after_coding.append(err)
-        n_early.append(int(early))
+        clock.lap("gemm")
+        return SparseCodes(idx, val, cnt, early), S, err
+
+    def update_step(D, S, codes):
         D, S, unused_count = update(Yg, D, S)
-        n_unused.append(int(unused_count))
-        objective.append(float(error(Yg, D, S)))
-    if n_pad != n:
-        S = _strip(S.T, n=n)[0].T
-        codes = SparseCodes(*_strip(codes.indices, codes.values, codes.n_nonzero, n=n), codes.n_early_stopped)
-    return KSVDResult(
-        dictionary=D,
-        coefficients=S,
-        codes=codes,
-        objective=np.asarray(objective),
-        objective_after_coding=np.asarray(after_coding),
-        n_unused_atoms=np.asarray(n_unused, dtype=np.int32),
-        n_early_stopped=np.asarray(n_early, dtype=np.int32),
-    )
+        clock.lap("update", D, S)
+        err = float(error(Yg, D, S))
+        clock.lap("gemm")
+        return D, S, unused_count, err
+
+    result = alternate(D, ksvd_iterations, KSVDSteps(code, update_step), clock=clock)
+    if n_pad == n:
+        return result
+    codes = result.codes
+    return result._replace(coefficients=_strip(result.coefficients.T, n=n)[0].T, codes=SparseCodes(
+        *_strip(codes.indices, codes.values, codes.n_nonzero, n=n), codes.n_early_stopped))

@@ -8,11 +8,11 @@ Generic sparse linear algebra (nothing here knows about LLMs). Shapes and dtypes
 
   - ``coo16``: ``indices`` int16 [d_out, s] (atom ids in [0, k), k ≤ 32767) and ``values`` bf16 [d_out, s];
     column j = Σ_t values[j, t]·e_{indices[j, t]}: slots with the same id add up, a padded slot is value 0.
-    2 + 2 bytes per stored entry (``budget(..., storage="coo16")``).
+    2 + 2 bytes per stored entry (``budget(..., accounting="coo16")``).
   - ``bitmask``: ``mask`` uint8 [d_out, ceil(k/8)] = ``np.packbits(bits, axis=1, bitorder="little")`` with
     bits[j, t] = 1 iff column j uses atom t, and ``values`` bf16 [d_out, s]: the set bits of row j, in
     increasing atom order, take values[j, 0 .. popcount − 1]; the rest of the row is 0 and never read.
-    k/8 bytes per column plus 2 per value (``storage="eq10"``); bits at or above k must be 0.
+    k/8 bytes per column plus 2 per value (``accounting="eq10"``); bits at or above k must be 0.
 
 :func:`coo16_matmul` and :func:`bitmask_matmul` run the Numba kernels of :mod:`.spmm_cpu` as an XLA:CPU FFI
 call (one fused call per product, ≈ 0.25 µs of dispatch inside a jitted function) when the computation is
