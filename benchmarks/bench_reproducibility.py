@@ -42,7 +42,8 @@ def child(out: Path, layer: int, ratio: float, ksvd_iterations: int) -> None:
 
     from cospadi_jax import load_model
     from cospadi_jax.calib.grams import collect_grams
-    from cospadi_jax.compress import CompressionConfig, unit_budget
+    from cospadi_jax.compress import unit_budget
+    from cospadi_jax.methods import method_config
     from cospadi_jax.data.calibration import sample_windows
     from cospadi_jax.data.text import load_text
     from cospadi_jax.methods import build
@@ -57,7 +58,8 @@ def child(out: Path, layer: int, ratio: float, ksvd_iterations: int) -> None:
         W, G = projection_weight(model, path), grams.gram(path)
         arrays[f"W::{proj}"], arrays[f"G::{proj}"] = W, G
         for name in METHODS:
-            config = CompressionConfig(method=name, ratio=ratio, ksvd_iterations=ksvd_iterations)
+            ksvd = {"ksvd_iterations": ksvd_iterations} if name == "cospadi" else {}
+            config = method_config(name, ratio=ratio, **ksvd)
             factors = build(config).fit_group([W], [G], unit_budget(config, *W.shape, 1),
                                               jax.random.fold_in(jax.random.key(42), layer))[0]
             arrays[f"{name}::{proj}::dense"] = factors.dense()

@@ -43,7 +43,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from cospadi_jax import load_model
-    from cospadi_jax.compress import CalibrationSpec, CompressionConfig, compress
+    from cospadi_jax.compress import CalibrationSpec, compress
+    from cospadi_jax.methods import method_config
 
     import jax
 
@@ -56,7 +57,7 @@ def main() -> None:
                             heldout_source=None)
     runs = {}
     for T in args.iterations:
-        config = CompressionConfig(method="cospadi", ratio=args.ratio, ksvd_iterations=T, omp_backend=args.omp_backend)
+        config = method_config("cospadi", ratio=args.ratio, ksvd_iterations=T, omp_backend=args.omp_backend)
         t0 = time.perf_counter()
         _, report = compress(model, tokenizer, config=config, calibration=calib, progress=False)
         wall = time.perf_counter() - t0

@@ -95,7 +95,8 @@ def spectrum_error(unit: Unit, whiten: Callable[[np.ndarray], np.ndarray]) -> Ca
     return lambda r: float(tail[min(r, sigma2.size)])
 
 
-def allocate(units: list[Unit], target: float, config: AllocationConfig, *, kind: str, rho: float, accounting: str,
+def allocate(units: list[Unit], target: float, config: AllocationConfig, *, kind: str, rho: float = 2.0,
+             accounting: str = "eq11",
              whiten: Callable[[np.ndarray], np.ndarray],
              measure: Callable[[int, float], float] | None = None, progress: Callable[[str], None] | None = None,
              ) -> dict[str, Any]:

@@ -32,7 +32,7 @@ __all__ = ["Budget", "budget", "MIB"]
 MIB = 1024 * 1024
 _DENSE_BITS = 16  # bf16 reference
 _KINDS = ("low_rank", "cospadi")
-_ACCOUNTINGS = ("eq11", "eq10", "coo16")
+ACCOUNTINGS = ("eq11", "eq10", "coo16")
 _ORIENTATIONS = ("paper", "weight_shape")
 
 
@@ -129,8 +129,8 @@ def budget(
         rho_f = _exact(rho, "rho")
         if rho_f < 1:
             raise ValueError(f"rho = k/s must be >= 1, got {rho}.")
-        if accounting not in _ACCOUNTINGS:
-            raise ValueError(f"accounting must be one of {_ACCOUNTINGS}, got {accounting!r}.")
+        if accounting not in ACCOUNTINGS:
+            raise ValueError(f"accounting must be one of {ACCOUNTINGS}, got {accounting!r}.")
         if accounting == "eq11" and not rho_f < 16:
             raise ValueError("accounting='eq11' stores (16−ρ)-bit values; it needs rho < 16.")
         extra = {"eq11": Fraction(0), "eq10": Fraction(d2, 16), "coo16": d2 / rho_f}[accounting]

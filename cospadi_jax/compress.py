@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import jax
@@ -18,215 +18,25 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from .allocation import AllocationConfig, Unit, allocate
-from .calib.cache import GramKey, cached_path, load_grams, model_fingerprint, save_grams
-from .calib.grams import Grams, collect_grams
-from .data.calibration import sample_windows, tokenizer_fingerprint
-from .data.text import load_text
-from .parallel import map_units
-from .fileio import can_create_in
-from .layers import DICT_MODES, QUANTIZATIONS, quantize_coefficients, replace_projection, set_dict_mode
 from .budget import Budget, budget
-from .methods import Method, UnitStats, build, method_class
+from .calib.grams import Grams, collect_grams
+from .calib.spec import CalibrationSpec, calibration_grams
+from .data.calibration import sample_windows
+from .data.text import load_text
+from .layers import quantize_coefficients, replace_projection, set_dict_mode
+from .methods import Method, MethodConfig, UnitStats, build, method_class, method_config
 from .methods.base import DictFactors, Factors, functional_error, weight_error, whitening_factor
-from .models.paths import PROJECTION_TYPES, get_module, projection_path, projection_weight
+from .models.paths import get_module, projection_path, projection_weight
 from .models.transformer import CausalLM
+from .parallel import map_units
 from .refine import RefineConfig, refine_layers
+from .report import CompressionReport, MatrixReport, warn_about
 from .sequential import check_sequential, fit_sequential
-from .sparse.backend import check_omp_backend
-from .sparse.ksvd import SPARSE_CODERS
 
 log = logging.getLogger(__name__)
 
-# The paper's grouping (Basis Sharing protocol): q, k, v, gate, up shared across consecutive layers; o, down private.
-DEFAULT_SHARED_TYPES = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-PARALLEL_MODES = ("none", "columns", "matrices")
 
-
-@dataclass(frozen=True)
-class CalibrationSpec:
-    """Where calibration and held-out statistics come from (paper: RefinedWeb, 256 x 1024, seed 42)."""
-
-    source: str = "embedded:calibration"
-    nsamples: int = 256
-    seqlen: int = 1024
-    seed: int = 42
-    heldout_source: str | None = "embedded:heldout"
-    heldout_nsamples: int = 32
-    batch_size: int = 8
-    cache_dir: str | None = None  # Gram cache (keyed by model, tokenizer, source, nsamples, seqlen, seed)
-    # Grams of each layer on the activations of the model whose earlier layers are compressed (sequential.py)
-    sequential: bool = False
-
-
-@dataclass(frozen=True)
-class CompressionConfig:
-    method: str = "cospadi"
-    ratio: float = 0.2  # fraction of parameters removed, per matrix
-    rho: float = 2.0  # k / s (CoSpaDi)
-    accounting: str = "eq11"  # CoSpaDi storage accounting: eq11 (14-bit values) | eq10 (bitmask)
-    group_size: int = 1  # m consecutive layers sharing a basis (grouped CoSpaDi, Basis Sharing)
-    shared_types: tuple[str, ...] = DEFAULT_SHARED_TYPES
-    layers: tuple[int, ...] | None = None  # None = all layers
-    proj_types: tuple[str, ...] = PROJECTION_TYPES
-    ksvd_iterations: int = 60
-    power_iterations: int = 8
-    dict_update: str = "power"  # power | exact | mod
-    reseed_unused: bool = False  # paper: unused atoms are skipped; True re-seeds them (K-SVD original)
-    seed: int = 42
-    mode: str = "dense"  # DictLinear evaluation path: dense | factored | sparse | sparse_coo16 (layers.DICT_MODES)
-    # None | bf16-14bit | int8: CoSpaDi's coefficient values quantised and dequantised (simulated: they stay
-    # float32 in memory and in the artifact; the realised ratio counts the accounting's value bits, Eq. 10/11)
-    quantization: str | None = None
-    # none | columns (one CoSpaDi K-SVD with its columns sharded over all devices) | matrices (independent
-    # matrices/groups spread over processes and their local devices)
-    parallel: str = "none"
-    omp_memory_mb: int | None = None  # one OMP chunk's working memory per device; None = the backend's default
-    omp_backend: str = "auto"  # auto | xla | cpu_kernel | gemm (cospadi_jax.sparse.backend)
-    sparse_coder: str = "omp"  # omp (the paper's Batch-OMP) | ormp (order-recursive MP, cospadi_jax.sparse.ormp)
-
-    def validate(self, n_layers: int | None = None) -> None:
-        """Raise ValueError naming the bad field before any work starts (layer checks need ``n_layers``)."""
-        method = method_class(self.method)
-        for name in ("ratio", "rho"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-                raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-            if not np.isfinite(value):
-                raise ValueError(f"{name} must be finite, got {value}")
-        for name in ("group_size", "ksvd_iterations", "power_iterations", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-        if not 0.0 < self.ratio < 1.0:
-            raise ValueError(f"ratio must be in (0, 1) (fraction of parameters removed), got {self.ratio}")
-        if self.rho < 1.0:
-            raise ValueError(f"rho = k/s must be >= 1 (s <= k), got {self.rho}")
-        for name in ("proj_types", "shared_types"):
-            value = getattr(self, name)
-            if isinstance(value, str) or not isinstance(value, (list, tuple)):
-                raise TypeError(f"{name} must be a list of projection types such as ['q_proj'], got {value!r}")
-        if not self.proj_types:
-            raise ValueError(f"proj_types is empty: nothing would be compressed; choose from {PROJECTION_TYPES}")
-        bad = [t for t in (*self.proj_types, *self.shared_types) if t not in PROJECTION_TYPES]
-        if bad:
-            raise ValueError(f"unknown projection type(s) {bad}; use {PROJECTION_TYPES}")
-        if len(set(self.proj_types)) != len(self.proj_types):
-            raise ValueError(f"proj_types lists a projection twice: {list(self.proj_types)}")
-        if self.layers is not None:
-            if isinstance(self.layers, (str, int)) or not isinstance(self.layers, (list, tuple)):
-                raise TypeError(f"layers must be a list of layer indices such as [10, 11] (or None for all), "
-                                f"got {self.layers!r}")
-            not_int = [i for i in self.layers if isinstance(i, bool) or not isinstance(i, (int, np.integer))]
-            if not_int:
-                raise TypeError(f"layer indices must be integers, got {not_int}")
-            if not self.layers:
-                raise ValueError("layers is empty: nothing would be compressed; use None (all layers) or a list")
-            if len(set(self.layers)) != len(self.layers):
-                raise ValueError(f"layers lists a layer twice: {list(self.layers)}")
-        bad_layers = [i for i in (self.layers or ()) if i < 0 or (n_layers is not None and i >= n_layers)]
-        if bad_layers:
-            raise ValueError(f"layer index {bad_layers} out of range: the model has {n_layers} layers")
-        if self.group_size < 1:
-            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
-        if self.group_size > 1:
-            if not method.supports_groups:
-                raise ValueError(f"method {self.method!r} does not share bases; use group_size=1")
-            n = len(self.layers) if self.layers is not None else n_layers
-            if n is not None and n % self.group_size:
-                raise ValueError(
-                    f"group_size={self.group_size} does not divide the {n} compressed layers; "
-                    "choose a divisor or select layers so that groups are complete (no remainder rule is applied)."
-                )
-            layers = list(self.layers or ())
-            apart = [layers[g:g + self.group_size] for g in range(0, len(layers), self.group_size)
-                     if layers[g:g + self.group_size] != list(range(layers[g], layers[g] + self.group_size))]
-            if apart:  # a basis is shared by consecutive layers (Basis Sharing protocol), never across a gap
-                raise ValueError(f"group_size={self.group_size} groups layers {apart}, which are not consecutive; "
-                                 "list consecutive layers in order, e.g. layers=[2, 3, 8, 9].")
-        if self.dict_update not in ("power", "exact", "mod"):
-            raise ValueError(f"dict_update must be power, exact or mod, got {self.dict_update!r}")
-        if self.ksvd_iterations < 0 or self.power_iterations < 1:
-            raise ValueError("ksvd_iterations must be >= 0 and power_iterations >= 1")
-        if self.quantization not in QUANTIZATIONS:
-            raise ValueError(f"unknown quantization {self.quantization!r}; use one of {QUANTIZATIONS}")
-        if self.quantization and method.budget_kind != "cospadi":
-            raise ValueError(f"quantization={self.quantization!r} applies to CoSpaDi's coefficient values; "
-                             f"{self.method!r} stores dense low-rank factors, so it would be ignored. Use "
-                             "quantization=null with low-rank methods.")
-        if self.parallel not in PARALLEL_MODES:
-            raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
-        if self.omp_memory_mb is not None and self.omp_memory_mb < 1:
-            raise ValueError(f"omp_memory_mb must be >= 1, got {self.omp_memory_mb}")
-        check_omp_backend(self.omp_backend)
-        if self.sparse_coder not in SPARSE_CODERS:
-            raise ValueError(f"unknown sparse_coder {self.sparse_coder!r}; use one of {SPARSE_CODERS}")
-        if self.sparse_coder != "omp" and self.parallel == "columns":
-            raise ValueError("parallel='columns' shards Batch-OMP over devices; use sparse_coder=omp with it")
-        if self.parallel == "columns" and self.omp_backend not in ("auto", "xla"):
-            raise ValueError(f"parallel='columns' shards the XLA Batch-OMP over devices; omp_backend="
-                             f"{self.omp_backend!r} cannot be sharded: use omp_backend=auto or xla.")
-        if self.mode not in DICT_MODES:
-            raise ValueError(f"mode must be one of {DICT_MODES}, got {self.mode!r}")
-
-
-@dataclass
-class MatrixReport:
-    path: str
-    group: list[str]
-    d_in: int
-    d_out: int
-    method: str
-    functional_error_calib: float | None
-    functional_error_heldout: float | None
-    weight_error: float
-    realised_ratio: float  # storage removed (bytes, the paper's CR; a group's shared basis split evenly)
-    realised_ratio_params: float  # stored numbers removed (no mask/index bits)
-    dense_params: int
-    compressed_params: float
-    seconds: float
-    k: int | None = None
-    s: int | None = None
-    rank: int | None = None
-    jitter: float | None = None
-    lambda_min: float | None = None
-    condition_number: float | None = None
-    effective_rank: int | None = None  # of the calibration Gram (None when not computed)
-    early_stopped_columns: int | None = None
-    quantization_error: float | None = None
-    objective: list[float] | None = None
-    # CoSpaDi: resolved Batch-OMP backend and fitting time per phase (whitening, omp, update, gemm).
-    omp_backend: str | None = None
-    phase_seconds: dict | None = None
-    # Block-output refinement (refine.py): the held-out functional error of the factors as fitted, before it.
-    functional_error_heldout_fitted: float | None = None
-    target_ratio: float | None = None  # the unit's ratio: config.ratio, or its share of a non-uniform allocation
-
-
-@dataclass
-class CompressionReport:
-    config: dict
-    calibration: dict
-    matrices: list[MatrixReport] = field(default_factory=list)
-    seconds: float = 0.0
-    units: int = 0  # fitting units (a matrix or a shared group)
-    units_reused: int = 0  # read back from the artifact of an interrupted run instead of being fitted
-    refinement: list[dict] = field(default_factory=list)  # one refine.LayerRefinement per refined layer
-    allocation: dict | None = None  # allocation.allocate's result (per-unit ratios); None when uniform
-
-    @property
-    def realised_ratio(self) -> float:
-        """Storage removed over all compressed matrices (bytes, the paper's CR; a shared basis counted once)."""
-        dense = sum(m.dense_params for m in self.matrices)
-        return 1.0 - sum((1 - m.realised_ratio) * m.dense_params for m in self.matrices) / dense
-
-    def to_dict(self) -> dict:
-        return {"config": self.config, "calibration": self.calibration, "seconds": self.seconds,
-                "realised_ratio": self.realised_ratio, "units": self.units, "units_reused": self.units_reused,
-                "refinement": self.refinement, "allocation": self.allocation,
-                "matrices": [asdict(m) for m in self.matrices]}
-
-
-def work_units(cfg: CompressionConfig, n_layers: int) -> list[list[str]]:
+def work_units(cfg: MethodConfig, n_layers: int) -> list[list[str]]:
     """Projection paths grouped into fitting units: a shared group of m consecutive layers, or one matrix."""
     layers = list(cfg.layers) if cfg.layers is not None else list(range(n_layers))
     units = []
@@ -237,38 +47,15 @@ def work_units(cfg: CompressionConfig, n_layers: int) -> list[list[str]]:
     return units
 
 
-def calibration_grams(model: CausalLM, tokenizer: Any, spec: CalibrationSpec, layers: list[int] | None,
-                      *, heldout: bool = False, progress: bool = True) -> tuple[Grams, GramKey]:
-    """Grams over seeded windows of the calibration (or held-out) source, through the on-disk cache if set."""
-    source = spec.heldout_source if heldout else spec.source
-    nsamples = spec.heldout_nsamples if heldout else spec.nsamples
-    key = GramKey(model_fingerprint(model), tokenizer_fingerprint(tokenizer), source, nsamples, spec.seqlen,
-                  spec.seed, tuple(layers) if layers is not None else None)
-    if spec.seqlen > model.config.max_position_embeddings:
-        raise ValueError(f"calibration seqlen {spec.seqlen} exceeds the model's max_position_embeddings "
-                         f"{model.config.max_position_embeddings}; use a shorter seqlen.")
-    path = cached_path(spec.cache_dir, key) if spec.cache_dir else None
-    if path is not None and path.exists():
-        return load_grams(path, key), key
-    if path is not None and not can_create_in(path.parent):  # checked now, not after the forward passes
-        log.warning("the Gram cache %s is not writable: computing the Grams without caching them", path.parent)
-        path = None
-    windows = sample_windows(tokenizer, load_text(source), nsamples, spec.seqlen, spec.seed)
-    grams = collect_grams(model, windows, batch_size=spec.batch_size, layers=layers, progress=progress)
-    if path is not None:
-        save_grams(path, grams, key)
-    return grams, key
-
-
-def unit_budget(config: CompressionConfig, d_in: int, d_out: int, group_size: int, ratio: float | None = None
+def unit_budget(config: MethodConfig, d_in: int, d_out: int, group_size: int, ratio: float | None = None
                 ) -> Budget:
     """The budget of a unit of ``group_size`` [d_in, d_out] matrices at ``ratio`` (default: the config's; a
-    non-uniform allocation passes the unit's own), of the kind of ``config.method``."""
-    return budget(d_in, d_out, config.ratio if ratio is None else ratio, kind=method_class(config.method).budget_kind,
-                  rho=config.rho, accounting=config.accounting, group_size=group_size)
+    non-uniform allocation passes the unit's own), of the kind of method ``config.name``."""
+    return budget(d_in, d_out, config.ratio if ratio is None else ratio, group_size=group_size,
+                  **config.budget_options())
 
 
-def fit_unit(Ws: list[np.ndarray], paths: list[str], method: Method, config: CompressionConfig, grams: Grams | None,
+def fit_unit(Ws: list[np.ndarray], paths: list[str], method: Method, config: MethodConfig, grams: Grams | None,
              heldout_grams: Grams | None, key: jax.Array, ratio: float | None = None
              ) -> tuple[list[Factors], list[dict]]:
     """Fit one unit (a matrix or a shared group): its factors and one report row (a dict) per matrix.
@@ -303,7 +90,7 @@ def fit_unit(Ws: list[np.ndarray], paths: list[str], method: Method, config: Com
         W_hat = factors.dense()
         info = factors.info
         unit_rows.append(asdict(MatrixReport(
-            path=path, group=paths, d_in=W.shape[0], d_out=W.shape[1], method=config.method,
+            path=path, group=paths, d_in=W.shape[0], d_out=W.shape[1], method=config.name,
             functional_error_calib=functional_error(W, W_hat, unit_grams[i]) if unit_grams[i] is not None
             else None,  # a data-free run without calibration data has no functional error to report
             functional_error_heldout=functional_error(W, W_hat, heldout_grams.gram(path))
@@ -330,7 +117,8 @@ def compress(
     model: CausalLM,
     tokenizer: Any = None,
     *,
-    config: CompressionConfig | None = None,
+    config: MethodConfig | None = None,
+    seed: int = 42,
     calibration: CalibrationSpec | None = None,
     grams: Grams | None = None,
     heldout_grams: Grams | None = None,
@@ -347,8 +135,10 @@ def compress(
     """Compress the model's projections with one method; returns (compressed model, report).
 
     Either pass precomputed ``grams`` (e.g. from a cache) or a ``tokenizer`` and a ``calibration`` spec.
-    Keyword ``overrides`` set CompressionConfig fields (``method="svd_llm", ratio=0.3``). Deterministic under
-    ``config.seed``: every matrix gets its own key folded from the seed and its position.
+    ``config`` is the method's own config (:class:`~cospadi_jax.methods.CoSpaDiConfig`, ...); keyword
+    ``overrides`` set its fields, and ``method`` names the method when no config is given
+    (``method="svd_llm", ratio=0.3``). Deterministic under ``seed``: every unit gets its own key folded from
+    the seed and its position, and refinement's minibatches are drawn from it.
 
     ``artifact`` (a :class:`cospadi_jax.checkpoint.ArtifactWriter`) saves every finished unit and, when it already
     holds finished units from a killed run, reuses them instead of refitting, so the result is bit-identical to an
@@ -366,10 +156,11 @@ def compress(
     if not isinstance(model, CausalLM):
         raise TypeError(f"model must be a cospadi_jax CausalLM (from cospadi_jax.load_model), got "
                         f"{type(model).__name__}")
-    config = CompressionConfig(**{**asdict(config or CompressionConfig()), **overrides})
+    config = _method_config(config, overrides)
     n_layers = model.config.num_hidden_layers
-    config.validate(n_layers)
+    method = build(config, n_layers)
     calibration = calibration or CalibrationSpec()
+    calibration.validate()
     refine = refine or RefineConfig()
     refine.validate()
     allocation = allocation or AllocationConfig()
@@ -377,7 +168,6 @@ def compress(
     if refine.steps and inplace:
         raise ValueError("refinement matches each compressed layer to the dense one, so the dense model must "
                          "survive: use inplace=False with refine.steps > 0")
-    method = build(config)
     already = [p for unit in work_units(config, n_layers) for p in unit if not hasattr(get_module(model, p), "kernel")]
     if already:
         raise ValueError(f"{already[0]} is already compressed: compress the original model (load it again), "
@@ -392,7 +182,7 @@ def compress(
     if calibration.sequential:
         check_sequential(grams, jax.process_count())
         if not method.data_aware:
-            log.warning("calib.sequential=true has no effect on %s, which uses no calibration data", config.method)
+            log.warning("calib.sequential=true has no effect on %s, which uses no calibration data", config.name)
     if (refine.steps or sequential) and windows is None:
         if tokenizer is None:
             raise ValueError("sequential calibration and refinement need calibration windows: pass a tokenizer "
@@ -408,14 +198,15 @@ def compress(
     stored = None
     if allocation.allocation != "uniform":
         stored = _resolve_allocation(model, tokenizer, config, allocation, calibration, method, grams, windows,
-                                     artifact, len(units), progress)
+                                     artifact, len(units), progress, seed)
     ratios = stored["ratios"] if stored is not None else None
     if heldout_grams is None and tokenizer is not None and calibration.heldout_source:
         heldout_grams, _ = calibration_grams(model, tokenizer, calibration, layers, heldout=True, progress=progress)
 
     target = model if inplace else nnx.clone(model)
-    report = CompressionReport(config=asdict(config), calibration=calibration_info, allocation=stored)
-    key = jax.random.key(config.seed)
+    report = CompressionReport(config={**asdict(config), "seed": seed}, calibration=calibration_info,
+                               allocation=stored)
+    key = jax.random.key(seed)
     # Refinement differentiates through the layers: a sparse (packed bf16) mode is set once it is done.
     build_mode = "dense" if refine.steps and config.mode not in ("dense", "factored") else config.mode
 
@@ -458,7 +249,7 @@ def compress(
             done = artifact.finished_units()
             # Staged units may be rewritten by process 0's finalize(): nobody may still be reading them then.
             multihost_utils.sync_global_devices("cospadi_jax.compress: all units read")
-    bar = tqdm(units, desc=f"compress ({config.method}, CR {config.ratio})", unit="group",
+    bar = tqdm(units, desc=f"compress ({config.name}, CR {config.ratio})", unit="group",
                disable=not progress or config.parallel == "matrices")
     for unit_index, paths in enumerate(bar):
         bar.set_postfix_str(paths[0] if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1})")
@@ -471,7 +262,7 @@ def compress(
         if on_unit is not None:
             on_unit(unit_index, unit_rows)
     if refine.steps:
-        _refine(model, target, windows, refine, config, units, report, grams, heldout_grams, artifact, on_refined,
+        _refine(model, target, windows, refine, config, seed, units, report, grams, heldout_grams, artifact, on_refined,
                 progress)
         if build_mode != config.mode:
             set_dict_mode(target, config.mode)
@@ -480,14 +271,24 @@ def compress(
     return target, report
 
 
-def _resolve_allocation(model: CausalLM, tokenizer: Any, config: CompressionConfig, allocation: AllocationConfig,
+def _method_config(config: MethodConfig | None, overrides: dict[str, Any]) -> MethodConfig:
+    """``config`` with ``overrides`` set; without a config, ``overrides["method"]`` (default cospadi) names it."""
+    name = overrides.pop("method", None)
+    if config is None:
+        return method_config(name or "cospadi", **overrides)
+    if name is not None and name != config.name:
+        raise ValueError(f"method={name!r} contradicts config.name={config.name!r}: pass one of them")
+    return replace(config, **overrides)
+
+
+def _resolve_allocation(model: CausalLM, tokenizer: Any, config: MethodConfig, allocation: AllocationConfig,
                         calibration: CalibrationSpec, method: Any, grams: Grams | None, windows: np.ndarray | None,
-                        artifact: Any, n_units: int, progress: bool) -> dict:
+                        artifact: Any, n_units: int, progress: bool, seed: int) -> dict:
     """The artifact's stored allocation (a resumed run), else :func:`allocate_units` on the dense model's Grams
     (computed here under sequential calibration, which has none yet), saved to the artifact."""
     if not method.data_aware:
         raise ValueError(f"budget.allocation={allocation.allocation} weighs each unit's output error on the "
-                         f"calibration Grams, which {config.method!r} does not use: use a data-aware method "
+                         f"calibration Grams, which {config.name!r} does not use: use a data-aware method "
                          "or budget.allocation=uniform")
     stored = artifact.allocation() if artifact is not None else None
     if stored is None:
@@ -497,7 +298,7 @@ def _resolve_allocation(model: CausalLM, tokenizer: Any, config: CompressionConf
         elif grams is None:
             grams = collect_grams(model, windows, batch_size=calibration.batch_size, layers=layers,
                                   progress=progress)
-        stored = allocate_units(model, config, allocation, grams, progress)
+        stored = allocate_units(model, config, allocation, grams, progress, seed)
         if artifact is not None:
             artifact.save_allocation(stored)
     if len(stored["ratios"]) != n_units:
@@ -506,8 +307,8 @@ def _resolve_allocation(model: CausalLM, tokenizer: Any, config: CompressionConf
     return stored
 
 
-def allocate_units(model: CausalLM, config: CompressionConfig, allocation: AllocationConfig, grams: Grams,
-                   progress: bool = True) -> dict:
+def allocate_units(model: CausalLM, config: MethodConfig, allocation: AllocationConfig, grams: Grams,
+                   progress: bool = True, seed: int = 42) -> dict:
     """:func:`cospadi_jax.allocation.allocate` over the model's fitting units, on the calibration ``grams``
     (a group: its members side by side with the mean Gram, as it is fitted)."""
     units = work_units(config, model.config.num_hidden_layers)
@@ -520,15 +321,14 @@ def allocate_units(model: CausalLM, config: CompressionConfig, allocation: Alloc
     def measure(u: int, ratio: float) -> float:
         """Mean squared functional error of unit u fitted at ``ratio`` with the curve's K-SVD iterations."""
         _, rows = fit_unit([projection_weight(model, p) for p in units[u]], units[u], curve_method, config, grams,
-                           None, jax.random.fold_in(jax.random.key(config.seed), u), ratio)
+                           None, jax.random.fold_in(jax.random.key(seed), u), ratio)
         return float(np.mean([row["functional_error_calib"] ** 2 for row in rows]))
 
-    curve_method = build(replace(config, ksvd_iterations=allocation.curve_iterations))
-    kind = method_class(config.method).budget_kind
-    measured = allocation.curve == "measured" and kind == "cospadi"  # a low-rank method's spectrum is exact
+    options = config.budget_options()
+    measured = allocation.curve == "measured" and options["kind"] == "cospadi"  # a low-rank spectrum is exact
+    curve_method = build(replace(config, ksvd_iterations=allocation.curve_iterations)) if measured else None
     bar = tqdm(total=len(units), desc=f"allocation ({allocation.curve})", unit="group", disable=not progress)
-    result = allocate(items, config.ratio, allocation, kind=kind, rho=config.rho,
-                      accounting=config.accounting, whiten=lambda G: whitening_factor(G)[0],
+    result = allocate(items, config.ratio, allocation, **options, whiten=lambda G: whitening_factor(G)[0],
                       measure=measure if measured else None, progress=lambda _: bar.update())
     bar.close()
     log.info("budget.allocation=%s: ratios %.3f..%.3f, realised CR %.4f (uniform %.4f), objective %.4g -> %.4g",
@@ -538,7 +338,7 @@ def allocate_units(model: CausalLM, config: CompressionConfig, allocation: Alloc
 
 
 def _refine(dense: CausalLM, target: CausalLM, windows: np.ndarray, refine: RefineConfig,
-            config: CompressionConfig, units: list[list[str]], report: CompressionReport, grams: Grams | None,
+            config: MethodConfig, seed: int, units: list[list[str]], report: CompressionReport, grams: Grams | None,
             heldout_grams: Grams | None, artifact: Any, on_refined: Any, progress: bool) -> None:
     """Refine ``target`` in place (refine.refine_layers), resuming from and saving to ``artifact``; the report
     rows of refined matrices then give the refined factors' errors."""
@@ -554,7 +354,7 @@ def _refine(dense: CausalLM, target: CausalLM, windows: np.ndarray, refine: Refi
         if on_refined is not None:
             on_refined(record)
 
-    refine_layers(dense, target, windows, refine, seed=config.seed, layers=layers, shared=shared,
+    refine_layers(dense, target, windows, refine, seed=seed, layers=layers, shared=shared,
                   quantization=config.quantization, done={l: f for l, (_, f) in done.items()}, on_layer=on_layer,
                   progress=progress)
     report.refinement = [records[l] for l in sorted(records)]
@@ -576,18 +376,3 @@ def _dense_of(module: Any) -> np.ndarray:
     if hasattr(module, "coefficients"):
         return np.asarray(module.D[...], np.float64) @ np.asarray(module.coefficients(), np.float64)
     return np.asarray(module.A[...], np.float64) @ np.asarray(module.B[...], np.float64)
-
-
-def warn_about(report: CompressionReport, config: CompressionConfig) -> None:
-    """Warnings a finished compression deserves: degenerate calibration data, a ratio far from the target."""
-    deficient = [m for m in report.matrices if m.effective_rank is not None and m.effective_rank < m.d_in]
-    if deficient:
-        worst = min(deficient, key=lambda m: m.effective_rank / m.d_in)
-        log.warning("the calibration Grams of %d matrices are rank-deficient (worst: %s, effective rank %d of %d): "
-                    "the calibration text spans too few directions (a repeated token, or too few tokens), so the "
-                    "fit matches the calibration data but not held-out data. Use more, varied calibration text.",
-                    len(deficient), worst.path, worst.effective_rank, worst.d_in)
-    if report.matrices and abs(report.realised_ratio - config.ratio) > 0.02:
-        log.warning("realised ratio %.4f is far from the target %.4f: the matrices are too small for the budget's "
-                    "integer rounding (k, s or rank), or the accounting differs; see the per-matrix rows.",
-                    report.realised_ratio, config.ratio)

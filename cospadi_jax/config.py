@@ -6,24 +6,18 @@ wrong type is an error from OmegaConf, and impossible values are errors from :fu
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from enum import Enum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from .allocation import AllocationConfig
-from .compress import DEFAULT_SHARED_TYPES, CalibrationSpec, CompressionConfig
-from .models.paths import PROJECTION_TYPES
+from .calib.spec import CalibrationSpec
+from .methods import METHODS, MethodConfig
 from .refine import RefineConfig
-from .sparse.backend import OMP_BACKENDS
-from .sparse.ksvd import SPARSE_CODERS
-
-# An Enum, so that OmegaConf refuses an unknown backend when the config is composed, before any work.
-OmpBackend = Enum("OmpBackend", {name: name for name in OMP_BACKENDS}, type=str)
-SparseCoder = Enum("SparseCoder", {name: name for name in SPARSE_CODERS}, type=str)
 
 
 @dataclass
@@ -32,48 +26,6 @@ class ModelConf:
     name: str = "smollm2-135m"  # short name used in run names and plots
     dtype: str = "float32"
     revision: Optional[str] = None
-
-
-@dataclass
-class MethodConf:
-    name: str = "cospadi"
-    label: str = "cospadi"  # the method's config name: key into paper tables and plot legends
-    ratio: float = 0.2
-    rho: float = 2.0
-    accounting: str = "eq11"
-    group_size: int = 1
-    shared_types: list[str] = field(default_factory=lambda: list(DEFAULT_SHARED_TYPES))
-    layers: Optional[list[int]] = None
-    proj_types: list[str] = field(default_factory=lambda: list(PROJECTION_TYPES))
-    ksvd_iterations: int = 60
-    power_iterations: int = 8
-    dict_update: str = "power"
-    reseed_unused: bool = False
-    mode: str = "dense"
-    quantization: Optional[str] = None
-    # none | columns (one matrix's columns sharded over all devices: shard_map OMP) | matrices (independent
-    # matrices/groups spread over processes and their local devices)
-    parallel: str = "none"
-    # working memory of one OMP chunk per device; null = the backend's default (xla: 16 MiB, an L3-sized chunk;
-    # gemm: 25 % of the device's memory)
-    omp_memory_mb: Optional[int] = None
-    # Batch-OMP implementation: auto (cpu_kernel on CPU, gemm on GPU/TPU) | xla | cpu_kernel | gemm
-    omp_backend: OmpBackend = OmpBackend.auto
-    # K-SVD's sparse coder: omp (the paper) | ormp (order-recursive matching pursuit: lower error at the same s)
-    sparse_coder: SparseCoder = SparseCoder.omp
-
-
-@dataclass
-class CalibConf:
-    source: str = "embedded:calibration"
-    nsamples: int = 256
-    seqlen: int = 1024
-    seed: int = 42
-    heldout_source: Optional[str] = "embedded:heldout"
-    heldout_nsamples: int = 32
-    batch_size: int = 8
-    cache_dir: Optional[str] = ".cache/grams"
-    sequential: bool = False  # Grams of layer l on the model whose layers < l are compressed (sequential.py)
 
 
 @dataclass
@@ -125,8 +77,9 @@ class ExportConf:
 @dataclass
 class RunConfig:
     model: ModelConf = field(default_factory=ModelConf)
-    method: MethodConf = field(default_factory=MethodConf)
-    calib: CalibConf = field(default_factory=CalibConf)
+    # The method's own config (methods/*.py): conf/method/<file>.yaml picks its schema (cospadi_schema, ...)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    calib: CalibrationSpec = field(default_factory=CalibrationSpec)
     refine: RefineConfig = field(default_factory=RefineConfig)  # block-output refinement, off at steps=0
     budget: AllocationConfig = field(default_factory=AllocationConfig)  # per-unit ratios, uniform by default
     eval: EvalConf = field(default_factory=EvalConf)
@@ -148,9 +101,25 @@ TASKS = ("compress", "evaluate", "export", "plot", "generate")
 EXPORT_JOB_DIR = "export"  # task=export's Hydra job directory inside the artifact (never the export itself)
 
 
+SCHEMA_GROUP = "schema/method"  # outside the method group, so that --help lists no schema as a method
+
+
+def schema_name(config_class: type) -> str:
+    """The ConfigStore name of a method config class in :data:`SCHEMA_GROUP`, which ``conf/method/*.yaml`` name
+    in their defaults list (``- /schema/method/cospadi@_here_``): ``CoSpaDiConfig`` -> ``cospadi``,
+    ``LowRankConfig`` -> ``low_rank``, ``ASVDConfig`` -> ``asvd``."""
+    stem = config_class.__name__.removesuffix("Config")
+    return {"CoSpaDi": "cospadi", "LowRank": "low_rank"}.get(stem, stem.lower())
+
+
 def register_configs() -> None:
-    """The schema of the whole tree (``run_schema``, typing every group) and the resolvers of conf/config.yaml."""
-    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    """The schema of the whole tree (``run_schema``, typing every group), one schema per method config class in
+    the ``method`` group (``conf/method/*.yaml`` name theirs in their defaults list), and the resolvers of
+    conf/config.yaml."""
+    store = ConfigStore.instance()
+    store.store(name="run_schema", node=RunConfig)
+    for config_class in {cls.config_class for cls in METHODS.values()}:
+        store.store(group=SCHEMA_GROUP, name=schema_name(config_class), node=config_class)
     OmegaConf.register_new_resolver("cospadi_run_name", _run_name, replace=True)
     OmegaConf.register_new_resolver("cospadi_job_dir", _job_dir, replace=True)
 
@@ -190,34 +159,28 @@ def _job_dir(*, _root_: DictConfig) -> str:
     return str(job_dir)
 
 
-def compression_config(cfg: RunConfig) -> CompressionConfig:
-    m = cfg.method
-    return CompressionConfig(
-        method=m.name, ratio=m.ratio, rho=m.rho, accounting=m.accounting, group_size=m.group_size,
-        shared_types=tuple(m.shared_types), layers=tuple(m.layers) if m.layers is not None else None,
-        proj_types=tuple(m.proj_types), ksvd_iterations=m.ksvd_iterations, power_iterations=m.power_iterations,
-        dict_update=m.dict_update, reseed_unused=m.reseed_unused, seed=cfg.seed, mode=m.mode,
-        quantization=m.quantization, parallel=m.parallel, omp_memory_mb=m.omp_memory_mb,
-        omp_backend=OmpBackend(m.omp_backend).value, sparse_coder=SparseCoder(m.sparse_coder).value,
-    )
-
-
-def calibration_spec(cfg: RunConfig) -> CalibrationSpec:
-    c = cfg.calib
-    return CalibrationSpec(source=c.source, nsamples=c.nsamples, seqlen=c.seqlen, seed=c.seed,
-                           heldout_source=c.heldout_source, heldout_nsamples=c.heldout_nsamples,
-                           batch_size=c.batch_size, cache_dir=c.cache_dir, sequential=c.sequential)
+def _check_known_keys(node: Any, prefix: str = "") -> None:
+    """Raise for a key that its schema does not have. OmegaConf refuses ``key=value`` for an unknown key, but a
+    forced addition (``+method.ksvd_iteration=5``, as Hydra's own error suggests) becomes a plain attribute of the
+    dataclass that nothing would read: a silently ignored typo."""
+    if not dataclasses.is_dataclass(node):
+        return
+    fields = {f.name for f in dataclasses.fields(node)}
+    unknown = sorted(set(vars(node)) - fields)
+    if unknown:
+        raise ValueError(f"unknown key(s) {[prefix + k for k in unknown]}: {type(node).__name__} has "
+                         f"{sorted(fields)}; remove the + override or fix its spelling")
+    for name in fields:
+        _check_known_keys(getattr(node, name), f"{prefix}{name}.")
 
 
 def validate(cfg: RunConfig, n_layers: int | None = None) -> None:
     """Impossible values raise ValueError naming the key, before any model is loaded or computed."""
+    _check_known_keys(cfg)
     if cfg.task not in TASKS:
         raise ValueError(f"task={cfg.task!r} is not one of {TASKS}")
     if cfg.logger.mode not in ("offline", "online", "disabled"):
         raise ValueError(f"logger.mode={cfg.logger.mode!r}; use offline, online or disabled")
-    if cfg.calib.nsamples < 1 or cfg.calib.seqlen < 2:
-        raise ValueError(f"calib.nsamples >= 1 and calib.seqlen >= 2 required, got {cfg.calib.nsamples}, "
-                         f"{cfg.calib.seqlen}")
     if cfg.eval.seqlen < 2 or (cfg.eval.max_windows is not None and cfg.eval.max_windows < 1):
         raise ValueError("eval.seqlen >= 2 and eval.max_windows >= 1 (or null) required")
     if cfg.task in ("evaluate", "export") and not cfg.artifact:
@@ -232,8 +195,9 @@ def validate(cfg: RunConfig, n_layers: int | None = None) -> None:
         if cfg.generate.max_new_tokens < 1:
             raise ValueError(f"generate.max_new_tokens={cfg.generate.max_new_tokens} must be >= 1")
         Sampling(cfg.generate.temperature, cfg.generate.top_p, cfg.seed)  # raises on a bad temperature / top_p
-    # Method fields are checked by the compression config itself; layer-dependent checks rerun after loading.
-    compression_config(cfg).validate(n_layers)
+    # Each node checks its own fields; the layer range is checked again once the model is loaded (compress()).
+    cfg.method.validate(n_layers)
+    cfg.calib.validate()
     cfg.refine.validate()
     cfg.budget.validate()
 

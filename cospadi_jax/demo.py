@@ -20,8 +20,9 @@ from .fileio import atomic_write_json
 from .compress import CalibrationSpec, calibration_grams, compress
 from .data import load_text
 from .eval import make_windows, windows_perplexity
+from .methods import CoSpaDiConfig
 
-PAPER_ITERATIONS = 60
+PAPER_ITERATIONS = CoSpaDiConfig().ksvd_iterations  # the paper's T, CoSpaDi's default
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -53,8 +54,10 @@ def main(argv: list[str] | None = None) -> dict:
                "dense": dense.perplexity}
     for label, method in (("SVD-LLM", "svd_llm"), ("CoSpaDi", "cospadi")):
         t0 = time.perf_counter()
+        ksvd = (dict(ksvd_iterations=args.ksvd_iterations, power_iterations=args.power_iterations)
+                if method == "cospadi" else {})  # SVD-LLM has no K-SVD knobs
         compressed, report = compress(model, grams=grams, heldout_grams=heldout, method=method, ratio=args.ratio,
-                                      ksvd_iterations=args.ksvd_iterations, power_iterations=args.power_iterations)
+                                      **ksvd)
         seconds = time.perf_counter() - t0
         ppl = windows_perplexity(compressed, windows, batch_size=4)
         errors = [m.functional_error_heldout for m in report.matrices]

@@ -286,8 +286,10 @@ def export_record(metadata: Any) -> dict[str, Any]:
         return dict(metadata.get("record", {}))
     config = metadata.get("config") or {}
     method = config.get("method")
-    # A Hydra artifact nests the method (config.method = MethodConf); a CompressionReport is flat.
-    settings = {**method, "method": method.get("name")} if isinstance(method, dict) else dict(config)
+    # A Hydra artifact nests the method's config (config.method); a CompressionReport's config is that config
+    # itself (older reports named the method "method", not "name").
+    settings = dict(method) if isinstance(method, dict) else dict(config)
+    settings["method"] = settings.get("name", settings.get("method"))
     record = {k: settings[k] for k in _RECORD_KEYS if k in settings}
     calibration_key = metadata.get("calibration_key", (metadata.get("calibration") or {}).get("key"))
     allocation = metadata.get("allocation")

@@ -18,7 +18,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-from enum import Enum
 from typing import Any
 
 # Dotted keys (a key covers its subtree) that never change what a run computes.
@@ -53,8 +52,6 @@ def _excluded(dotted: str, keys: frozenset[str]) -> bool:
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, Enum):
-        return value.value
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -76,8 +73,27 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def _complete(config: dict[str, Any]) -> dict[str, Any]:
-    """The config over the schema defaults (keys an older artifact lacks take their default), ``hydra`` dropped."""
-    return _merge(_defaults(), {k: v for k, v in _plain(config).items() if k != "hydra"})
+    """The config over the schema defaults (keys an older artifact lacks take their default), ``hydra`` dropped.
+
+    The ``method`` node is completed over the defaults of its own method's config class and keeps only that
+    class's keys: an artifact written when every method carried every knob (an SVD-LLM run with ``rho``) has
+    the identity that the same run has now."""
+    plain = {k: v for k, v in _plain(config).items() if k != "hydra"}
+    merged = _merge(_defaults(), plain)
+    method = plain.get("method") or {}
+    own = _method_defaults(method.get("name", "cospadi"))
+    if own is not None:
+        merged["method"] = {**own, **{k: v for k, v in method.items() if k in own}}
+    return merged
+
+
+def _method_defaults(name: str) -> dict[str, Any] | None:
+    """The defaults of method ``name``'s config class (None for an unknown name, which validation reports)."""
+    from .methods import METHODS
+
+    if name not in METHODS:
+        return None
+    return _plain(dataclasses.asdict(METHODS[name].config_class(name=name)))
 
 
 def run_identity(config: dict[str, Any]) -> dict[str, Any]:
@@ -108,10 +124,6 @@ def differences(stored: dict[str, Any], new: dict[str, Any]) -> list[str]:
             if key not in stored or key not in new or stored[key] != new[key]]
 
 
-# Methods that fit a dictionary with K-SVD: their directory names carry the K-SVD knobs, the others' do not.
-_KSVD_METHODS = ("cospadi", "cospadi_free")
-
-
 def run_name(config: dict[str, Any]) -> str:
     """The default run directory name: a readable prefix, then the run identity's hash.
 
@@ -121,8 +133,8 @@ def run_name(config: dict[str, Any]) -> str:
     """
     merged = _complete(config)
     model, method, calib = merged["model"], merged["method"], merged["calib"]
-    parts = [model["name"], method["label"], f"cr{method['ratio']}"]
-    if method["name"] in _KSVD_METHODS:
+    parts = [model["name"], method["label"] or method["name"], f"cr{method['ratio']}"]
+    if "ksvd_iterations" in method:  # a K-SVD method: its own knobs in the tag
         parts += [f"rho{method['rho']}", f"T{method['ksvd_iterations']}"]
     if method["group_size"] > 1:
         parts.append(f"m{method['group_size']}")

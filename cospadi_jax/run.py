@@ -29,8 +29,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import ArtifactWriter, fingerprint, restore_model
-from .config import (EvalConf, RunConfig, calibration_spec, compression_config, export_path, register_configs,
-                     validate)
+from .config import EvalConf, RunConfig, export_path, register_configs, validate
 from .fileio import atomic_write_json, can_create_in, check_replaceable, check_writable
 from .identity import artifact_identity, digest, flatten
 from .parallel import initialize, is_primary
@@ -157,11 +156,11 @@ def _log_estimate(model: Any, config: Any, skip: set[int]) -> None:
     """For K-SVD methods, the fitting time measured by a probe on this machine, before the work starts."""
     from .compress import unit_budget, work_units
     from .estimate import estimate_fit_seconds
-    from .methods import CoSpaDi, build
+    from .methods import CoSpaDi, method_class
     from .models.paths import get_module
 
-    method = build(config)
-    if not isinstance(method, CoSpaDi) or method.parallel == "columns" or not is_primary():
+    method = method_class(config.name)(config)  # validated already
+    if not isinstance(method, CoSpaDi) or config.parallel == "columns" or not is_primary():
         return
     units = []
     for index, paths in enumerate(work_units(config, model.config.num_hidden_layers)):
@@ -171,11 +170,11 @@ def _log_estimate(model: Any, config: Any, skip: set[int]) -> None:
             units.append((d_in, d_out * len(paths), b.n_atoms, b.sparsity))
     if not units:
         return
-    est = estimate_fit_seconds(units, method.ksvd_iterations, **method.ksvd_options())
-    workers = "" if method.parallel == "none" else "; parallel=matrices divides it by about the number of workers"
+    est = estimate_fit_seconds(units, config.ksvd_iterations, **method.ksvd_options())
+    workers = "" if config.parallel == "none" else "; parallel=matrices divides it by about the number of workers"
     log.info("estimated fitting time: %.0f min for %d units (T = %d x %.1f s per iteration on this machine, measured "
              "in %.1f s on random data of each shape; calibration and evaluation extra%s)", est["seconds"] / 60,
-             len(units), method.ksvd_iterations, est["per_iteration_s"], est["probe_s"], workers)
+             len(units), config.ksvd_iterations, est["per_iteration_s"], est["probe_s"], workers)
 
 
 def _stored_identity(metadata: dict) -> dict:
@@ -190,8 +189,8 @@ def run_compress(cfg: RunConfig, resolved: dict) -> dict[str, Any]:
     t0 = time.perf_counter()
     model, tokenizer = load_model(cfg.model.spec, cfg.model.dtype, revision=cfg.model.revision)
     _check_model_fits(cfg, model, tokenizer)
-    config = compression_config(cfg)
-    config.validate(model.config.num_hidden_layers)
+    config = cfg.method  # validated by execute(); the layer range now that the model is known
+    config.check_layers(model.config.num_hidden_layers)
     # metadata.json only now: a first attempt that fails validation leaves nothing that blocks the next one.
     metadata = {"config": resolved, "identity": artifact_identity(resolved), "model": dataclasses.asdict(cfg.model),
                 **environment()}
@@ -215,7 +214,7 @@ def run_compress(cfg: RunConfig, resolved: dict) -> dict[str, Any]:
             tracker.log({f"refine/layer{record.layer}/loss_before": record.loss_before,
                          f"refine/layer{record.layer}/loss_after": record.loss_after})
 
-        compressed, report = compress(model, tokenizer, config=config, calibration=calibration_spec(cfg),
+        compressed, report = compress(model, tokenizer, config=config, calibration=cfg.calib, seed=cfg.seed,
                                       artifact=artifact, on_unit=on_unit, refine=cfg.refine, on_refined=on_refined,
                                       allocation=cfg.budget)
         metrics["timings"]["compress_s"] = report.seconds

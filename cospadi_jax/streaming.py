@@ -18,7 +18,7 @@ from __future__ import annotations
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,10 +30,10 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from .calib.grams import Grams, advance_layer
-from .compress import (CompressionConfig, CompressionReport, MatrixReport, fit_unit, unit_budget, warn_about,
+from .compress import (CompressionReport, MatrixReport, fit_unit, unit_budget, warn_about,
                        work_units)
 from .layers import factored_module
-from .methods import build
+from .methods import MethodConfig, build
 from .methods.base import Factors, clear_whitening_cache
 from .models.config import DecoderConfig, decoder_config_from_hf
 from .models.convert import assign_tensors
@@ -181,7 +181,7 @@ def _shapes(cfg: DecoderConfig) -> dict[str, tuple[int, int]]:
             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
 
-def plan_memory(cfg: DecoderConfig, comp: CompressionConfig, n_windows: int, seqlen: int, *, budget_gib: float,
+def plan_memory(cfg: DecoderConfig, comp: MethodConfig, n_windows: int, seqlen: int, *, budget_gib: float,
                 dtype: Any = jnp.bfloat16) -> MemoryPlan:
     """Split ``budget_gib`` of host memory between the resident buffers and the two chunked ones.
 
@@ -234,8 +234,9 @@ def compress_streaming(
     source: LayerSource,
     windows: np.ndarray,
     *,
-    config: CompressionConfig,
+    config: MethodConfig,
     budget_gib: float,
+    seed: int = 42,
     artifact: Any = None,
     keep_factors: bool = True,
     progress: bool = True,
@@ -257,17 +258,18 @@ def compress_streaming(
                          "shared dictionaries across layers.")
     if not keep_factors and artifact is None:
         raise ValueError("keep_factors=False without an artifact would throw the factors away; pass an artifact.")
-    config.validate(cfg.num_hidden_layers)
+    config.validate(cfg.num_hidden_layers)  # before the memory plan reads the budget
     windows = np.asarray(windows, np.int32)
     plan = plan_memory(cfg, config, len(windows), windows.shape[1], budget_gib=budget_gib, dtype=source.dtype)
-    config = CompressionConfig(**{**asdict(config), "omp_memory_mb": plan.omp_memory_mb})
+    if hasattr(config, "omp_memory_mb"):  # K-SVD's OMP chunk sized by the plan
+        config = replace(config, omp_memory_mb=plan.omp_memory_mb)
     method = build(config)
     units = work_units(config, cfg.num_hidden_layers)
     unit_of = {paths[0]: i for i, paths in enumerate(units)}
     layers = sorted({parse_projection_path(paths[0])[0] for paths in units})
-    key = jax.random.key(config.seed)
+    key = jax.random.key(seed)
     done = artifact.finished_units(len(units)) if artifact is not None else {}
-    report = CompressionReport(config={**asdict(config), "streaming": asdict(plan)},
+    report = CompressionReport(config={**asdict(config), "seed": seed, "streaming": asdict(plan)},
                                calibration={"nsamples": len(windows), "seqlen": windows.shape[1]},
                                units=len(units), units_reused=len(done))
     factors_by_path: dict[str, Factors] = {}

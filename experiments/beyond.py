@@ -67,9 +67,9 @@ def run_job(method: str, variant: str, ratio: float, args: argparse.Namespace) -
     if (out / "metrics.json").exists():
         print(f"{out.name}: done", flush=True)
         return
-    cmd = [sys.executable, "-m", "cospadi_jax.run", f"method={method}", f"method.ratio={ratio}",
-           f"method.ksvd_iterations={args.ksvd_iterations}", *SETTING, *levers(variant, method, args.refine_steps),
-           f"output_dir={out}"]
+    ksvd = [f"method.ksvd_iterations={args.ksvd_iterations}"] if method == "cospadi" else []  # SVD-LLM has none
+    cmd = [sys.executable, "-m", "cospadi_jax.run", f"method={method}", f"method.ratio={ratio}", *ksvd, *SETTING,
+           *levers(variant, method, args.refine_steps), f"output_dir={out}"]
     print(f"{out.name}: {' '.join(cmd[2:])}", flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)

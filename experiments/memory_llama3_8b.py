@@ -81,7 +81,7 @@ def main() -> None:
     import jax.numpy as jnp
 
     from cospadi_jax.checkpoint import ArtifactWriter
-    from cospadi_jax.compress import CompressionConfig
+    from cospadi_jax.methods import method_config
     from cospadi_jax.models import decoder_config_from_hf
     from cospadi_jax.models.paths import PROJECTION_TYPES
     from cospadi_jax.streaming import CheckpointLayerSource, RandomLayerSource, compress_streaming, peak_rss_gib
@@ -95,9 +95,9 @@ def main() -> None:
         cfg = decoder_config_from_hf(llama3_8b_config())
         source = RandomLayerSource(cfg, weight_dtype=jnp.bfloat16, dtype=jnp.float32, seed=args.seed)
     windows = np.random.default_rng(args.seed).integers(0, cfg.vocab_size, (args.nsamples, args.seqlen), np.int32)
-    config = CompressionConfig(method=args.method, ratio=args.ratio, ksvd_iterations=args.ksvd_iterations,
-                               layers=tuple(args.layers), proj_types=tuple(args.proj_types or PROJECTION_TYPES),
-                               seed=args.seed)
+    ksvd = {"ksvd_iterations": args.ksvd_iterations} if args.method == "cospadi" else {}
+    config = method_config(args.method, ratio=args.ratio, layers=list(args.layers),
+                           proj_types=list(args.proj_types or PROJECTION_TYPES), **ksvd)
     layer_stats = {}
 
     def on_layer(index: int, stats: dict) -> None:
@@ -107,7 +107,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         artifact = ArtifactWriter(Path(tmp) / "artifact", {"config_fingerprint": "memory-run"})
-        report, _, plan = compress_streaming(source, windows, config=config, budget_gib=args.budget_gib,
+        report, _, plan = compress_streaming(source, windows, config=config, seed=args.seed, budget_gib=args.budget_gib,
                                              artifact=artifact, keep_factors=False, on_layer=on_layer)
         artifact_gib = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file()) / 2**30
     samples = sampler.stop()

@@ -167,9 +167,10 @@ def main() -> None:
             if (ratio, label) in done:
                 continue
             t0 = time.perf_counter()
-            compressed, report = compress(model, grams=grams, heldout_grams=heldout, ratio=ratio,
-                                          ksvd_iterations=args.ksvd_iterations,
-                                          power_iterations=args.power_iterations, **METHODS[label])
+            ksvd = (dict(ksvd_iterations=args.ksvd_iterations, power_iterations=args.power_iterations)
+                    if METHODS[label]["method"].startswith("cospadi") else {})  # low-rank methods have no K-SVD
+            compressed, report = compress(model, grams=grams, heldout_grams=heldout, ratio=ratio, **ksvd,
+                                          **METHODS[label])
             seconds = time.perf_counter() - t0
             ppl = windows_perplexity(compressed, windows, batch_size=4)
             per_matrix = {m.path: m.functional_error_heldout for m in report.matrices}

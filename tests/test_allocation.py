@@ -104,7 +104,13 @@ def tiny():
     return model, windows, collect_grams(model, windows, batch_size=4, progress=False)
 
 
-FAST = dict(ratio=0.3, ksvd_iterations=1, power_iterations=2, progress=False)
+FAST = dict(ratio=0.3, progress=False)
+KSVD = dict(ksvd_iterations=1, power_iterations=2)  # CoSpaDi's knobs: the low-rank methods have none
+
+
+def fast(method: str = "cospadi") -> dict:
+    """FAST, and the K-SVD knobs for a CoSpaDi method."""
+    return {**FAST, **(KSVD if method.startswith("cospadi") else {})}
 
 
 def _calib_objective(report) -> float:
@@ -114,8 +120,8 @@ def _calib_objective(report) -> float:
 def test_compress_svd_llm_allocation_lowers_the_calibration_error_at_the_same_bytes(tiny):
     """SVD-LLM's curve is exact, so the realised Σ e² on the calibration Grams must fall."""
     model, _, grams = tiny
-    _, uniform = compress(model, grams=grams, method="svd_llm", **FAST)
-    _, greedy = compress(model, grams=grams, method="svd_llm", allocation=GREEDY, **FAST)
+    _, uniform = compress(model, grams=grams, method="svd_llm", **fast("svd_llm"))
+    _, greedy = compress(model, grams=grams, method="svd_llm", allocation=GREEDY, **fast("svd_llm"))
     assert greedy.allocation is not None and len(set(greedy.allocation["ratios"])) > 1
     assert 0 <= greedy.realised_ratio - uniform.realised_ratio <= 0.005
     assert _calib_objective(greedy) == pytest.approx(greedy.allocation["objective"]["allocated"], rel=1e-6)
@@ -132,7 +138,7 @@ def test_measured_cospadi_allocation_resumes_and_exports_at_its_bytes(tiny, tmp_
     each unit at its own ratio (it refuses sizes that disagree with the record)."""
     model, _, grams = tiny
     cfg = AllocationConfig(allocation="greedy", curve="measured", spread=0.2, step=0.02, points=3)
-    run = dict(method="cospadi", group_size=3, grams=grams, allocation=cfg, **FAST)
+    run = dict(method="cospadi", group_size=3, grams=grams, allocation=cfg, **fast())
     reference, full = compress(model, **run)
     assert full.allocation["curve"] == "measured" and len(set(full.allocation["ratios"])) > 1
 
@@ -161,16 +167,16 @@ def test_measured_cospadi_allocation_resumes_and_exports_at_its_bytes(tiny, tmp_
 
 def test_allocation_under_sequential_calibration_comes_from_the_dense_grams(tiny):
     model, windows, grams = tiny
-    _, plain = compress(model, grams=grams, method="svd_llm", allocation=GREEDY, **FAST)
+    _, plain = compress(model, grams=grams, method="svd_llm", allocation=GREEDY, **fast("svd_llm"))
     _, seq = compress(model, windows=windows, method="svd_llm", allocation=GREEDY,
-                      calibration=CalibrationSpec(sequential=True, heldout_source=None, batch_size=4), **FAST)
+                      calibration=CalibrationSpec(sequential=True, heldout_source=None, batch_size=4), **fast("svd_llm"))
     assert seq.allocation["ratios"] == plain.allocation["ratios"]
 
 
 def test_a_data_free_method_refuses_an_allocation(tiny):
     model, _, grams = tiny
     with pytest.raises(ValueError, match="data-aware"):
-        compress(model, grams=grams, method="svd", allocation=GREEDY, **FAST)
+        compress(model, grams=grams, method="svd", allocation=GREEDY, **fast("svd"))
 
 
 # ------------------------------------------------------------------------------------------- Hydra app
@@ -182,7 +188,7 @@ def test_the_app_sweeps_budget_allocation_and_exports_its_bytes(tmp_path):
     from test_run import _compose, _overrides
 
     tiny_dir = save_tiny_model_with_tokenizer(tmp_path / "tiny", layers=2)
-    cfg = _compose(_overrides(tiny_dir, tmp_path / "run", "method.name=svd_llm", "method.ratio=0.3",
+    cfg = _compose(_overrides(tiny_dir, tmp_path / "run", "method=svd_llm", "method.ratio=0.3",
                               "budget.allocation=greedy", "budget.step=0.02"))
     assert "Agreedy-spectrum" in cfg.run_name
     metrics = run_app.execute(cfg)

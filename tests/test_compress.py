@@ -9,12 +9,19 @@ from helpers import tiny_hf_config
 
 from cospadi_jax.budget import budget
 from cospadi_jax.calib import collect_grams
-from cospadi_jax.compress import CompressionConfig, compress, work_units
+from cospadi_jax.compress import compress, work_units
+from cospadi_jax.methods import method_config
 from cospadi_jax.layers import DictLinear, LowRankLinear, quantize_coefficients, replace_projection
 from cospadi_jax.methods.base import DictFactors, LowRankFactors
 from cospadi_jax.models import forward_logits, get_module, projection_weight, random_model
 
-FAST = dict(ksvd_iterations=3, power_iterations=4)
+FAST = dict()
+KSVD = dict(ksvd_iterations=3, power_iterations=4)  # CoSpaDi's knobs: the low-rank methods have none
+
+
+def fast(method: str = "cospadi") -> dict:
+    """FAST, and the K-SVD knobs for a CoSpaDi method."""
+    return {**FAST, **(KSVD if method.startswith("cospadi") else {})}
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +94,7 @@ def test_swapping_one_projection_changes_logits_only_through_it(tiny):
 def test_compress_counts_match_budget(tiny, method):
     model, grams, heldout = tiny
     compressed, report = compress(model, grams=grams, heldout_grams=heldout, method=method, ratio=0.3,
-                                  progress=False, **FAST)
+                                  progress=False, **fast(method))
     assert len(report.matrices) == 4 * 7
     spent = 0.0
     for row in report.matrices:
@@ -113,12 +120,12 @@ def test_compress_counts_match_budget(tiny, method):
 
 def test_grouped_units_share_one_dictionary(tiny):
     model, grams, _ = tiny
-    cfg = CompressionConfig(method="cospadi", group_size=2)
+    cfg = method_config("cospadi", group_size=2)
     units = work_units(cfg, 4)
     assert ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"] in units
     assert ["model.layers.0.self_attn.o_proj"] in units  # o and down stay private
     compressed, report = compress(model, grams=grams, method="cospadi", group_size=2, ratio=0.3,
-                                  progress=False, **FAST)
+                                  progress=False, **fast())
     a = get_module(compressed, "model.layers.0.mlp.up_proj").D[...]
     b = get_module(compressed, "model.layers.1.mlp.up_proj").D[...]
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -128,7 +135,7 @@ def test_grouped_units_share_one_dictionary(tiny):
 
 def test_compression_is_deterministic_under_a_seed(tiny):
     model, grams, _ = tiny
-    kw = dict(grams=grams, method="cospadi", ratio=0.3, layers=(1,), progress=False, **FAST)
+    kw = dict(grams=grams, method="cospadi", ratio=0.3, layers=(1,), progress=False, **fast())
     m1, r1 = compress(model, seed=3, **kw)
     m2, r2 = compress(model, seed=3, **kw)
     m3, _ = compress(model, seed=4, **kw)
@@ -207,4 +214,4 @@ def test_group_with_different_shapes_is_refused(tiny, monkeypatch):
 
     monkeypatch.setattr(compress_module, "projection_weight", uneven)
     with pytest.raises(ValueError, match="a shared group needs equal shapes"):
-        compress(model, grams=grams, method="cospadi", group_size=2, proj_types=("up_proj",), progress=False, **FAST)
+        compress(model, grams=grams, method="cospadi", group_size=2, proj_types=("up_proj",), progress=False, **fast())

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 import cospadi_jax
 import cospadi_jax.run  # noqa: F401  (registers the schema and the resolvers)
 from cospadi_jax.config import RunConfig
+from cospadi_jax.methods import METHODS, CoSpaDiConfig, LowRankConfig, MethodConfig
 from cospadi_jax.identity import (
     EVALUATION_KEYS,
     PLACEMENT_KEYS,
@@ -27,8 +28,10 @@ from cospadi_jax.identity import (
 CONF = str(Path(cospadi_jax.__file__).parent / "conf")
 
 
-def _defaults() -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(RunConfig), resolve=True, enum_to_str=True)
+def _defaults(method: MethodConfig | None = None) -> dict:
+    """The schema's defaults with ``method``'s config (default: CoSpaDi's, the app's default method)."""
+    run = RunConfig(method=method if method is not None else CoSpaDiConfig())
+    return OmegaConf.to_container(OmegaConf.structured(run), resolve=True, enum_to_str=True)
 
 
 def _changed(value):
@@ -62,16 +65,23 @@ def _set(tree: dict, dotted: str, value) -> dict:
     return tree
 
 
-def _leaf_keys() -> list[str]:
+def _leaf_keys(base: dict) -> list[str]:
     """Every leaf of the schema, nested dataclasses expanded (a field defaulting to {} or None is one leaf)."""
-    return sorted(flatten(_defaults()))
+    return sorted(flatten(base))
 
 
-def test_every_key_is_identity_or_placement():
-    base = _defaults()
+# One config of every method config class, so that each class's own keys are checked.
+METHOD_CONFIGS: dict[str, MethodConfig] = {}
+for _name, _method in METHODS.items():
+    METHOD_CONFIGS.setdefault(_method.config_class.__name__, _method.config_class(name=_name))
+
+
+@pytest.mark.parametrize("config_class", sorted(METHOD_CONFIGS))
+def test_every_key_is_identity_or_placement(config_class):
+    base = _defaults(METHOD_CONFIGS[config_class])
     name, artifact = run_name(base), artifact_identity(base)
     checked = 0
-    for key in _leaf_keys():
+    for key in _leaf_keys(base):
         if key.startswith("hydra"):
             continue
         changed = _set(base, key, _changed(flatten(base)[key]))
@@ -142,8 +152,17 @@ def test_job_directory_per_task(tmp_path):
     assert plot.hydra.run.dir == f"{tmp_path}/plots"
 
 
-def test_identity_ignores_hydra_and_enums_become_strings():
+def test_identity_ignores_hydra_and_a_dataclass_equals_its_container():
     base = _defaults()
     assert run_identity({**base, "hydra": {"x": 1}}) == run_identity(base)
-    as_enum = dataclasses.asdict(RunConfig())  # the dataclass holds the OmpBackend Enum
-    assert run_identity(as_enum) == run_identity(base)
+    assert run_identity(dataclasses.asdict(RunConfig(method=CoSpaDiConfig()))) == run_identity(base)
+
+
+def test_an_old_low_rank_artifact_with_every_knob_keeps_its_identity():
+    """Before each method owned its config, an SVD-LLM run stored CoSpaDi's knobs too (rho, ksvd_iterations, ...):
+    its identity is the one the same run has now, so it still resumes, and those knobs no longer name it."""
+    new = _defaults(LowRankConfig(name="svd_llm", label="svd_llm"))
+    old = _set(new, "method", {**_defaults()["method"], "name": "svd_llm", "label": "svd_llm", "rho": 3.0})
+    assert artifact_identity(old) == artifact_identity(new) and run_name(old) == run_name(new)
+    assert "-T60-" not in run_name(old)
+    assert artifact_identity(_set(old, "method.ratio", 0.3)) != artifact_identity(new)

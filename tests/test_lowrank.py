@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cospadi_jax.methods.base import UnitStats, functional_error, weight_error
-from cospadi_jax.methods.lowrank import ASVD, SVDLLM, BasisSharing, TruncatedSVD
+from cospadi_jax.methods.lowrank import ASVD, SVDLLM, ASVDConfig, BasisSharing, TruncatedSVD
 
 
 def _problem(d_in=48, d_out=40, n_tokens=400, seed=0):
@@ -61,7 +61,7 @@ def test_svd_llm_truncation_loss_equals_dropped_singular_values():
 
 def test_asvd_scaling_formula():
     W, G, mean_abs = _problem(seed=3)
-    f = ASVD(alpha=0.5).fit_group([W], [G], SimpleNamespace(rank=9), None, UnitStats(mean_abs=mean_abs))[0]
+    f = ASVD(ASVDConfig(alpha=0.5)).fit_group([W], [G], SimpleNamespace(rank=9), None, UnitStats(mean_abs=mean_abs))[0]
     s = mean_abs**0.5
     U, sig, Vt = np.linalg.svd(s[:, None] * W, full_matrices=False)
     expected = (U[:, :9] * sig[:9]) @ Vt[:9] / s[:, None]

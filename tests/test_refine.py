@@ -16,7 +16,13 @@ from cospadi_jax.layers import DictLinear
 from cospadi_jax.models import get_module, random_model
 from cospadi_jax.refine import RefineConfig, factors_of
 
-FAST = dict(ratio=0.3, ksvd_iterations=2, power_iterations=4, progress=False)
+FAST = dict(ratio=0.3, progress=False)
+KSVD = dict(ksvd_iterations=2, power_iterations=4)  # CoSpaDi's knobs: the low-rank methods have none
+
+
+def fast(method: str = "cospadi") -> dict:
+    """FAST, and the K-SVD knobs for a CoSpaDi method."""
+    return {**FAST, **(KSVD if method.startswith("cospadi") else {})}
 REFINE = RefineConfig(steps=25, lr=1e-2)  # rms-scaled: a step of 1 % of each tensor's RMS
 
 
@@ -36,7 +42,8 @@ def _factors(model) -> dict:
 
 def _fit(tiny, refine=None, **kw):
     model, windows, grams, heldout = tiny
-    return compress(model, grams=grams, heldout_grams=heldout, windows=windows, refine=refine, **{**FAST, **kw})
+    return compress(model, grams=grams, heldout_grams=heldout, windows=windows, refine=refine,
+                    **{**fast(kw.get("method", "cospadi")), **kw})
 
 
 @pytest.mark.parametrize("method, refine", [
@@ -170,9 +177,9 @@ def test_bad_refinement_settings_are_refused_before_any_work(tiny, bad, match):
 def test_refinement_needs_windows_and_the_dense_model(tiny):
     model, _, grams, _ = tiny
     with pytest.raises(ValueError, match="need calibration windows"):
-        compress(model, grams=grams, refine=REFINE, **FAST)
+        compress(model, grams=grams, refine=REFINE, **fast())
     with pytest.raises(ValueError, match="use inplace=False"):
-        compress(model, grams=grams, refine=REFINE, inplace=True, **FAST)
+        compress(model, grams=grams, refine=REFINE, inplace=True, **fast())
 
 
 def test_hydra_refine_knobs(tmp_path):

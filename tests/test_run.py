@@ -30,11 +30,14 @@ def tiny_dir(tmp_path_factory):
 
 
 def _overrides(tiny_dir, out, *extra):
+    """A fast tiny-model job; CoSpaDi (the default method) at 2 K-SVD and 2 power iterations. A ``method=...``
+    in ``extra`` picks another method (and drops the K-SVD knobs, which low-rank methods do not have)."""
+    method = next((e.split("=", 1)[1] for e in extra if e.startswith("method=")), "cospadi")
+    ksvd = ["method.ksvd_iterations=2", "method.power_iterations=2"] if method.startswith("cospadi") else []
     return [f"model.spec={tiny_dir}", "model.name=tiny", f"output_dir={out}", "logger.mode=offline",
             "calib.nsamples=8", "calib.seqlen=32", "calib.heldout_nsamples=4", "calib.batch_size=4",
             f"calib.cache_dir={out}/../gram-cache", f"eval.dense_cache_dir={out}/../dense-cache", "eval.seqlen=32",
-            "eval.max_windows=4",
-            "method.ksvd_iterations=2", "method.power_iterations=2", *extra]
+            "eval.max_windows=4", *ksvd, *extra]
 
 
 def _compose(overrides):
@@ -136,10 +139,17 @@ def test_bad_inputs(tiny_dir, tmp_path):
         _compose(_overrides(tiny_dir, tmp_path / "a", "method.ratio=abc"))
     with pytest.raises(ConfigCompositionException):  # unknown key
         _compose(_overrides(tiny_dir, tmp_path / "a", "method.ratioo=0.3"))
-    with pytest.raises(ConfigCompositionException, match="omp_backend"):  # unknown backend, at composition
-        _compose(_overrides(tiny_dir, tmp_path / "a", "method.omp_backend=fast"))
-    with pytest.raises(ConfigCompositionException, match="sparse_coder"):
-        _compose(_overrides(tiny_dir, tmp_path / "a", "method.sparse_coder=lasso"))
+    for bad, match in (("method.omp_backend=fast", "omp_backend must be one of"),
+                       ("method.sparse_coder=lasso", "unknown sparse_coder 'lasso'"),
+                       ("+method.ksvd_iteration=5", r"unknown key\(s\) \['method.ksvd_iteration'\]"),
+                       ("method=svd_llm method.rho=2", None)):
+        if match is None:  # a knob the method does not have: refused when composed
+            with pytest.raises(ConfigCompositionException, match="rho"):
+                _compose(_overrides(tiny_dir, tmp_path / "a", *bad.split()))
+            continue
+        with pytest.raises(ValueError, match=match):  # before any work
+            run_app.execute(_compose(_overrides(tiny_dir, tmp_path / "a", bad)))
+        assert not (tmp_path / "a").exists()
     with pytest.raises(ValueError, match="ratio must be in"):  # impossible value, before any work
         run_app.execute(_compose(_overrides(tiny_dir, tmp_path / "b", "method.ratio=1.5")))
     assert not (tmp_path / "b").exists()
@@ -167,9 +177,9 @@ def test_slurm_launcher_without_its_extra_names_the_install(tmp_path):
 
 def test_resume_with_a_different_config_is_refused(tiny_dir, tmp_path):
     out = tmp_path / "run"
-    run_app.execute(_compose(_overrides(tiny_dir, out, "method.name=svd_llm", "eval.dense_baseline=false")))
+    run_app.execute(_compose(_overrides(tiny_dir, out, "method=svd_llm", "eval.dense_baseline=false")))
     with pytest.raises(ConfigMismatchError, match=r"(?s)Keys that differ.*method\.ratio: 0\.2 -> 0\.3"):
-        run_app.execute(_compose(_overrides(tiny_dir, out, "method.name=svd_llm", "method.ratio=0.3")))
+        run_app.execute(_compose(_overrides(tiny_dir, out, "method=svd_llm", "method.ratio=0.3")))
 
 
 def test_resume_survives_a_moved_directory_and_placement_knobs(tiny_dir, tmp_path, caplog):
@@ -203,7 +213,7 @@ def test_files_honour_the_umask(tiny_dir, tmp_path):
     old = os.umask(0o022)
     try:
         out = tmp_path / "run"
-        run_app.execute(_compose(_overrides(tiny_dir, out, "method.name=svd_llm", "method.layers=[0]",
+        run_app.execute(_compose(_overrides(tiny_dir, out, "method=svd_llm", "method.layers=[0]",
                                             "method.proj_types=[q_proj]")))
     finally:
         os.umask(old)
@@ -282,19 +292,19 @@ def test_dense_baseline_is_cached_per_setting(tiny_dir, tmp_path, monkeypatch):
     calls = []
     evaluate = run_app._evaluate
     monkeypatch.setattr(run_app, "_evaluate", lambda *a: calls.append(a) or evaluate(*a))
-    first = run_app.execute(_compose(_overrides(tiny_dir, tmp_path / "a", "method.name=svd_llm")))
+    first = run_app.execute(_compose(_overrides(tiny_dir, tmp_path / "a", "method=svd_llm")))
     assert len(calls) == 2  # dense + compressed
     cached = list((tmp_path / "dense-cache").glob("dense-*.json"))
     assert len(cached) == 1
-    second = run_app.execute(_compose(_overrides(tiny_dir, tmp_path / "b", "method.name=svd_llm",
+    second = run_app.execute(_compose(_overrides(tiny_dir, tmp_path / "b", "method=svd_llm",
                                                  "method.ratio=0.3")))
     assert len(calls) == 3 and second["dense"] == first["dense"]  # only the compressed model was evaluated
-    run_app.execute(_compose(_overrides(tiny_dir, tmp_path / "c", "method.name=svd_llm", "eval.max_windows=3")))
+    run_app.execute(_compose(_overrides(tiny_dir, tmp_path / "c", "method=svd_llm", "eval.max_windows=3")))
     assert len(calls) == 5  # another eval setting: dense evaluated again
     stored = json.loads(cached[0].read_text())
     stored["key"]["model"] = "another-model"
     cached[0].write_text(json.dumps(stored))
-    run_app.execute(_compose(_overrides(tiny_dir, tmp_path / "d", "method.name=svd_llm")))
+    run_app.execute(_compose(_overrides(tiny_dir, tmp_path / "d", "method=svd_llm")))
     assert len(calls) == 7 and json.loads(cached[0].read_text())["key"]["model"] != "another-model"
 
 

@@ -9,14 +9,21 @@ from helpers import tiny_hf_config
 
 from cospadi_jax.calib import collect_grams
 from cospadi_jax.checkpoint import ArtifactWriter
-from cospadi_jax.compress import CalibrationSpec, CompressionConfig, compress
+from cospadi_jax.compress import CalibrationSpec, compress
+from cospadi_jax.methods import method_config
 from cospadi_jax.layers import replace_projection
 from cospadi_jax.models import get_module, random_model
 from cospadi_jax.refine import factors_of
 from cospadi_jax.sequential import blocks
 from cospadi_jax.streaming import ModelLayerSource, compress_streaming
 
-FAST = dict(ratio=0.3, ksvd_iterations=2, power_iterations=3, progress=False)
+FAST = dict(ratio=0.3, progress=False)
+KSVD = dict(ksvd_iterations=2, power_iterations=3)  # CoSpaDi's knobs: the low-rank methods have none
+
+
+def fast(method: str = "cospadi") -> dict:
+    """FAST, and the K-SVD knobs for a CoSpaDi method."""
+    return {**FAST, **(KSVD if method.startswith("cospadi") else {})}
 SEQUENTIAL = CalibrationSpec(sequential=True, heldout_source=None, batch_size=4)
 
 
@@ -44,8 +51,8 @@ def test_layer_l_is_fitted_on_the_grams_of_the_compressed_prefix(tiny):
     compressed layers 0-1 gives (SVD-LLM is closed-form, so equal Grams mean equal factors)."""
     model, windows = tiny
     plain, _ = compress(model, grams=collect_grams(model, windows, batch_size=4, progress=False), method="svd_llm",
-                        **FAST)
-    seq, report = compress(model, windows=windows, calibration=SEQUENTIAL, method="svd_llm", **FAST)
+                        **fast("svd_llm"))
+    seq, report = compress(model, windows=windows, calibration=SEQUENTIAL, method="svd_llm", **fast("svd_llm"))
     a, b = _factors(seq), _factors(plain)
     _equal(a, b, [p for p in a if ".layers.0." in p])
     prefix = random_model(_cfg(), seed=0)
@@ -53,7 +60,7 @@ def test_layer_l_is_fitted_on_the_grams_of_the_compressed_prefix(tiny):
         if int(p.split(".")[2]) < 2:
             replace_projection(prefix, p, a[p])
     grams = collect_grams(prefix, windows, batch_size=4, layers=[2], progress=False)
-    layer2, _ = compress(model, grams=grams, method="svd_llm", layers=(2,), **FAST)
+    layer2, _ = compress(model, grams=grams, method="svd_llm", layers=(2,), **fast("svd_llm"))
     _equal(a, _factors(layer2), [p for p in a if ".layers.2." in p])
     assert not np.allclose(a["model.layers.2.mlp.up_proj"].A, b["model.layers.2.mlp.up_proj"].A)
     assert report.calibration["sequential"] is True
@@ -72,8 +79,8 @@ def _cfg():
 def test_every_method_runs_sequentially_at_the_same_budget(tiny, method, extra):
     model, windows = tiny
     _, plain = compress(model, grams=collect_grams(model, windows, batch_size=4, progress=False), method=method,
-                        **FAST, **extra)
-    seq, report = compress(model, windows=windows, calibration=SEQUENTIAL, method=method, **FAST, **extra)
+                        **fast(method), **extra)
+    seq, report = compress(model, windows=windows, calibration=SEQUENTIAL, method=method, **fast(method), **extra)
     assert report.realised_ratio == plain.realised_ratio
     assert [m.path for m in report.matrices] == [m.path for m in plain.matrices]
     assert all(np.isfinite(m.functional_error_calib) for m in report.matrices)
@@ -87,8 +94,8 @@ def test_a_shared_group_is_calibrated_whole_on_the_prefix_before_it(tiny):
     assert blocks([["model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"], ["model.layers.0.mlp.down_proj"],
                    ["model.layers.1.mlp.down_proj"]]) == [[0, 1]]
     layers = dict(layers=(0, 1), group_size=2)
-    plain, _ = compress(model, grams=collect_grams(model, windows, batch_size=4, progress=False), **FAST, **layers)
-    seq, _ = compress(model, windows=windows, calibration=SEQUENTIAL, **FAST, **layers)
+    plain, _ = compress(model, grams=collect_grams(model, windows, batch_size=4, progress=False), **fast(), **layers)
+    seq, _ = compress(model, windows=windows, calibration=SEQUENTIAL, **fast(), **layers)
     a = _factors(seq)
     _equal(a, _factors(plain), list(a))
 
@@ -111,20 +118,20 @@ class _DiesAfter(ArtifactWriter):
 
 def test_an_interrupted_sequential_run_resumes_bit_identical(tiny, tmp_path):
     model, windows = tiny
-    reference = _factors(compress(model, windows=windows, calibration=SEQUENTIAL, **FAST)[0])
+    reference = _factors(compress(model, windows=windows, calibration=SEQUENTIAL, **fast())[0])
     meta = {"identity": {"run": "seq"}}
     with pytest.raises(_Killed):  # dies inside the third block (7 units per layer)
         compress(model, windows=windows, calibration=SEQUENTIAL, artifact=_DiesAfter(tmp_path, meta, after=17),
-                 **FAST)
+                 **fast())
     resumed, report = compress(model, windows=windows, calibration=SEQUENTIAL, artifact=ArtifactWriter(tmp_path, meta),
-                               **FAST)
+                               **fast())
     assert report.units_reused == 17
     _equal(_factors(resumed), reference, list(reference))
 
 
 def test_streaming_sequential_equals_compress_sequential(tiny):
     model, windows = tiny
-    config = CompressionConfig(method="svd_llm", ratio=0.3)
+    config = method_config("svd_llm", ratio=0.3)
     seq, _ = compress(model, windows=windows, calibration=CalibrationSpec(sequential=True, heldout_source=None,
                                                                           batch_size=len(windows)),
                       config=config, progress=False)
@@ -139,18 +146,17 @@ def test_streaming_sequential_equals_compress_sequential(tiny):
 def test_sequential_refuses_precomputed_grams(tiny):
     model, windows = tiny
     with pytest.raises(ValueError, match="precomputed grams would be silently wrong"):
-        compress(model, grams=collect_grams(model, windows, progress=False), calibration=SEQUENTIAL, **FAST)
+        compress(model, grams=collect_grams(model, windows, progress=False), calibration=SEQUENTIAL, **fast())
     with pytest.raises(ValueError, match="need calibration windows"):
-        compress(model, calibration=SEQUENTIAL, **FAST)
+        compress(model, calibration=SEQUENTIAL, **fast())
 
 
 def test_hydra_sequential_knob_names_the_run():
     from omegaconf import OmegaConf
     from test_run import _compose
 
-    from cospadi_jax.config import calibration_spec
     from cospadi_jax.identity import run_name
 
     cfg = _compose(["calib.sequential=true"])
     assert "-seq-" in run_name(OmegaConf.to_container(cfg, resolve=False))
-    assert calibration_spec(OmegaConf.to_object(cfg)).sequential is True
+    assert OmegaConf.to_object(cfg).calib.sequential is True

@@ -8,7 +8,8 @@ from helpers import save_tiny_model_with_tokenizer, tiny_hf_config
 
 from cospadi_jax.calib import collect_grams
 from cospadi_jax.checkpoint import ArtifactWriter
-from cospadi_jax.compress import CompressionConfig, compress
+from cospadi_jax.compress import compress
+from cospadi_jax.methods import method_config
 from cospadi_jax.models import decoder_config_from_hf, get_module, load_model, random_model
 from cospadi_jax.models.convert import CheckpointMismatchError
 from cospadi_jax.streaming import (
@@ -30,7 +31,7 @@ def tiny():
 @pytest.mark.parametrize("method", ["cospadi", "svd_llm"])
 def test_streaming_equals_whole_model_compress(tiny, tmp_path, method):
     model, windows = tiny
-    config = CompressionConfig(method=method, ratio=0.3, ksvd_iterations=2, power_iterations=3)
+    config = method_config(method, ratio=0.3, **(dict(ksvd_iterations=2, power_iterations=3) if method == "cospadi" else {}))
     compressed, whole = compress(model, grams=collect_grams(model, windows, progress=False), config=config,
                                  progress=False)
     artifact = ArtifactWriter(tmp_path / "artifact", {"config_fingerprint": method})
@@ -61,7 +62,7 @@ def test_memory_plan_for_llama3_8b_shapes():
     cfg = decoder_config_from_hf(transformers.LlamaConfig(
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, max_position_embeddings=8192))
-    config = CompressionConfig(method="cospadi", ratio=0.2)
+    config = method_config("cospadi", ratio=0.2)
     plan = plan_memory(cfg, config, 32, 512, budget_gib=20.0)
     # bf16 layer = 218M params; float64 Grams of d = 4096 (q, o, gate) and 14336.
     assert plan.resident_gib["layer weights"] == pytest.approx(218_112_000 * 2 / 2**30, rel=1e-3)
@@ -78,9 +79,9 @@ def test_streaming_rejects_groups_and_discarding_without_artifact(tiny):
     model, windows = tiny
     source = RandomLayerSource(model.config, seed=0)
     with pytest.raises(ValueError, match="group_size=1"):
-        compress_streaming(source, windows, config=CompressionConfig(group_size=2), budget_gib=4.0)
+        compress_streaming(source, windows, config=method_config(group_size=2), budget_gib=4.0)
     with pytest.raises(ValueError, match="pass an artifact"):
-        compress_streaming(source, windows, config=CompressionConfig(), budget_gib=4.0, keep_factors=False)
+        compress_streaming(source, windows, config=method_config(), budget_gib=4.0, keep_factors=False)
 
 
 def test_checkpoint_source_reads_one_layer_at_a_time_like_a_full_load(tmp_path):

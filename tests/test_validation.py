@@ -75,7 +75,7 @@ def test_unwritable_caches_warn_and_the_run_goes_on(tiny_dir, tmp_path, caplog):
     blocker.write_text("")
     with caplog.at_level(logging.WARNING):
         metrics = run_app.execute(_compose(_overrides(
-            tiny_dir, tmp_path / "run", "method.name=svd_llm", "method.layers=[0]", "method.proj_types=[q_proj]",
+            tiny_dir, tmp_path / "run", "method=svd_llm", "method.layers=[0]", "method.proj_types=[q_proj]",
             f"calib.cache_dir={blocker}/grams", f"eval.dense_cache_dir={blocker}/dense")))
     assert "Gram cache" in caplog.text and "dense-score cache" in caplog.text
     assert np.isfinite(metrics["compressed"]["perplexity"]["embedded:heldout"]["perplexity"])

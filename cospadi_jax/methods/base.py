@@ -13,12 +13,17 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 import jax
 import numpy as np
 
+from ..models.paths import PROJECTION_TYPES
 from ..sparse.whitening import unwhiten_dictionary, whiten
+
+# The paper's grouping (Basis Sharing protocol): q, k, v, gate, up shared across consecutive layers; o, down private.
+DEFAULT_SHARED_TYPES = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+PARALLEL_MODES = ("none", "columns", "matrices")
 
 
 @dataclass
@@ -85,6 +90,126 @@ class DictFactors:
 Factors = LowRankFactors | DictFactors
 
 
+@dataclass
+class MethodConfig:
+    """The knobs every method has. Each method's own config subclasses it with only the fields it reads
+    (:class:`~cospadi_jax.methods.cospadi.CoSpaDiConfig`, :class:`~cospadi_jax.methods.lowrank.LowRankConfig`,
+    ...); the same dataclasses are the Hydra schemas of ``conf/method/*.yaml`` (``cospadi_jax.config``), so a
+    key that the method does not read (``method.rho`` for SVD-LLM) is refused when the config is composed.
+    """
+
+    name: str = ""  # the registry key (cospadi_jax.methods.METHODS)
+    label: Optional[str] = None  # the config's name: key into paper tables and plot legends (default: name)
+    ratio: float = 0.2  # fraction of parameters removed, per matrix (storage bytes, the paper's CR)
+    group_size: int = 1  # m consecutive layers sharing a basis (grouped CoSpaDi, Basis Sharing)
+    shared_types: list[str] = field(default_factory=lambda: list(DEFAULT_SHARED_TYPES))
+    layers: Optional[list[int]] = None  # None = all layers
+    proj_types: list[str] = field(default_factory=lambda: list(PROJECTION_TYPES))
+    mode: str = "dense"  # DictLinear evaluation path: dense | factored | sparse | sparse_coo16 (layers.DICT_MODES)
+    # None | bf16-14bit | int8: CoSpaDi's coefficient values quantised and dequantised (simulated: they stay
+    # float32 in memory and in the artifact; the realised ratio counts the accounting's value bits, Eq. 10/11)
+    quantization: Optional[str] = None
+    # none | columns (one CoSpaDi K-SVD with its columns sharded over all devices) | matrices (independent
+    # matrices/groups spread over processes and their local devices)
+    parallel: str = "none"
+
+    def validate(self, n_layers: int | None = None) -> None:
+        """Raise naming the bad field before any work starts (the layer range needs ``n_layers``).
+
+        The common fields are checked here, a method's own in its subclass (which calls this first)."""
+        from ..layers import DICT_MODES, QUANTIZATIONS  # layers imports this package: import at call time
+        from . import method_class
+
+        method = method_class(self.name)
+        if not isinstance(self, method.config_class):
+            raise ValueError(f"method {self.name!r} is configured by {method.config_class.__name__}, got a "
+                             f"{type(self).__name__}: choose the method's config file (method={self.name}) "
+                             "instead of overriding method.name")
+        _check_number(self, "ratio")
+        _check_int(self, "group_size")
+        if not 0.0 < self.ratio < 1.0:
+            raise ValueError(f"ratio must be in (0, 1) (fraction of parameters removed), got {self.ratio}")
+        for name in ("proj_types", "shared_types"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not isinstance(value, (list, tuple)):
+                raise TypeError(f"{name} must be a list of projection types such as ['q_proj'], got {value!r}")
+        if not self.proj_types:
+            raise ValueError(f"proj_types is empty: nothing would be compressed; choose from {PROJECTION_TYPES}")
+        bad = [t for t in (*self.proj_types, *self.shared_types) if t not in PROJECTION_TYPES]
+        if bad:
+            raise ValueError(f"unknown projection type(s) {bad}; use {PROJECTION_TYPES}")
+        if len(set(self.proj_types)) != len(self.proj_types):
+            raise ValueError(f"proj_types lists a projection twice: {list(self.proj_types)}")
+        self.check_layers(n_layers)
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {self.quantization!r}; use one of {QUANTIZATIONS}")
+        if self.quantization and method.budget_kind != "cospadi":
+            raise ValueError(f"quantization={self.quantization!r} applies to CoSpaDi's coefficient values; "
+                             f"{self.name!r} stores dense low-rank factors, so it would be ignored. Use "
+                             "quantization=null with low-rank methods.")
+        if self.parallel not in PARALLEL_MODES:
+            raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
+        if self.mode not in DICT_MODES:
+            raise ValueError(f"mode must be one of {DICT_MODES}, got {self.mode!r}")
+
+    def budget_options(self) -> dict[str, Any]:
+        """The keywords of :func:`cospadi_jax.budget.budget` for this method: its budget kind (and CoSpaDi's
+        k/s ratio and accounting, in its subclass). A method never computes its own budget."""
+        from . import method_class
+
+        return {"kind": method_class(self.name).budget_kind}
+
+    def check_layers(self, n_layers: int | None) -> None:
+        """The layer selection and grouping against the model's ``n_layers`` (None: what needs no model)."""
+        from . import method_class
+
+        if self.layers is not None:
+            if isinstance(self.layers, (str, int)) or not isinstance(self.layers, (list, tuple)):
+                raise TypeError(f"layers must be a list of layer indices such as [10, 11] (or None for all), "
+                                f"got {self.layers!r}")
+            not_int = [i for i in self.layers if isinstance(i, bool) or not isinstance(i, (int, np.integer))]
+            if not_int:
+                raise TypeError(f"layer indices must be integers, got {not_int}")
+            if not self.layers:
+                raise ValueError("layers is empty: nothing would be compressed; use None (all layers) or a list")
+            if len(set(self.layers)) != len(self.layers):
+                raise ValueError(f"layers lists a layer twice: {list(self.layers)}")
+        bad_layers = [i for i in (self.layers or ()) if i < 0 or (n_layers is not None and i >= n_layers)]
+        if bad_layers:
+            raise ValueError(f"layer index {bad_layers} out of range: the model has {n_layers} layers")
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        if self.group_size == 1:
+            return
+        if not method_class(self.name).supports_groups:
+            raise ValueError(f"method {self.name!r} does not share bases; use group_size=1")
+        n = len(self.layers) if self.layers is not None else n_layers
+        if n is not None and n % self.group_size:
+            raise ValueError(
+                f"group_size={self.group_size} does not divide the {n} compressed layers; "
+                "choose a divisor or select layers so that groups are complete (no remainder rule is applied).")
+        layers = list(self.layers or ())
+        apart = [layers[g:g + self.group_size] for g in range(0, len(layers), self.group_size)
+                 if layers[g:g + self.group_size] != list(range(layers[g], layers[g] + self.group_size))]
+        if apart:  # a basis is shared by consecutive layers (Basis Sharing protocol), never across a gap
+            raise ValueError(f"group_size={self.group_size} groups layers {apart}, which are not consecutive; "
+                             "list consecutive layers in order, e.g. layers=[2, 3, 8, 9].")
+
+
+def _check_number(config: Any, name: str) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+
+
+def _check_int(config: Any, name: str) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+
+
 @dataclass(frozen=True)
 class UnitStats:
     """Calibration statistics of a fitting unit beyond its Grams (what a method with ``needs_mean_abs`` reads).
@@ -98,8 +223,12 @@ class UnitStats:
 class Method(ABC):
     """A compression method: the whole contract that the orchestrator (:mod:`cospadi_jax.compress`) relies on.
 
+    A method is built from its own config (``Method(config)``, or :func:`cospadi_jax.methods.build`), reads its
+    knobs from ``self.config`` and fits units through :meth:`fit_group`.
+
     Class attributes:
         name: the registry key (``method.name`` in the configs).
+        config_class: the :class:`MethodConfig` subclass holding this method's knobs (its Hydra schema).
         data_aware: fits on the calibration Grams (False: ``grams`` are None and never needed).
         budget_kind: ``"low_rank"`` (the budget gives ``rank``) or ``"cospadi"`` (``n_atoms`` k and
             ``sparsity`` s) — the :func:`cospadi_jax.budget.budget` kind the orchestrator draws the unit's
@@ -112,15 +241,14 @@ class Method(ABC):
     """
 
     name: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]]
     data_aware: ClassVar[bool]
     budget_kind: ClassVar[str]
     supports_groups: ClassVar[bool] = False
     needs_mean_abs: ClassVar[bool] = False
 
-    @classmethod
-    def from_config(cls, config: Any) -> "Method":
-        """The method with its knobs from a compression config (methods without knobs ignore it)."""
-        return cls()
+    def __init__(self, config: MethodConfig | None = None):
+        self.config = config if config is not None else self.config_class(name=self.name)
 
     @abstractmethod
     def fit_group(self, Ws: list[np.ndarray], grams: list[np.ndarray | None], budget: Any, key: Any,

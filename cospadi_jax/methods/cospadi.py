@@ -8,47 +8,79 @@ metric Ḡ = mean of their Grams and the concatenated columns L̄·[W_1 … W_m]
 from __future__ import annotations
 
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import numpy as np
 
-from ..sparse.ksvd import ksvd
-from .base import DictFactors, Method, UnitStats, unwhiten, whitening_factor
+from ..budget import ACCOUNTINGS
+from ..sparse.backend import check_omp_backend
+from ..sparse.ksvd import DICT_UPDATES, SPARSE_CODERS, ksvd
+from .base import DictFactors, Method, MethodConfig, UnitStats, _check_int, _check_number, unwhiten, whitening_factor
+
+
+@dataclass
+class CoSpaDiConfig(MethodConfig):
+    """CoSpaDi's knobs (paper Table 8 defaults): the budget's k/s and accounting, and the K-SVD engine's."""
+
+    name: str = "cospadi"
+    rho: float = 2.0  # k / s
+    accounting: str = "eq11"  # storage accounting: eq11 (14-bit values) | eq10 (bitmask)
+    ksvd_iterations: int = 60
+    power_iterations: int = 8
+    dict_update: str = "power"  # power | exact | mod
+    reseed_unused: bool = False  # paper: unused atoms are skipped; True re-seeds them (K-SVD original)
+    # one OMP chunk's working memory per device; null = the backend's default (xla: 16 MiB, an L3-sized chunk;
+    # gemm: 25 % of the device's memory)
+    omp_memory_mb: Optional[int] = None
+    omp_backend: str = "auto"  # Batch-OMP: auto (cpu_kernel on CPU, gemm on GPU/TPU) | xla | cpu_kernel | gemm
+    sparse_coder: str = "omp"  # omp (the paper's Batch-OMP) | ormp (order-recursive MP: lower error at the same s)
+
+    def budget_options(self) -> dict[str, Any]:
+        return {**super().budget_options(), "rho": self.rho, "accounting": self.accounting}
+
+    def validate(self, n_layers: int | None = None) -> None:
+        super().validate(n_layers)
+        _check_number(self, "rho")
+        for name in ("ksvd_iterations", "power_iterations"):
+            _check_int(self, name)
+        if self.rho < 1.0:
+            raise ValueError(f"rho = k/s must be >= 1 (s <= k), got {self.rho}")
+        if self.accounting not in ACCOUNTINGS:
+            raise ValueError(f"accounting must be one of {ACCOUNTINGS}, got {self.accounting!r}")
+        if self.dict_update not in DICT_UPDATES:
+            raise ValueError(f"dict_update must be one of {DICT_UPDATES}, got {self.dict_update!r}")
+        if self.ksvd_iterations < 0 or self.power_iterations < 1:
+            raise ValueError("ksvd_iterations must be >= 0 and power_iterations >= 1")
+        if self.omp_memory_mb is not None and self.omp_memory_mb < 1:
+            raise ValueError(f"omp_memory_mb must be >= 1, got {self.omp_memory_mb}")
+        check_omp_backend(self.omp_backend)
+        if self.sparse_coder not in SPARSE_CODERS:
+            raise ValueError(f"unknown sparse_coder {self.sparse_coder!r}; use one of {SPARSE_CODERS}")
+        if self.sparse_coder != "omp" and self.parallel == "columns":
+            raise ValueError("parallel='columns' shards Batch-OMP over devices; use sparse_coder=omp with it")
+        if self.parallel == "columns" and self.omp_backend not in ("auto", "xla"):
+            raise ValueError(f"parallel='columns' shards the XLA Batch-OMP over devices; omp_backend="
+                             f"{self.omp_backend!r} cannot be sharded: use omp_backend=auto or xla.")
 
 
 class CoSpaDi(Method):
-    """Data-aware CoSpaDi (whitened K-SVD); its knobs are the K-SVD engine's, under the configs' names."""
+    """Data-aware CoSpaDi (whitened K-SVD); its knobs (:class:`CoSpaDiConfig`) are the K-SVD engine's."""
 
     name = "cospadi"
+    config_class = CoSpaDiConfig
     data_aware = True
     budget_kind = "cospadi"
     supports_groups = True
-
-    def __init__(self, *, ksvd_iterations: int = 60, power_iterations: int = 8, dict_update: str = "power",
-                 reseed_unused: bool = False, parallel: str = "none", omp_memory_mb: int | None = None,
-                 omp_backend: str = "auto", sparse_coder: str = "omp"):
-        self.ksvd_iterations = ksvd_iterations
-        self.power_iterations = power_iterations
-        self.dict_update = dict_update
-        self.reseed_unused = reseed_unused
-        self.parallel = parallel  # "columns": one matrix's columns sharded over all devices
-        self.omp_memory_mb = omp_memory_mb  # per device
-        self.omp_backend = omp_backend
-        self.sparse_coder = sparse_coder  # omp (the paper) | ormp
-
-    @classmethod
-    def from_config(cls, config: Any) -> "CoSpaDi":
-        return cls(ksvd_iterations=config.ksvd_iterations, power_iterations=config.power_iterations,
-                   dict_update=config.dict_update, reseed_unused=config.reseed_unused, parallel=config.parallel,
-                   omp_memory_mb=config.omp_memory_mb, omp_backend=config.omp_backend,
-                   sparse_coder=config.sparse_coder)
+    config: CoSpaDiConfig
 
     def ksvd_options(self) -> dict[str, Any]:
         """The keyword arguments of :func:`~cospadi_jax.sparse.ksvd.ksvd` (besides the key) this method passes."""
-        return dict(dict_update=self.dict_update, power_iterations=self.power_iterations,
-                    unused="reseed" if self.reseed_unused else "skip", omp_backend=self.omp_backend,
-                    sparse_coder=self.sparse_coder,
-                    omp_memory_budget_bytes=None if self.omp_memory_mb is None else int(self.omp_memory_mb) * 2**20)
+        c = self.config
+        return dict(dict_update=c.dict_update, power_iterations=c.power_iterations,
+                    unused="reseed" if c.reseed_unused else "skip", omp_backend=c.omp_backend,
+                    sparse_coder=c.sparse_coder,
+                    omp_memory_budget_bytes=None if c.omp_memory_mb is None else int(c.omp_memory_mb) * 2**20)
 
     def fit_group(self, Ws: list[np.ndarray], grams: list[np.ndarray | None], budget: Any, key: Any,
                   stats: UnitStats = UnitStats()) -> list[DictFactors]:
@@ -63,17 +95,17 @@ class CoSpaDi(Method):
             L, Y = None, W_cat
         whitening_s = time.perf_counter() - t0
         options = self.ksvd_options()
-        if self.parallel == "columns":
+        if self.config.parallel == "columns":
             from ..parallel import make_mesh
             from ..sparse.sharded import sharded_ksvd
 
             if options["omp_memory_budget_bytes"] is None:
                 options.pop("omp_memory_budget_bytes")  # the sharded XLA path's own default
             options = {k: v for k, v in options.items() if k not in ("omp_backend", "sparse_coder")}
-            result = sharded_ksvd(Y, budget.n_atoms, budget.sparsity, self.ksvd_iterations, make_mesh(), key=key,
-                                  **options)
+            result = sharded_ksvd(Y, budget.n_atoms, budget.sparsity, self.config.ksvd_iterations, make_mesh(),
+                                  key=key, **options)
         else:
-            result = ksvd(Y, budget.n_atoms, budget.sparsity, self.ksvd_iterations, key=key, **options)
+            result = ksvd(Y, budget.n_atoms, budget.sparsity, self.config.ksvd_iterations, key=key, **options)
         t0 = time.perf_counter()
         D = np.asarray(result.dictionary, np.float64)
         D_a = unwhiten(L, D) if L is not None else D
@@ -88,7 +120,8 @@ class CoSpaDi(Method):
         info.update(early_stopped_columns=int(result.codes.n_early_stopped),
                     unused_atoms=int(result.n_unused_atoms[-1]) if len(result.n_unused_atoms) else 0,
                     objective=[float(x) for x in np.asarray(result.objective)],
-                    omp_backend=backend if self.sparse_coder == "omp" else "xla-ormp", phase_seconds={"whitening": whitening_s, **phases})
+                    omp_backend=backend if self.config.sparse_coder == "omp" else "xla-ormp",
+                    phase_seconds={"whitening": whitening_s, **phases})
         cuts = np.cumsum([0, *[w.shape[1] for w in Ws]])
         return [DictFactors(D_a, indices[a:b], values[a:b], dict(info)) for a, b in zip(cuts[:-1], cuts[1:])]
 
@@ -98,3 +131,6 @@ class CoSpaDiFree(CoSpaDi):
 
     name = "cospadi_free"
     data_aware = False
+
+    def __init__(self, config: CoSpaDiConfig | None = None):
+        super().__init__(config if config is not None else CoSpaDiConfig(name=self.name))

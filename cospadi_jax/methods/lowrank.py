@@ -7,11 +7,33 @@ damping from :mod:`cospadi_jax.sparse.whitening`, mapped back with triangular so
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .base import LowRankFactors, Method, UnitStats, unwhiten, whitening_factor
+from .base import LowRankFactors, Method, MethodConfig, UnitStats, _check_number, unwhiten, whitening_factor
+
+
+@dataclass
+class LowRankConfig(MethodConfig):
+    """SVD, SVD-LLM and Basis Sharing: the common knobs only (the rank follows from the ratio)."""
+
+    name: str = "svd_llm"
+
+
+@dataclass
+class ASVDConfig(MethodConfig):
+    """ASVD: the common knobs and the activation-scaling exponent α (S_ii = mean |x_i|^α; ASVD uses 0.5)."""
+
+    name: str = "asvd"
+    alpha: float = 0.5
+
+    def validate(self, n_layers: int | None = None) -> None:
+        super().validate(n_layers)
+        _check_number(self, "alpha")
+        if self.alpha < 0:
+            raise ValueError(f"alpha must be >= 0 (0 = plain SVD), got {self.alpha}")
 
 
 def _truncated_svd(Y: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -32,6 +54,7 @@ class TruncatedSVD(Method):
     """Data-free baseline: W ≈ U_r Σ_r V_rᵀ (Eckart-Young in weight space)."""
 
     name = "svd"
+    config_class = LowRankConfig
     data_aware = False
     budget_kind = "low_rank"
 
@@ -49,6 +72,7 @@ class SVDLLM(Method):
     """
 
     name = "svd_llm"
+    config_class = LowRankConfig
     data_aware = True
     budget_kind = "low_rank"
 
@@ -68,26 +92,25 @@ class ASVD(Method):
     """
 
     name = "asvd"
+    config_class = ASVDConfig
     data_aware = True
     budget_kind = "low_rank"
     needs_mean_abs = True
-
-    def __init__(self, alpha: float = 0.5):
-        self.alpha = alpha
+    config: ASVDConfig
 
     def fit_group(self, Ws: list[np.ndarray], grams: list[np.ndarray | None], budget: Any, key: Any = None,
                   stats: UnitStats = UnitStats()) -> list[LowRankFactors]:
         W, _ = self._single(Ws, grams)
         if stats.mean_abs is None:
             raise ValueError("ASVD scales by the calibration mean |x|: pass stats=UnitStats(mean_abs=...)")
-        scale = np.asarray(stats.mean_abs, np.float64) ** self.alpha
+        scale = np.asarray(stats.mean_abs, np.float64) ** self.config.alpha
         # Dead input channels would make S singular; give them the smallest positive scale instead.
         positive = scale[scale > 0]
         if positive.size == 0:
             raise ValueError("ASVD: every input channel has zero mean |x|; the calibration data never reached it")
         scale = np.where(scale > 0, scale, positive.min())
         A_s, B = _split_sqrt(*_truncated_svd(scale[:, None] * np.asarray(W, np.float64), budget.rank))
-        return [LowRankFactors(A_s / scale[:, None], B, {"rank": budget.rank, "alpha": self.alpha})]
+        return [LowRankFactors(A_s / scale[:, None], B, {"rank": budget.rank, "alpha": self.config.alpha})]
 
 
 class BasisSharing(Method):
@@ -98,6 +121,7 @@ class BasisSharing(Method):
     """
 
     name = "basis_sharing"
+    config_class = LowRankConfig
     data_aware = True
     budget_kind = "low_rank"
     supports_groups = True

@@ -1,0 +1,81 @@
+"""What a compression reports: one row per matrix, the run's totals, and the warnings they deserve."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+log = logging.getLogger("cospadi_jax.compress")
+
+
+@dataclass
+class MatrixReport:
+    path: str
+    group: list[str]
+    d_in: int
+    d_out: int
+    method: str
+    functional_error_calib: float | None
+    functional_error_heldout: float | None
+    weight_error: float
+    realised_ratio: float  # storage removed (bytes, the paper's CR; a group's shared basis split evenly)
+    realised_ratio_params: float  # stored numbers removed (no mask/index bits)
+    dense_params: int
+    compressed_params: float
+    seconds: float
+    k: int | None = None
+    s: int | None = None
+    rank: int | None = None
+    jitter: float | None = None
+    lambda_min: float | None = None
+    condition_number: float | None = None
+    effective_rank: int | None = None  # of the calibration Gram (None when not computed)
+    early_stopped_columns: int | None = None
+    quantization_error: float | None = None
+    objective: list[float] | None = None
+    # CoSpaDi: resolved Batch-OMP backend and fitting time per phase (whitening, omp, update, gemm).
+    omp_backend: str | None = None
+    phase_seconds: dict | None = None
+    # Block-output refinement (refine.py): the held-out functional error of the factors as fitted, before it.
+    functional_error_heldout_fitted: float | None = None
+    target_ratio: float | None = None  # the unit's ratio: config.ratio, or its share of a non-uniform allocation
+
+
+@dataclass
+class CompressionReport:
+    config: dict
+    calibration: dict
+    matrices: list[MatrixReport] = field(default_factory=list)
+    seconds: float = 0.0
+    units: int = 0  # fitting units (a matrix or a shared group)
+    units_reused: int = 0  # read back from the artifact of an interrupted run instead of being fitted
+    refinement: list[dict] = field(default_factory=list)  # one refine.LayerRefinement per refined layer
+    allocation: dict | None = None  # allocation.allocate's result (per-unit ratios); None when uniform
+
+    @property
+    def realised_ratio(self) -> float:
+        """Storage removed over all compressed matrices (bytes, the paper's CR; a shared basis counted once)."""
+        dense = sum(m.dense_params for m in self.matrices)
+        return 1.0 - sum((1 - m.realised_ratio) * m.dense_params for m in self.matrices) / dense
+
+    def to_dict(self) -> dict:
+        return {"config": self.config, "calibration": self.calibration, "seconds": self.seconds,
+                "realised_ratio": self.realised_ratio, "units": self.units, "units_reused": self.units_reused,
+                "refinement": self.refinement, "allocation": self.allocation,
+                "matrices": [asdict(m) for m in self.matrices]}
+
+
+def warn_about(report: CompressionReport, config: Any) -> None:
+    """Warnings a finished compression deserves: degenerate calibration data, a ratio far from the target."""
+    deficient = [m for m in report.matrices if m.effective_rank is not None and m.effective_rank < m.d_in]
+    if deficient:
+        worst = min(deficient, key=lambda m: m.effective_rank / m.d_in)
+        log.warning("the calibration Grams of %d matrices are rank-deficient (worst: %s, effective rank %d of %d): "
+                    "the calibration text spans too few directions (a repeated token, or too few tokens), so the "
+                    "fit matches the calibration data but not held-out data. Use more, varied calibration text.",
+                    len(deficient), worst.path, worst.effective_rank, worst.d_in)
+    if report.matrices and abs(report.realised_ratio - config.ratio) > 0.02:
+        log.warning("realised ratio %.4f is far from the target %.4f: the matrices are too small for the budget's "
+                    "integer rounding (k, s or rank), or the accounting differs; see the per-matrix rows.",
+                    report.realised_ratio, config.ratio)
