@@ -58,9 +58,9 @@ def build_inputs(path: Path, projections: list[str]) -> None:
 
 
 def dense_codes(codes, k: int) -> np.ndarray:
-    from cospadi_jax.sparse.ksvd import _dense_codes
+    from cospadi_jax.sparse.ksvd_host import dense_codes as host_dense_codes
 
-    return _dense_codes(codes, k)
+    return host_dense_codes(codes, k)
 
 
 def worker(args) -> None:

@@ -29,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import cospadi_jax.sparse.omp_gemm as og  # noqa: E402
+import cospadi_jax.sparse.omp_gemm_chunk as ogc  # noqa: E402
 
 _HI = lax.Precision.HIGHEST
 
@@ -57,10 +58,10 @@ def emulated_matmul(a: jax.Array, b: jax.Array, precision=None) -> jax.Array:
 
 
 def patch_module() -> None:
-    """Route omp_gemm's jnp.matmul through ``emulated_matmul`` and register the emulated precisions."""
+    """Route the GEMM-form chunk's jnp.matmul through ``emulated_matmul`` and register the emulated precisions."""
     proxy = types.SimpleNamespace(**{name: getattr(jnp, name) for name in dir(jnp) if not name.startswith("__")})
     proxy.matmul = emulated_matmul
-    og.jnp = proxy
+    ogc.jnp = proxy
     og.GEMM_PRECISIONS.update({"emul_tf32": "EMUL_TF32", "emul_bf16": "EMUL_BF16", "emul_bf16x3": "EMUL_BF16X3"})
 
 
@@ -89,7 +90,7 @@ def main() -> None:
     eps = jnp.float32(np.finfo(np.float32).eps)
 
     def run(precision: str) -> tuple[np.ndarray, np.ndarray]:
-        idx, val, cnt = og._gemm_chunk(G, C.T, eps, sparsity=s, step_block=og.DEFAULT_STEP_BLOCK, precision=precision,
+        idx, val, cnt = ogc._gemm_chunk(G, C.T, eps, sparsity=s, step_block=og.DEFAULT_STEP_BLOCK, precision=precision,
                                        triangular="inverse")
         S = np.zeros((k, n), np.float64)
         S[np.asarray(idx), np.arange(n)[:, None]] += np.asarray(val)

@@ -51,17 +51,18 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
 from .budget import budget
+from .export_format import (BF16, FACTORED, FORMATS, MANIFEST, VERSION, WEIGHTS, encode_dict_factors, encodings,
+                            pack_14bit, unpack_14bit)
+from .export_load import is_factored_export, load_factored
 from .fileio import atomic_directory
-from .layers import DictLinear, LowRankLinear, quantize_coefficients, replace_projection
+from .layers import DictLinear, LowRankLinear
 from .methods.base import DictFactors, Factors, LowRankFactors
-from .models.convert import CheckpointMismatchError, assign_tensors, model_state_dict, nnx_to_hf
-from .models.paths import PROJECTION_TYPES, get_module, parse_projection_path, projection_path
+from .models.convert import model_state_dict, nnx_to_hf
+from .models.paths import PROJECTION_TYPES, get_module, projection_path
 from .models.transformer import CausalLM, Linear
 
 __all__ = ["FORMATS", "MANIFEST", "export_record", "is_factored_export", "load_factored", "pack_14bit",
@@ -69,161 +70,8 @@ __all__ = ["FORMATS", "MANIFEST", "export_record", "is_factored_export", "load_f
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("factored", "hf-dense")
-MANIFEST = "cospadi.json"
-WEIGHTS = "model.safetensors"
-FACTORED = "cospadi-factored"  # the manifest's "format" of a factored export
-VERSION = 1
-_BF16 = np.dtype(ml_dtypes.bfloat16)
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 _RECORD_KEYS = ("method", "ratio", "rho", "accounting", "quantization", "group_size", "mode")
-
-
-# ------------------------------------------------------------------------------------------ 14-bit packing
-
-
-def pack_14bit(values: np.ndarray) -> np.ndarray:
-    """Values on Eq. 11's 14-bit grid (``quantize_coefficients(v, "bf16-14bit")``), any shape, float32 ->
-    uint8 [14·⌈n/8⌉]. Code = bf16 bits >> 2 (1 sign, 8 exponent, 5 mantissa bits); code i occupies bits
-    14i … 14i+13 of a little-endian bit stream, so 8 codes fill 14 bytes (n is zero-padded to a multiple of 8)."""
-    values = np.asarray(values, np.float32).reshape(-1)
-    bits = values.astype(_BF16).view(np.uint16)
-    if np.any(bits & 3) or not np.array_equal(bits.view(_BF16).astype(np.float32), values, equal_nan=True):
-        raise ValueError("pack_14bit needs values on the 14-bit grid; round them with "
-                         "layers.quantize_coefficients(v, 'bf16-14bit') first")
-    codes = np.pad(bits >> 2, (0, -bits.size % 8)).astype(np.uint64).reshape(-1, 4)
-    # 4 codes = 56 bits = 7 bytes exactly, so two such words are the 14 bytes of 8 codes in stream order.
-    words = codes[:, 0] | codes[:, 1] << 14 | codes[:, 2] << 28 | codes[:, 3] << 42
-    return words.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :7].reshape(-1)
-
-
-def unpack_14bit(packed: np.ndarray, n: int) -> np.ndarray:
-    """Inverse of :func:`pack_14bit`: uint8 [14·⌈n/8⌉] -> float32 [n]."""
-    packed = np.asarray(packed, np.uint8)
-    if packed.size != 14 * -(-n // 8):
-        raise ValueError(f"{packed.size} bytes cannot hold {n} packed 14-bit values (need {14 * -(-n // 8)})")
-    words = np.zeros((packed.size // 7, 8), np.uint8)
-    words[:, :7] = packed.reshape(-1, 7)
-    words = words.view("<u8")[:, 0]
-    codes = (words[:, None] >> np.array([0, 14, 28, 42], np.uint64)) & np.uint64(0x3FFF)
-    bits = (codes.reshape(-1)[:n].astype(np.uint16) << 2)
-    return bits.view(_BF16).astype(np.float32)
-
-
-# ------------------------------------------------------------------------------- coefficient encodings
-
-
-def encodings(accounting: str, quantization: str | None) -> tuple[str, str]:
-    """(values encoding, support encoding) of CoSpaDi coefficients: the rule in the module docstring."""
-    support = "int16" if accounting == "coo16" else "bitmask"
-    if quantization == "int8":
-        return "int8", support
-    return ("bf16-14bit" if accounting == "eq11" else "bf16"), support
-
-
-def _merge_columns(k: int, indices: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each column's slots in increasing atom order with repeats summed (float32): (atoms [d_out, s] int64,
-    values [d_out, s] float32, used [d_out, s] bool), left-aligned. Padded slots (atom 0, value 0) merge into
-    atom 0 and are dropped later as zeros, so S (and the function) is unchanged."""
-    idx = np.asarray(indices, np.int64)
-    val = np.asarray(values, np.float32)
-    if idx.size and (idx.min() < 0 or idx.max() >= k):
-        raise ValueError(f"coefficient indices outside [0, {k}) (the dictionary's atoms)")
-    order = np.argsort(idx, axis=1, kind="stable")
-    idx, val = np.take_along_axis(idx, order, 1), np.take_along_axis(val, order, 1)
-    first = np.ones(idx.shape, bool)
-    first[:, 1:] = idx[:, 1:] != idx[:, :-1]
-    slot = np.cumsum(first, axis=1) - 1
-    rows = np.broadcast_to(np.arange(idx.shape[0])[:, None], idx.shape)
-    merged = np.zeros(idx.shape, np.float32)
-    np.add.at(merged, (rows, slot), val)
-    atoms = np.zeros(idx.shape, np.int64)
-    used = np.zeros(idx.shape, bool)
-    atoms[rows[first], slot[first]] = idx[first]
-    used[rows[first], slot[first]] = True
-    return atoms, merged, used
-
-
-def _compact(atoms: np.ndarray, values: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Kept slots moved left in order; the rest (atom 0, value 0)."""
-    rows = np.broadcast_to(np.arange(atoms.shape[0])[:, None], atoms.shape)
-    pos = np.cumsum(keep, axis=1) - 1
-    out_atoms = np.zeros(atoms.shape, np.int64)
-    out_values = np.zeros(values.shape, np.float32)
-    out_atoms[rows[keep], pos[keep]] = atoms[keep]
-    out_values[rows[keep], pos[keep]] = values[keep]
-    return out_atoms, out_values
-
-
-def _int8_scales(values: np.ndarray) -> np.ndarray:
-    """One float32 scale per column (row of ``values`` [d_out, s]) with q = round(v / scale) in [-127, 127].
-
-    ``quantize_coefficients(v, "int8")``'s scale max|v|/127 when the values are not on an int8 grid yet (the
-    export then rounds them exactly as that function does). Values already on one (an int8-quantised model, or a
-    loaded export) come back bit-exactly only with their own scale, which max|q·scale|/127 may miss by one ulp:
-    of that candidate and its two neighbours, the first that reproduces every value of the column is taken, so
-    exporting the same values twice writes the same bytes."""
-    amax = np.abs(values).max(axis=1) if values.size else np.zeros(values.shape[0], np.float32)
-    base = np.where(amax == 0, np.float32(1.0), amax / np.float32(127.0)).astype(np.float32)
-    chosen, found = base.copy(), np.zeros(base.shape, bool)
-    for candidate in (base, np.nextafter(base, np.float32(np.inf)), np.nextafter(base, np.float32(0))):
-        exact = np.all(_int8_round(values, candidate) == values, axis=1)
-        chosen = np.where(~found & exact, candidate, chosen)
-        found |= exact
-    return chosen
-
-
-def _int8_round(values: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    return (np.clip(np.round(values / scales[:, None]), -127, 127) * scales[:, None]).astype(np.float32)
-
-
-def _round_values(values: np.ndarray, encoding: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Values [d_out, s] float32 on the encoding's grid, and the int8 scales [d_out] (None otherwise)."""
-    if encoding == "int8":
-        scales = _int8_scales(values)
-        return _int8_round(values, scales), scales
-    if encoding == "bf16-14bit":
-        return quantize_coefficients(values, "bf16-14bit"), None
-    return values.astype(_BF16).astype(np.float32), None
-
-
-def _encode_values(values: np.ndarray, encoding: str, scales: np.ndarray | None) -> dict[str, np.ndarray]:
-    """Tensors (name suffix -> array) of values [d_out, s] already on the encoding's grid."""
-    if encoding == "int8":
-        q = np.round(values / scales[:, None]).astype(np.int8)
-        return {"values_int8": q, "scales": scales.astype(np.float32)}
-    if encoding == "bf16-14bit":
-        return {"values_14bit": pack_14bit(values)}
-    return {"values": values.astype(_BF16)}
-
-
-def _encode_support(atoms: np.ndarray, keep: np.ndarray, k: int, encoding: str) -> dict[str, np.ndarray]:
-    if encoding == "int16":
-        if k > 2**15:
-            raise ValueError(f"storage coo16 stores atom indices as int16, which cannot address k = {k} atoms; "
-                             "export with accounting eq10 or eq11 (a bitmask)")
-        return {"indices": atoms.astype(np.int16)}
-    bits = np.zeros((atoms.shape[0], k), bool)
-    rows = np.broadcast_to(np.arange(atoms.shape[0])[:, None], atoms.shape)
-    bits[rows[keep], atoms[keep]] = True
-    return {"mask": np.packbits(bits, axis=1, bitorder="little")}
-
-
-def encode_dict_factors(f: DictFactors, values_encoding: str, support_encoding: str
-                        ) -> tuple[dict[str, np.ndarray], DictFactors, bool]:
-    """The tensors of one CoSpaDi matrix (suffix -> array; ``D`` in bf16), the factors they decode to
-    (canonical: supports in increasing atom order, padding (0, 0) on the right), which is what a load returns,
-    and whether the coefficient values were already on the encoding's grid (False: the export rounded them)."""
-    atoms, merged, used = _merge_columns(f.k, f.indices, f.values)
-    rounded, scales = _round_values(merged, values_encoding)
-    exact = bool(np.array_equal(rounded, merged))
-    keep = used & (rounded != 0)
-    atoms, rounded = _compact(atoms, rounded, keep)
-    keep = np.arange(atoms.shape[1])[None, :] < keep.sum(axis=1)[:, None]
-    D = np.asarray(f.D, np.float32).astype(_BF16)
-    tensors = {"D": D, **_encode_support(atoms, keep, f.k, support_encoding),
-               **_encode_values(rounded, values_encoding, scales)}
-    return tensors, DictFactors(D.astype(np.float32), atoms.astype(np.int32), rounded, dict(f.info)), exact
 
 
 # --------------------------------------------------------------------------------------- reading a model
@@ -386,9 +234,9 @@ def _factored_tensors(projections: dict[str, tuple[Factors, str]], record: dict[
                      "mode": mode}
             basis = names["D"]
         else:
-            names = {"A": _add_shared(tensors, seen, f"{path}.A", np.asarray(f.A, np.float32).astype(_BF16)),
+            names = {"A": _add_shared(tensors, seen, f"{path}.A", np.asarray(f.A, np.float32).astype(BF16)),
                      "B": f"{path}.B"}
-            tensors[names["B"]] = np.asarray(f.B, np.float32).astype(_BF16)
+            tensors[names["B"]] = np.asarray(f.B, np.float32).astype(BF16)
             entry = {"kind": "low_rank", "rank": int(f.A.shape[1])}
             basis = names["A"]
         layout[path] = {**entry, "d_in": d_in, "d_out": d_out, "tensors": names}
@@ -418,7 +266,7 @@ def _write_factored(model: CausalLM, directory: Path, record: dict[str, Any]) ->
     log.info("dictionaries, low-rank factors and uncompressed tensors are stored in bf16 (the budget's 16-bit "
              "dense reference)")
     compressed_bytes = sum(int(v.nbytes) for v in tensors.values())
-    dense = model_state_dict(model, dtype=_BF16, skip=_factor_leaves(model, list(projections)))
+    dense = model_state_dict(model, dtype=BF16, skip=_factor_leaves(model, list(projections)))
     overlap = set(dense) & set(tensors)
     if overlap:  # cannot happen with key-table names; a guard against a future rename colliding
         raise RuntimeError(f"tensor names collide: {sorted(overlap)[:3]}")
@@ -434,7 +282,7 @@ def _write_factored(model: CausalLM, directory: Path, record: dict[str, Any]) ->
         "groups": [u for u in units if len(u) > 1], "projections": layout,
     }
     _write_json(directory / MANIFEST, manifest)
-    _write_json(directory / "config.json", _hf_config(model, _BF16))
+    _write_json(directory / "config.json", _hf_config(model, BF16))
     log.info("factored export: %d compressed projections, %s compressed bytes (accounted %s), file %s bytes",
              len(layout), f"{compressed_bytes:,}", "n/a" if accounted is None else f"{accounted:,.0f}",
              f"{sizes['file']:,}")
@@ -481,174 +329,3 @@ def save_pretrained(model: CausalLM, path: str | Path, format: str = "factored",
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return manifest
-
-
-# -------------------------------------------------------------------------------------------- loading
-
-
-def is_factored_export(directory: str | Path) -> bool:
-    """Whether ``directory`` holds a factored export (its manifest says so)."""
-    manifest = Path(directory) / MANIFEST
-    if not manifest.is_file():
-        return False
-    try:
-        return json.loads(manifest.read_text()).get("format") == FACTORED
-    except (json.JSONDecodeError, AttributeError) as exc:
-        raise CheckpointMismatchError(f"{manifest} is not a valid export manifest ({exc}); export the model again"
-                                      ) from exc
-
-
-def _expected_shapes(entry: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Shape and dtype of every tensor of one layout entry, from its sizes (d_in, d_out, k, s / rank)."""
-    d_in, d_out = entry["d_in"], entry["d_out"]
-    if entry["kind"] == "low_rank":
-        r = entry["rank"]
-        return {"A": ((d_in, r), _BF16), "B": ((r, d_out), _BF16)}
-    k, s = entry["k"], entry["s"]
-    support = {"bitmask": {"mask": ((d_out, -(-k // 8)), np.dtype(np.uint8))},
-               "int16": {"indices": ((d_out, s), np.dtype(np.int16))}}[entry["support"]]
-    values = {"bf16": {"values": ((d_out, s), _BF16)},
-              "bf16-14bit": {"values_14bit": ((14 * -(-(d_out * s) // 8),), np.dtype(np.uint8))},
-              "int8": {"values_int8": ((d_out, s), np.dtype(np.int8)), "scales": ((d_out,), np.dtype(np.float32))},
-              }[entry["values"]]
-    return {"D": ((d_in, k), _BF16), **support, **values}
-
-
-def _decode_support(tensors: dict[str, np.ndarray], entry: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """(atoms [d_out, s] int32 with padding 0, used [d_out, s] bool) of one matrix."""
-    k, s = entry["k"], entry["s"]
-    if entry["support"] == "int16":
-        atoms = tensors["indices"].astype(np.int32)
-        if atoms.size and (atoms.min() < 0 or atoms.max() >= k):
-            raise ValueError(f"atom indices outside [0, {k})")
-        return atoms, np.ones(atoms.shape, bool)  # padded slots carry value 0: harmless in S
-    bits = np.unpackbits(tensors["mask"], axis=1, bitorder="little").astype(bool)
-    if bits[:, k:].any():
-        raise ValueError(f"bitmask bits set beyond the {k} atoms")
-    bits = bits[:, :k]
-    counts = bits.sum(axis=1)
-    if counts.max(initial=0) > s:
-        raise ValueError(f"a column of the bitmask uses {counts.max()} atoms, more than s = {s}")
-    order = np.argsort(~bits, axis=1, kind="stable")[:, :s]  # set bits first, in increasing atom order
-    used = np.arange(s)[None, :] < counts[:, None]
-    return np.where(used, order, 0).astype(np.int32), used
-
-
-def _decode_values(tensors: dict[str, np.ndarray], entry: dict[str, Any]) -> np.ndarray:
-    d_out, s = entry["d_out"], entry["s"]
-    if entry["values"] == "int8":
-        return tensors["values_int8"].astype(np.float32) * tensors["scales"][:, None]
-    if entry["values"] == "bf16-14bit":
-        return unpack_14bit(tensors["values_14bit"], d_out * s).reshape(d_out, s)
-    return tensors["values"].astype(np.float32)
-
-
-def _decode(path: str, entry: dict[str, Any], tensors: dict[str, np.ndarray]) -> Factors:
-    if entry["kind"] == "low_rank":
-        return LowRankFactors(tensors["A"].astype(np.float32), tensors["B"].astype(np.float32))
-    atoms, used = _decode_support(tensors, entry)
-    values = _decode_values(tensors, entry)
-    if np.any(values[~used] != 0):
-        raise ValueError("values stored past a column's last used atom")
-    return DictFactors(tensors["D"].astype(np.float32), atoms, values)
-
-
-def _read_manifest(directory: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointMismatchError(f"{directory / MANIFEST} is not valid JSON ({exc}); export the model again"
-                                      ) from exc
-    if manifest.get("version") != VERSION:
-        raise CheckpointMismatchError(f"{directory}: export format version {manifest.get('version')!r} is not "
-                                      f"{VERSION}, the one this cospadi-jax reads; export it again with this version")
-    return manifest
-
-
-def _open_weights(file: Path) -> Any:
-    from safetensors import safe_open
-
-    if not file.is_file():
-        raise CheckpointMismatchError(f"{file} is missing; the export is incomplete: export the model again")
-    try:
-        return safe_open(str(file), framework="numpy")
-    except Exception as exc:  # safetensors raises its own SafetensorError for a truncated or corrupt header
-        raise CheckpointMismatchError(
-            f"{file} is not a readable safetensors file ({file.stat().st_size:,} bytes; {exc}). It is probably "
-            "truncated or corrupt: copy or export it again.") from exc
-
-
-def _factor_tensors(weights: Any, path: str, entry: dict[str, Any], available: set[str], source: str
-                    ) -> dict[str, np.ndarray]:
-    """The tensors of one layout entry, each checked for presence, shape and dtype."""
-    out = {}
-    for role, (shape, dtype) in _expected_shapes(entry).items():
-        name = entry["tensors"].get(role)
-        if name is None or name not in available:
-            raise CheckpointMismatchError(
-                f"{source}: tensor {name or role!r} of {path} ({role}) is missing from {WEIGHTS}; the export is "
-                "incomplete or was edited: export the model again.")
-        array = weights.get_tensor(name)
-        if array.shape != shape or array.dtype != dtype:
-            raise CheckpointMismatchError(
-                f"{source}: tensor {name!r} has shape {array.shape} and dtype {array.dtype}, but config.json and "
-                f"{MANIFEST} imply {shape} {dtype} for the {role} of {path}; the weights and the config disagree "
-                "(edited, or from another model): export the model again.")
-        out[role] = array
-    return out
-
-
-def load_factored(directory: str | Path, dtype: Any = jnp.float32) -> tuple[CausalLM, Any]:
-    """Load a factored export (``save_pretrained(..., format="factored")``) without recompressing: the HF config
-    builds the model, uncompressed tensors fill it through the key table (every shape checked, missing and extra
-    tensors refused), and each compressed projection is rebuilt from its stored factors by ``replace_projection``
-    (same modules, same mode). Returns (model, tokenizer or None)."""
-    from transformers import AutoConfig
-
-    from .models.loading import TOKENIZER_FILES, _abstract_model, _load_tokenizer, resolve_dtype
-
-    directory = Path(directory)
-    source = str(directory)
-    manifest = _read_manifest(directory)
-    dtype = resolve_dtype(dtype)
-    abstract = _abstract_model(AutoConfig.from_pretrained(source, trust_remote_code=False), dtype)
-    layout = manifest["projections"]
-    factors = {}
-    with _open_weights(directory / manifest.get("weights", WEIGHTS)) as weights:
-        available = set(weights.keys())
-        for path, entry in layout.items():
-            try:
-                parse_projection_path(path)
-                d_in, d_out = get_module(abstract, path).kernel.get_value().shape
-            except (ValueError, AttributeError, IndexError) as exc:
-                raise CheckpointMismatchError(f"{source}: {MANIFEST} lists {path!r}, which the model of config.json "
-                                              f"does not have ({exc}); export the model again") from exc
-            if (entry["d_in"], entry["d_out"]) != (d_in, d_out):
-                raise CheckpointMismatchError(
-                    f"{source}: {MANIFEST} gives {path} the shape {(entry['d_in'], entry['d_out'])}, but config.json "
-                    f"implies W [d_in, d_out] = {(d_in, d_out)}; the config and the weights disagree.")
-            try:
-                factors[path] = _decode(path, entry, _factor_tensors(weights, path, entry, available, source))
-            except ValueError as exc:
-                if isinstance(exc, CheckpointMismatchError):
-                    raise
-                raise CheckpointMismatchError(f"{source}: the factors of {path} are inconsistent ({exc}); export "
-                                              "the model again") from exc
-        factor_names = {n for entry in layout.values() for n in entry["tensors"].values()}
-        doubled = sorted({nnx_to_hf(f"{p}.kernel") for p in layout} & available)
-        if doubled:
-            raise CheckpointMismatchError(f"{source}: {doubled[0]!r} is stored both dense and factored; export the "
-                                          "model again")
-
-        def tensors():
-            for name in sorted(available - factor_names):
-                yield name, weights.get_tensor(name)
-            for path, entry in layout.items():  # placeholders, replaced by the factored modules below
-                yield nnx_to_hf(f"{path}.kernel"), np.broadcast_to(np.zeros((), np.float32), (entry["d_out"], entry["d_in"]))
-
-        model = assign_tensors(abstract, tensors(), dtype=dtype, tied_embeddings=abstract.config.tie_word_embeddings,
-                               source=source)
-    for path, f in factors.items():
-        replace_projection(model, path, f, mode=layout[path].get("mode", "dense"))
-    tokenizer = _load_tokenizer(directory) if any((directory / n).exists() for n in TOKENIZER_FILES) else None
-    return model, tokenizer

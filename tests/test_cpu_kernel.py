@@ -17,7 +17,7 @@ from cospadi_jax.sparse import backend as backend_mod
 from cospadi_jax.sparse import cpu_kernel
 from cospadi_jax.sparse.backend import resolve_omp_backend, sparse_code
 from cospadi_jax.sparse.cpu_kernel import batch_omp_cpu, power_update_cpu
-from cospadi_jax.sparse.ksvd import _dense_codes
+from cospadi_jax.sparse.ksvd_host import dense_codes
 
 pytestmark = pytest.mark.usefixtures("x64")
 numba = pytest.importorskip("numba")
@@ -63,7 +63,7 @@ def test_exact_ties_are_broken_in_sklearns_order():
     ref, n_iter = _sklearn(G, C, 6)
     ours = batch_omp_cpu(G, C, 6)
     np.testing.assert_array_equal(np.asarray(ours.n_nonzero), n_iter)
-    np.testing.assert_array_equal(_dense_codes(ours, 16) != 0, ref != 0)
+    np.testing.assert_array_equal(dense_codes(ours, 16) != 0, ref != 0)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -73,7 +73,7 @@ def test_kernel_equals_xla_path(dtype):
     ours, xla = batch_omp_cpu(G, C, 40), batch_omp(G, C, 40)
     assert ours.values.dtype == dtype
     same = np.all(np.sort(ours.indices, 1) == np.sort(np.asarray(xla.indices), 1), axis=1)
-    a, b = _dense_codes(ours, 96), np.asarray(xla.to_dense(96))
+    a, b = dense_codes(ours, 96), np.asarray(xla.to_dense(96))
     if dtype == np.float64:
         assert same.all()
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11)
@@ -110,13 +110,13 @@ def test_power_update_equals_the_jax_reference(unused):
         codes = codes._replace(indices=np.take_along_axis(codes.indices, order, 1),
                                values=np.take_along_axis(codes.values, order, 1),
                                n_nonzero=keep.sum(1).astype(np.int32))
-    S = _dense_codes(codes, 30)
+    S = dense_codes(codes, 30)
     D_ref, S_ref, n_unused_ref = update_dictionary(jnp.asarray(Y), jnp.asarray(D), jnp.asarray(S), unused=unused)
     E_t, D_t = np.ascontiguousarray((Y - D @ S).T), np.ascontiguousarray(D.T)
     values, n_unused = power_update_cpu(E_t, D_t, codes, unused=unused, Y_t=np.ascontiguousarray(Y.T))
     assert n_unused == int(n_unused_ref) and (n_unused > 0) == (unused == "reseed")
     np.testing.assert_allclose(D_t.T, np.asarray(D_ref), atol=1e-10)
-    S_new = _dense_codes(codes._replace(values=values), 30)
+    S_new = dense_codes(codes._replace(values=values), 30)
     np.testing.assert_allclose(S_new, np.asarray(S_ref), atol=1e-10)
     np.testing.assert_allclose(E_t.T, Y - D_t.T @ S_new, atol=1e-10)  # the residual was kept up to date
 

@@ -151,7 +151,7 @@ def test_14bit_packing_is_8_values_in_14_bytes_little_endian():
 
 
 def test_int8_export_keeps_quantised_values_exactly():
-    from cospadi_jax.export import _round_values
+    from cospadi_jax.export_format import _round_values
 
     v = np.random.default_rng(0).normal(size=(2000, 6)).astype(np.float32)
     q = quantize_coefficients(v, "int8")

@@ -15,11 +15,11 @@ from cospadi_jax.sparse import batch_omp
 from cospadi_jax.sparse.omp_gemm import (
     DEFAULT_CPU_MEMORY_BUDGET_BYTES,
     GEMM_PRECISIONS,
-    _gemm_chunk,
     batch_omp_gemm,
     default_memory_budget,
     gemm_chunk_size,
 )
+from cospadi_jax.sparse.omp_gemm_chunk import _gemm_chunk
 
 pytestmark = pytest.mark.usefixtures("x64")  # float64 for this module only
 FORMS = ("inverse", "solve")

@@ -44,15 +44,19 @@ The power update fuses each power step into one pass over the columns that use t
 r_j = e_j + d_i s_ij (the residual without atom i, never materialised), v_j = r_j·u and
 u ← Σ_j v_j r_j = R Rᵀ u, reading each residual column once per power step (half the passes of
 separate Rᵀu and R v GEMVs). The residual E is stored transposed, Eᵀ [n, d], so a column is contiguous.
+
+The kernels themselves are in :mod:`.cpu_kernel_omp` and :mod:`.cpu_kernel_power`, compiled on first use; this
+module holds the entry points, Numba's import and threads, and the CSR of the supports the update walks.
 """
 
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
 
+from .cpu_kernel_omp import build_omp_kernels
+from .cpu_kernel_power import build_power_update
 from .omp import SparseCodes
 
 __all__ = ["batch_omp_cpu", "numba_available", "power_update_cpu", "require_numba", "set_threads"]
@@ -102,271 +106,10 @@ def set_threads(threads: int | None) -> int:
 
 def _build_kernels():
     numba = require_numba()
-    njit, prange = numba.njit, numba.prange
     # fastmath lets LLVM vectorise the small reductions; results stay deterministic per compiled code.
     opts = dict(cache=CACHE, fastmath=True, nogil=True, boundscheck=False, error_model="numpy")
-
-    @njit(**opts)
-    def omp_column(G, alpha0, s, eps, one, B, alpha, perm, z, w, acc, idx_out, val_out):
-        """One column: G [k, k], alpha0 [k]; scratch B [s, k], alpha/perm/acc [k], z/w [s]. Returns t.
-
-        ``one`` is 1 in the working dtype: every scalar is derived from it, so float32 stays float32.
-
-        Positions are sklearn's mirrored (position q holds what sklearn keeps at k − 1 − q): inactive
-        atoms live in [0, m), so every loop over them starts at 0 and vectorises, and the last maximum
-        here is sklearn's first.
-        """
-        k = G.shape[0]
-        zero = one - one
-        for q in range(k):
-            alpha[q] = alpha0[k - 1 - q]
-            perm[q] = k - 1 - q
-        best = -one
-        p = 0
-        for q in range(k):
-            v = abs(alpha[q])
-            if v >= best:
-                best = v
-                p = q
-        t = 0
-        m = k  # inactive positions [0, m)
-        while t < s:
-            if best * best < eps:
-                break
-            a = perm[p]
-            nrm = zero
-            for r in range(t):
-                w[r] = B[r, p]
-                nrm += w[r] * w[r]
-            if t > 0:
-                pivot_sq = G[a, a] - nrm
-                if pivot_sq <= eps:
-                    break
-                pivot = math.sqrt(pivot_sq)
-            else:
-                pivot = math.sqrt(G[a, a])
-            m -= 1
-            if p != m:  # swap the new atom to position m (rows so far, α, permutation)
-                for r in range(t):
-                    tmp = B[r, p]
-                    B[r, p] = B[r, m]
-                    B[r, m] = tmp
-                tmp = alpha[p]
-                alpha[p] = alpha[m]
-                alpha[m] = tmp
-                ip = perm[p]
-                perm[p] = perm[m]
-                perm[m] = ip
-            wz = zero
-            for r in range(t):
-                wz += w[r] * z[r]
-            zt = (alpha0[a] - wz) / pivot
-            z[t] = zt
-            # acc = GD[a, inactive] − wᵀ B[:t, inactive]; rows in fours to cut the passes over acc.
-            Ga = G[a]
-            for j in range(m):
-                acc[j] = Ga[perm[j]]
-            r = 0
-            while r + 8 <= t:
-                w0, w1, w2, w3 = w[r], w[r + 1], w[r + 2], w[r + 3]
-                w4, w5, w6, w7 = w[r + 4], w[r + 5], w[r + 6], w[r + 7]
-                B0, B1, B2, B3 = B[r], B[r + 1], B[r + 2], B[r + 3]
-                B4, B5, B6, B7 = B[r + 4], B[r + 5], B[r + 6], B[r + 7]
-                for j in range(m):
-                    acc[j] -= ((w0 * B0[j] + w1 * B1[j]) + (w2 * B2[j] + w3 * B3[j])) + (
-                        (w4 * B4[j] + w5 * B5[j]) + (w6 * B6[j] + w7 * B7[j]))
-                r += 8
-            while r < t:
-                wr = w[r]
-                Br = B[r]
-                for j in range(m):
-                    acc[j] -= wr * Br[j]
-                r += 1
-            inv = one / pivot
-            Bt = B[t]
-            Bt[m] = pivot
-            best = zero
-            for j in range(m):  # vectorised: the update and max |α| in one pass
-                b = acc[j] * inv
-                Bt[j] = b
-                aj = alpha[j] - zt * b
-                alpha[j] = aj
-                best = max(best, abs(aj))
-            p = m - 1  # the last position holding the maximum (sklearn's first)
-            while p > 0 and abs(alpha[p]) != best:
-                p -= 1
-            t += 1
-        # γ = L⁻ᵀ z with L[j, r] = B[r, k − 1 − j] (r ≤ j): back substitution along rows of B.
-        for j in range(t - 1, -1, -1):
-            acc_j = z[j]
-            Bj = B[j]
-            for i in range(j + 1, t):
-                acc_j -= Bj[k - 1 - i] * val_out[i]
-            val_out[j] = acc_j / Bj[k - 1 - j]
-            idx_out[j] = perm[k - 1 - j]
-        for j in range(t, s):
-            val_out[j] = zero
-            idx_out[j] = 0
-        return t
-
-    @njit(parallel=True, **opts)
-    def omp_columns(G, A0T, s, eps, one, idx_out, val_out, cnt_out, block, pool):
-        """All columns: A0T [n, k] (DᵀY transposed); blocks of ``block`` columns handed out dynamically."""
-        n, k = A0T.shape
-        dt = A0T.dtype
-        Bs = np.empty((pool, s, k), dt)
-        alphas = np.empty((pool, k), dt)
-        accs = np.empty((pool, k), dt)
-        perms = np.empty((pool, k), np.int32)
-        zs = np.empty((pool, s), dt)
-        ws = np.empty((pool, s), dt)
-        n_blocks = (n + block - 1) // block
-        for b in prange(n_blocks):
-            tid = numba.get_thread_id()
-            for j in range(b * block, min(n, (b + 1) * block)):
-                cnt_out[j] = omp_column(G, A0T[j], s, eps, one, Bs[tid], alphas[tid], perms[tid], zs[tid], ws[tid],
-                                        accs[tid], idx_out[j], val_out[j])
-
-    @njit(**opts)
-    def power_pass(Et, cols, slots, values, beg, end, u, du, unew, zero):
-        """unew = Σ_j v_j e_j and (Σ v_j², Σ v_j s_j) with v_j = e_j·u + s_j·du over the atom's columns.
-
-        Eight columns at a time: their dots run as independent chains and their axpys share one pass
-        over unew (a single column's dot → axpy dependency halves the throughput)."""
-        d = Et.shape[1]
-        for c in range(d):
-            unew[c] = zero
-        nv, vs = zero, zero
-        q = beg
-        while q + 8 <= end:
-            e0, e1, e2, e3 = Et[cols[q]], Et[cols[q + 1]], Et[cols[q + 2]], Et[cols[q + 3]]
-            e4, e5, e6, e7 = Et[cols[q + 4]], Et[cols[q + 5]], Et[cols[q + 6]], Et[cols[q + 7]]
-            v0 = v1 = v2 = v3 = v4 = v5 = v6 = v7 = zero
-            for c in range(d):
-                uc = u[c]
-                v0 += e0[c] * uc
-                v1 += e1[c] * uc
-                v2 += e2[c] * uc
-                v3 += e3[c] * uc
-                v4 += e4[c] * uc
-                v5 += e5[c] * uc
-                v6 += e6[c] * uc
-                v7 += e7[c] * uc
-            s0, s1 = values[cols[q], slots[q]], values[cols[q + 1], slots[q + 1]]
-            s2, s3 = values[cols[q + 2], slots[q + 2]], values[cols[q + 3], slots[q + 3]]
-            s4, s5 = values[cols[q + 4], slots[q + 4]], values[cols[q + 5], slots[q + 5]]
-            s6, s7 = values[cols[q + 6], slots[q + 6]], values[cols[q + 7], slots[q + 7]]
-            v0 += s0 * du
-            v1 += s1 * du
-            v2 += s2 * du
-            v3 += s3 * du
-            v4 += s4 * du
-            v5 += s5 * du
-            v6 += s6 * du
-            v7 += s7 * du
-            nv += ((v0 * v0 + v1 * v1) + (v2 * v2 + v3 * v3)) + ((v4 * v4 + v5 * v5) + (v6 * v6 + v7 * v7))
-            vs += ((v0 * s0 + v1 * s1) + (v2 * s2 + v3 * s3)) + ((v4 * s4 + v5 * s5) + (v6 * s6 + v7 * s7))
-            for c in range(d):
-                unew[c] += ((v0 * e0[c] + v1 * e1[c]) + (v2 * e2[c] + v3 * e3[c])) + (
-                    (v4 * e4[c] + v5 * e5[c]) + (v6 * e6[c] + v7 * e7[c]))
-            q += 8
-        while q < end:
-            e = Et[cols[q]]
-            sj = values[cols[q], slots[q]]
-            v = zero
-            for c in range(d):
-                v += e[c] * u[c]
-            v += sj * du
-            nv += v * v
-            vs += v * sj
-            for c in range(d):
-                unew[c] += v * e[c]
-            q += 1
-        return nv, vs
-
-    @njit(**opts)
-    def refresh_pass(Et, cols, slots, values, beg, end, u, du, di):
-        """g_j = r_j·u, e_j ← r_j − u g_j (r_j = e_j + d_i s_j) and the coefficient s_j ← g_j, in place."""
-        d = Et.shape[1]
-        for q in range(beg, end):
-            j, slot = cols[q], slots[q]
-            e = Et[j]
-            sj = values[j, slot]
-            g = sj * du
-            for c in range(d):
-                g += e[c] * u[c]
-            for c in range(d):
-                e[c] += sj * di[c] - g * u[c]
-            values[j, slot] = g
-
-    @njit(**opts)
-    def power_update(Et, Dt, Yt, ptr, cols, slots, values, power_iterations, reseed, taken, one):
-        """Sequential K-SVD atom updates in place. Et [n, d], Dt [k, d], Yt [n, d] (reseed only);
-        the columns of atom i are cols[ptr[i]:ptr[i+1]] with their coefficient at values[col, slot].
-        Returns the number of unused atoms.
-
-        Single-threaded on purpose: a parallel region per pass (~20 µs of work) measured 2x faster on an
-        idle machine but 10-100x slower as soon as another process or BLAS's spinning threads held a core."""
-        k, d = Dt.shape
-        n = Et.shape[0]
-        dt = Et.dtype
-        zero = one - one
-        tiny = np.finfo(dt).tiny * one  # the dtype's smallest normal, as a scalar of the dtype
-        u = np.empty(d, dt)
-        unew = np.empty(d, dt)
-        n_unused = 0
-        for i in range(k):
-            beg, end = ptr[i], ptr[i + 1]
-            di = Dt[i]
-            if beg == end:
-                n_unused += 1
-                if reseed:  # the worst-represented column not taken yet in this update
-                    worst, worst_err = -1, -one
-                    for j in range(n):
-                        if taken[j]:
-                            continue
-                        e = Et[j]
-                        err = zero
-                        for c in range(d):
-                            err += e[c] * e[c]
-                        if err > worst_err:
-                            worst_err, worst = err, j
-                    if worst >= 0:
-                        taken[worst] = True
-                        y = Yt[worst]
-                        nrm = zero
-                        for c in range(d):
-                            nrm += y[c] * y[c]
-                        nrm = max(math.sqrt(nrm), tiny)
-                        for c in range(d):
-                            di[c] = y[c] / nrm
-                continue
-            for c in range(d):
-                u[c] = di[c]
-            for _ in range(power_iterations):
-                # u ← R(Rᵀu / ‖Rᵀu‖), normalised: R Rᵀ u = Σ_j v_j e_j + (Σ_j v_j s_j) d_i.
-                du = zero
-                for c in range(d):
-                    du += di[c] * u[c]
-                nv, vs = power_pass(Et, cols, slots, values, beg, end, u, du, unew, zero)
-                scale = one / max(math.sqrt(nv), tiny)
-                nu = zero
-                for c in range(d):
-                    x = (unew[c] + vs * di[c]) * scale
-                    unew[c] = x
-                    nu += x * x
-                nu = one / max(math.sqrt(nu), tiny)
-                for c in range(d):
-                    u[c] = unew[c] * nu
-            du = zero
-            for c in range(d):
-                du += di[c] * u[c]
-            refresh_pass(Et, cols, slots, values, beg, end, u, du, di)
-            for c in range(d):
-                di[c] = u[c]
-        return n_unused
-
-    return omp_column, omp_columns, power_update
+    omp_column, omp_columns = build_omp_kernels(numba, opts)
+    return omp_column, omp_columns, build_power_update(numba, opts)
 
 
 def _get_kernels():
@@ -397,12 +140,9 @@ def batch_omp_cpu(gram, correlations, sparsity: int, *, dtype=None, eps: float |
         SparseCodes (NumPy arrays) with indices/values [n, s] in selection order, n_nonzero [n],
         n_early_stopped [].
     """
-    from .omp import _check_sparsity, check_finite, resolve_float_dtype
+    from .omp import check_inputs
 
-    sparsity = _check_sparsity(sparsity, gram, correlations)
-    dtype = resolve_float_dtype(dtype, gram, correlations)
-    check_finite("gram", gram)
-    check_finite("correlations", correlations)
+    sparsity, dtype = check_inputs(sparsity, gram, correlations, dtype)
     _, omp_columns, _ = _get_kernels()
     numba = require_numba()
     pool, numba_parallel_chunksize = numba.config.NUMBA_NUM_THREADS, numba.parallel_chunksize

@@ -42,6 +42,7 @@ from jax import lax
 __all__ = [
     "SparseCodes",
     "batch_omp",
+    "check_inputs",
     "omp",
     "omp_chunk_size",
     "resolve_float_dtype",
@@ -189,31 +190,14 @@ def _omp_chunk(gram, alpha0, eps, *, sparsity: int, step_block: int):
     m, k = alpha0.shape
     s = sparsity
     dtype = alpha0.dtype
-    state = _ColumnState(
-        B=jnp.zeros((m, 0, k), dtype),
-        z=jnp.zeros((m, s), dtype),
-        alpha=alpha0,
-        active=jnp.zeros((m, k), bool),
-        indices=jnp.zeros((m, s), jnp.int32),
-        n_active=jnp.zeros((m,), jnp.int32),
-        stopped=jnp.zeros((m,), bool),
-    )
+    state = _ColumnState(B=jnp.zeros((m, 0, k), dtype), **fresh_columns(alpha0, s))
     step = jax.vmap(_omp_step, in_axes=(None, 0, None, 0, None))
-    # Static blocks of steps: a step in block [start, end) only reads rows [0, end) of B.
-    # Each block is a while_loop that exits as soon as every column of the chunk stopped.
-    for start in range(0, s, step_block):
-        end = min(s, start + step_block)
-        B = jnp.concatenate([state.B, jnp.zeros((m, end - state.B.shape[1], k), dtype)], axis=1)
 
-        def cond(carry, end=end):
-            t, st = carry
-            return (t < end) & ~jnp.all(st.stopped)
+    def grow(st: _ColumnState, start: int, end: int) -> _ColumnState:
+        # A step in block [start, end) only reads rows [0, end) of B.
+        return st._replace(B=jnp.concatenate([st.B, jnp.zeros((m, end - st.B.shape[1], k), dtype)], axis=1))
 
-        def body(carry):
-            t, st = carry
-            return t + 1, step(t, st, gram, alpha0, eps)
-
-        _, state = lax.while_loop(cond, body, (jnp.int32(start), state._replace(B=B)))
+    state = run_blocks(state, s, step_block, grow, lambda t, st, start: step(t, st, gram, alpha0, eps))
     B = jnp.concatenate([state.B, jnp.zeros((m, s - state.B.shape[1], k), dtype)], axis=1)
     L = jax.vmap(_cholesky_from_b)(B, state.indices, state.n_active)
     # γ = L⁻ᵀ z; z = 0 beyond n_active, so γ = 0 there.
@@ -247,25 +231,83 @@ def batch_omp(
     Returns:
         SparseCodes with indices/values [n, s], n_nonzero [n], n_early_stopped [].
     """
+    sparsity, dtype = check_inputs(sparsity, gram, correlations, dtype)
+    k, n = correlations.shape
+    if chunk_size is None:
+        chunk_size = omp_chunk_size(k, sparsity, dtype.itemsize, memory_budget_bytes)
+    chunk_size = check_schedule(chunk_size, step_block, n)
+    return run_stepped(_omp_chunk, gram, correlations, sparsity, dtype, chunk_size, step_block, eps)
+
+
+def check_inputs(sparsity, gram, correlations, dtype) -> tuple[int, np.dtype]:
+    """(sparsity, working dtype) of a sparse coder's call on gram [k, k] and correlations [k, n], after every
+    check of its inputs: shapes and sparsity, the dtype (:func:`resolve_float_dtype`), finite values."""
     sparsity = _check_sparsity(sparsity, gram, correlations)
     dtype = resolve_float_dtype(dtype, gram, correlations)
     check_finite("gram", gram)
     check_finite("correlations", correlations)
-    k, n = correlations.shape
-    if chunk_size is None:
-        chunk_size = omp_chunk_size(k, sparsity, dtype.itemsize, memory_budget_bytes)
+    return sparsity, dtype
+
+
+def check_schedule(chunk_size, step_block, n: int) -> int:
+    """The chunk size (columns per chunk, at most the n columns) of a stepped coder, after checking it and
+    ``step_block`` (steps per static block)."""
     if int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     if int(step_block) < 1:
         raise ValueError(f"step_block must be >= 1, got {step_block}.")
-    chunk_size = int(min(chunk_size, max(n, 1)))
+    return int(min(chunk_size, max(n, 1)))
+
+
+def run_stepped(code_chunk, gram, correlations, sparsity: int, dtype, chunk_size: int, step_block: int,
+                eps: float | None) -> SparseCodes:
+    """Code all columns with a stepped chunk coder, ``code_chunk(gram, alpha [chunk, k], eps, *, sparsity,
+    step_block) -> (indices, values, n_nonzero)`` (:func:`_omp_chunk` and the GEMM form's), chunk by chunk
+    (:func:`run_chunks`). eps: stopping threshold (None: machine epsilon of ``dtype``, as sklearn)."""
     eps_value = float(np.finfo(dtype).eps) if eps is None else float(eps)
 
     step_block = int(min(step_block, sparsity))
     eps_arr = jnp.asarray(eps_value, dtype)
     gram = jnp.asarray(gram, dtype)
-    return run_chunks(lambda alpha: _omp_chunk(gram, alpha, eps_arr, sparsity=sparsity, step_block=step_block),
+    return run_chunks(lambda alpha: code_chunk(gram, alpha, eps_arr, sparsity=sparsity, step_block=step_block),
                       jnp.asarray(correlations, dtype).T, chunk_size, sparsity)
+
+
+def fresh_columns(alpha0, sparsity: int) -> dict:
+    """The state every stepped coder starts a chunk of columns with, alpha0 = (DᵀY)ᵀ [m, k]: z [m, s] = 0, the
+    correlations α = α⁰, no atom active, slots (atom 0), none used, no column stopped."""
+    m, k = alpha0.shape
+    return dict(
+        z=jnp.zeros((m, sparsity), alpha0.dtype),
+        alpha=alpha0,
+        active=jnp.zeros((m, k), bool),
+        indices=jnp.zeros((m, sparsity), jnp.int32),
+        n_active=jnp.zeros((m,), jnp.int32),
+        stopped=jnp.zeros((m,), bool),
+    )
+
+
+def run_blocks(state, sparsity: int, step_block: int, grow, step):
+    """The s steps of a chunk coder in static blocks [start, end) of ``step_block`` steps, each a
+    ``lax.while_loop`` that exits as soon as every column of the chunk has stopped (``state.stopped``).
+
+    ``grow(state, start, end)`` readies the state for a block (sizes its factor for e = end slots);
+    ``step(t, state, start)`` is step t of the block starting at ``start``. Returns the final state.
+    """
+    for start in range(0, sparsity, step_block):
+        end = min(sparsity, start + step_block)
+
+        def cond(carry, end=end):
+            t, st = carry
+            return (t < end) & ~jnp.all(st.stopped)
+
+        def body(carry, start=start):
+            t, st = carry
+            return t + 1, step(t, st, start)
+
+        state = grow(state, start, end)
+        _, state = lax.while_loop(cond, body, (jnp.int32(start), state))
+    return state
 
 
 def run_chunks(code_chunk, alpha0: jax.Array, chunk_size: int, sparsity: int) -> SparseCodes:

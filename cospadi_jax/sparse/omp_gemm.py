@@ -124,14 +124,11 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from jax import lax
 
-from cospadi_jax.sparse.omp import SparseCodes, _check_sparsity, check_finite, resolve_float_dtype, run_chunks
+from cospadi_jax.sparse.omp import SparseCodes, check_inputs, check_schedule, run_stepped
+from cospadi_jax.sparse.omp_gemm_chunk import GEMM_PRECISIONS, _gemm_chunk
 
 __all__ = [
     "DEFAULT_CPU_MEMORY_BUDGET_BYTES",
@@ -155,15 +152,7 @@ DEFAULT_STEP_BLOCK = 64
 # Columns per chunk at most (bounds the unrolled work per call and the GEMM's m).
 MAX_CHUNK_COLUMNS = 16384
 
-# Public precision name -> what the chunk's GEMM is given (see module docstring).
-GEMM_PRECISIONS: dict[str, object] = {
-    "highest": lax.Precision.HIGHEST,
-    "tf32": lax.Precision.DEFAULT,
-    "default": lax.Precision.DEFAULT,
-    "bf16x3": lax.DotAlgorithmPreset.BF16_BF16_F32_X3,
-}
 TRIANGULAR_FORMS = ("solve", "inverse")
-_HI = lax.Precision.HIGHEST
 
 
 def default_memory_budget(device: jax.Device | None = None) -> int:
@@ -214,161 +203,9 @@ def _resolve_precision(precision: str) -> str:
     return precision
 
 
-class _State(NamedTuple):
-    # The per-column factor. "solve": L as one array [m, e, e] (lower; identity rows ≥ n_active).
-    # "inverse": L⁻¹ as a tuple of block-rows, block i = rows [i·b, (i+1)·b) and columns [0, c_i) with
-    # c_i = min(s, (i+1)·b), each [m, b_i, c_i] (zero rows ≥ n_active): only the lower block-triangle is
-    # stored, read and allocated, and growing it appends a block instead of copying the factor.
-    F: jax.Array | tuple[jax.Array, ...]
-    z: jax.Array  # [m, s] L⁻¹ α⁰_I, zero beyond n_active
-    gamma: jax.Array  # [m, s] coefficients of the slots ("inverse": progressive; "solve": unused zeros)
-    alpha: jax.Array  # [m, k] current correlations α⁰ − X·GD
-    active: jax.Array  # [m, k] bool, atom already selected
-    indices: jax.Array  # [m, s] int32, atom of each slot (0 beyond n_active)
-    n_active: jax.Array  # [m] int32
-    stopped: jax.Array  # [m] bool
-
-
-def _select(t, F, z, gamma, alpha, active, indices, n_active, stopped, gram, alpha0, eps, *, triangular: str,
-            block_start: int):
-    """Per-column part of step ``t`` (vmapped): pick the atom, extend the factor, return the slots' γ.
-
-    ``block_start``: first step of the current static block (the "inverse" form writes its block-row).
-    Returns (F, z, gamma, active, indices, n_active, stopped, gamma_e) with gamma_e [e] the coefficients
-    of slots 0..e-1 after this step (zero beyond n_active), e = end of the current block.
-    """
-    e = F.shape[0] if triangular == "solve" else F[-1].shape[1]
-    atom = jnp.argmax(jnp.abs(alpha)).astype(jnp.int32)
-    alpha_atom = alpha[atom]
-    slot = jnp.arange(e, dtype=jnp.int32)
-    valid = slot < n_active  # slots holding a selected atom (== slot < t while the column runs)
-    g = jnp.where(valid, gram[atom, indices[:e]], 0)  # GD[I, a], zero-padded to e
-    if triangular == "solve":
-        # L has identity rows beyond n_active, so w = g = 0 there.
-        w = lax.linalg.triangular_solve(F, g[:, None], left_side=True, lower=True)[:, 0]
-    else:
-        # w = L⁻¹ g block-row by block-row (L⁻¹ has zero rows beyond n_active, so w = 0 there).
-        w_blocks = [jnp.matmul(Fi, g[: Fi.shape[1]], precision=_HI) for Fi in F]
-        w = jnp.concatenate(w_blocks)
-    pivot_sq = gram[atom, atom] - jnp.dot(w, w, precision=_HI)
-    # sklearn's stopping rule (module docstring); once stopped a column never changes again.
-    stop = stopped | active[atom] | (alpha_atom * alpha_atom < eps) | (pivot_sq <= eps)
-    keep = ~stop
-    pivot = jnp.sqrt(jnp.where(stop, jnp.ones((), pivot_sq.dtype), pivot_sq))
-    z_t = (alpha0[atom] - jnp.dot(w, z[:e], precision=_HI)) / pivot
-    z_t = jnp.where(keep, z_t, 0)
-    z = z.at[t].set(z_t)
-    at_t = slot == t
-    if triangular == "solve":
-        row = jnp.where(at_t, pivot, w)  # [w_0..w_{t-1}, p, 0, ...]: the new row of L
-        F = F.at[t].set(jnp.where(keep, row, F[t]))
-        # γ = L⁻ᵀ z (sklearn's potrs second half); z = 0 and identity rows beyond n_active give γ = 0 there.
-        gamma_e = lax.linalg.triangular_solve(F, z[:e, None], left_side=True, lower=True, transpose_a=True)[:, 0]
-    else:
-        # u = L⁻ᵀ w = GD[I, I]⁻¹ GD[I, a], from the same block-rows (zero beyond n_active).
-        u = jnp.zeros((e,), w.dtype)
-        for Fi, wi in zip(F, w_blocks):
-            u = u.at[: Fi.shape[1]].add(jnp.matmul(wi, Fi, precision=_HI))
-        row = jnp.where(keep, (at_t.astype(w.dtype) - u) / pivot, 0)  # new row of L⁻¹: [−uᵀ/p, 1/p, 0, ...]
-        F = (*F[:-1], F[-1].at[t - block_start].set(row))
-        # γ = L⁻ᵀ z = Σ_j z_j·(row j of L⁻¹): earlier rows of L⁻¹ never change, so γ is updated in place.
-        gamma = gamma.at[:e].add(z_t * row)
-        gamma_e = gamma[:e]
-    return (
-        F,
-        z,
-        gamma,
-        active.at[atom].set(active[atom] | keep),
-        indices.at[t].set(jnp.where(keep, atom, indices[t])),
-        n_active + keep.astype(jnp.int32),
-        stop,
-        gamma_e,
-    )
-
-
-def _grow(F, m: int, start: int, end: int, triangular: str, dtype):
-    """The factor for the block [start, end): L padded to [m, end, end] with identity rows ("solve"), or
-    one more zero block-row [m, end − start, end] of L⁻¹ ("inverse")."""
-    if triangular == "inverse":
-        return (*F, jnp.zeros((m, end - start, end), dtype))
-    e = F.shape[1]
-    F = jnp.pad(F, ((0, 0), (0, end - e), (0, end - e)))
-    return F + jnp.diag((jnp.arange(end) >= e).astype(dtype))[None]
-
-
-@partial(jax.jit, static_argnames=("sparsity", "step_block", "precision", "triangular"))
-def _gemm_chunk(gram, alpha0, eps, *, sparsity: int, step_block: int, precision: str, triangular: str):
-    """GEMM-form OMP for one chunk. gram: [k, k]; alpha0: [m, k] (DᵀY transposed).
-
-    Returns indices [m, s] int32, values [m, s], n_active [m] int32.
-    """
-    m, k = alpha0.shape
-    s = sparsity
-    dtype = alpha0.dtype
-    # float64 always gets a full f64 product: the reduced-precision modes exist for f32 on accelerators.
-    prec = GEMM_PRECISIONS[precision] if dtype == jnp.float32 else _HI
-    rows = jnp.arange(m, dtype=jnp.int32)[:, None]
-
-    def step(t, st: _State, block_start: int) -> _State:
-        select = jax.vmap(partial(_select, triangular=triangular, block_start=block_start),
-                          in_axes=(None, 0, 0, 0, 0, 0, 0, 0, 0, None, 0, None))
-        F, z, gamma, active, indices, n_active, stopped, gamma_e = select(
-            t, st.F, st.z, st.gamma, st.alpha, st.active, st.indices, st.n_active, st.stopped, gram, alpha0, eps
-        )
-        e = gamma_e.shape[1]
-        # X: γ scattered densely; slots beyond n_active hold (atom 0, value 0), so add (not set) is exact.
-        X = jnp.zeros((m, k), dtype).at[rows, indices[:, :e]].add(gamma_e)
-        # The one shared-Gram GEMM of the step (GD is symmetric: X·GD = (GD·Xᵀ)ᵀ). A stopped column's X
-        # is unchanged, so its α is recomputed to the same values and its (sticky) stop is unaffected.
-        alpha = alpha0 - jnp.matmul(X, gram, precision=prec)
-        return _State(F, z, gamma, alpha, active, indices, n_active, stopped)
-
-    state = _State(
-        F=() if triangular == "inverse" else jnp.zeros((m, 0, 0), dtype),
-        z=jnp.zeros((m, s), dtype),
-        gamma=jnp.zeros((m, s), dtype),
-        alpha=alpha0,
-        active=jnp.zeros((m, k), bool),
-        indices=jnp.zeros((m, s), jnp.int32),
-        n_active=jnp.zeros((m,), jnp.int32),
-        stopped=jnp.zeros((m,), bool),
-    )
-    # Static blocks of steps; each is a while_loop that exits as soon as every column has stopped.
-    for start in range(0, s, step_block):
-        end = min(s, start + step_block)
-
-        def cond(carry, end=end):
-            t, st = carry
-            return (t < end) & ~jnp.all(st.stopped)
-
-        def body(carry, start=start):
-            t, st = carry
-            return t + 1, step(t, st, start)
-
-        state = state._replace(F=_grow(state.F, m, start, end, triangular, dtype))
-        _, state = lax.while_loop(cond, body, (jnp.int32(start), state))
-    if triangular == "solve":
-        # Final γ = L⁻ᵀ z (also for columns that stopped early: their L and z are frozen).
-        F = _grow(state.F, m, state.F.shape[1], s, triangular, dtype)
-        gamma = lax.linalg.triangular_solve(F, state.z[..., None], left_side=True, lower=True, transpose_a=True)[..., 0]
-    else:
-        gamma = state.gamma
-    return state.indices, gamma, state.n_active
-
-
-def batch_omp_gemm(
-    gram: jax.Array,
-    correlations: jax.Array,
-    sparsity: int,
-    *,
-    dtype=None,
-    chunk_size: int | None = None,
-    memory_budget_bytes: int | None = None,
-    eps: float | None = None,
-    precision: str = "highest",
-    step_block: int = DEFAULT_STEP_BLOCK,
-    triangular: str = "inverse",
-) -> SparseCodes:
+def batch_omp_gemm(gram: jax.Array, correlations: jax.Array, sparsity: int, *, dtype=None, chunk_size: int | None = None,
+                   memory_budget_bytes: int | None = None, eps: float | None = None, precision: str = "highest",
+                   step_block: int = DEFAULT_STEP_BLOCK, triangular: str = "inverse") -> SparseCodes:
     """Batch-OMP over all columns in GEMM form (module docstring); same contract as ``batch_omp``.
 
     Args:
@@ -390,33 +227,20 @@ def batch_omp_gemm(
     Returns:
         SparseCodes with indices/values [n, s], n_nonzero [n], n_early_stopped [].
     """
-    sparsity = _check_sparsity(sparsity, gram, correlations)
-    dtype = resolve_float_dtype(dtype, gram, correlations)
+    sparsity, dtype = check_inputs(sparsity, gram, correlations, dtype)
     precision = _resolve_precision(precision)
     if triangular not in TRIANGULAR_FORMS:
         raise ValueError(f"triangular must be one of {TRIANGULAR_FORMS}, got {triangular!r}.")
-    check_finite("gram", gram)
-    check_finite("correlations", correlations)
     k, n = correlations.shape
     if memory_budget_bytes is None:
         memory_budget_bytes = default_memory_budget()
     if chunk_size is None:
         chunk_size = gemm_chunk_size(k, sparsity, dtype.itemsize, int(memory_budget_bytes), triangular=triangular,
                                      step_block=step_block)
-    if int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-    if int(step_block) < 1:
-        raise ValueError(f"step_block must be >= 1, got {step_block}.")
-    chunk_size = int(min(chunk_size, max(n, 1)))
+    chunk_size = check_schedule(chunk_size, step_block, n)
     # Balance the chunks (same count, as equal as possible): the last chunk is padded to the chunk size and
     # every padded column costs a full GEMM row per step, so 1536 columns in chunks of 1420 would compute
     # 2840 columns; balanced, they compute 2 × 768.
     chunk_size = math.ceil(max(n, 1) / math.ceil(max(n, 1) / chunk_size))
-    eps_value = float(np.finfo(dtype).eps) if eps is None else float(eps)
-
-    step_block = int(min(step_block, sparsity))
-    eps_arr = jnp.asarray(eps_value, dtype)
-    gram = jnp.asarray(gram, dtype)
-    return run_chunks(lambda alpha: _gemm_chunk(gram, alpha, eps_arr, sparsity=sparsity, step_block=step_block,
-                                                precision=precision, triangular=triangular),
-                      jnp.asarray(correlations, dtype).T, chunk_size, sparsity)
+    return run_stepped(partial(_gemm_chunk, precision=precision, triangular=triangular), gram, correlations,
+                       sparsity, dtype, chunk_size, step_block, eps)

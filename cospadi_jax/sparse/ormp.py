@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import solve_triangular
 
-from .omp import SparseCodes, _check_sparsity, check_finite, resolve_float_dtype, run_chunks
+from .omp import SparseCodes, check_inputs, run_chunks
 
 __all__ = ["batch_ormp"]
 
@@ -71,10 +71,7 @@ def batch_ormp(gram, correlations, sparsity: int, *, dtype=None, chunk_size: int
     as many as fit ``memory_budget_bytes`` of per-column state Q [s, k]). tol: relative ν below which an atom
     counts as inside the selected span (default 100·eps of the dtype).
     """
-    sparsity = _check_sparsity(sparsity, gram, correlations)
-    dtype = resolve_float_dtype(dtype, gram, correlations)
-    check_finite("gram", gram)
-    check_finite("correlations", correlations)
+    sparsity, dtype = check_inputs(sparsity, gram, correlations, dtype)
     k, n = correlations.shape
     if chunk_size is None:
         per_column = (sparsity * k + 4 * k) * jnp.dtype(dtype).itemsize

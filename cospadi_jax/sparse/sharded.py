@@ -208,22 +208,10 @@ def _error_fn(mesh: Mesh) -> Callable:
     return jax.jit(fn, out_shardings=NamedSharding(mesh, P()))
 
 
-def sharded_ksvd(
-    Y: jax.Array | np.ndarray,
-    n_atoms: int,
-    sparsity: int,
-    ksvd_iterations: int,
-    mesh: Mesh,
-    *,
-    key: jax.Array | int = 0,
-    dict_update: str = "power",
-    power_iterations: int = 8,
-    unused: str = "skip",
-    init: jax.Array | np.ndarray | None = None,
-    dtype=None,
-    omp_chunk_size: int | None = None,
-    omp_memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
-) -> KSVDResult:
+def sharded_ksvd(Y: jax.Array | np.ndarray, n_atoms: int, sparsity: int, ksvd_iterations: int, mesh: Mesh, *,
+                 key: jax.Array | int = 0, dict_update: str = "power", power_iterations: int = 8, unused: str = "skip",
+                 init: jax.Array | np.ndarray | None = None, dtype=None, omp_chunk_size: int | None = None,
+                 omp_memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES) -> KSVDResult:
     """:func:`~cospadi_jax.sparse.ksvd.ksvd` with the columns of Y [d, n] sharded over ``mesh``.
 
     The same loop (:func:`~cospadi_jax.sparse.ksvd.alternate`) with sharded steps: OMP per device
