@@ -102,11 +102,14 @@ def test_every_group_option_composes(group, option):
     cfg, run_cfg = _check([f"{group}={option}"])
     # the option is what got composed: every key of its file has the file's value
     shipped = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{option}.yaml"))
+    shipped.pop("defaults", None)  # a method file's defaults list names its schema (checked below)
     composed = OmegaConf.to_container(cfg[group], resolve=True, enum_to_str=True)
     for key, value in shipped.items():
         assert composed[key] == value, f"{group}={option}: {key} is {composed[key]!r}, the file says {value!r}"
     if group == "method":  # the label keys paper tables and plot legends: it is the config's file name
         assert run_cfg.method.label == option
+        # and the file's schema is its method's own config class (a key of another method is refused)
+        assert type(run_cfg.method) is METHODS[run_cfg.method.name].config_class
 
 
 def test_every_registered_method_has_a_config():

@@ -35,7 +35,7 @@ from cospadi_jax.models import get_module, projection_weight, random_model
 N_LAYERS = 2  # with group_size=2: one shared group per q/k/v/gate/up, o and down private
 RATIO = 0.3
 SEED = 7
-FAST = dict(ksvd_iterations=2, power_iterations=2, progress=False)
+KSVD = dict(ksvd_iterations=2, power_iterations=2)  # set for the methods whose config has these knobs
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PRIVATE = ("o_proj", "down_proj")  # never shared across layers (Basis Sharing protocol)
 RHO = 2.0  # the default rho and eq11 accounting: (16 - rho)-bit values plus a k x d_out bitmask
@@ -148,7 +148,9 @@ def runs(tiny, tmp_path_factory):
     def get(name: str, group_size: int) -> Runs:
         if (name, group_size) in cache:
             return cache[name, group_size]
-        kw = dict(grams=grams, heldout_grams=heldout, method=name, ratio=RATIO, group_size=group_size, **FAST)
+        fields = METHODS[name].config_class.__dataclass_fields__
+        kw = dict(grams=grams, heldout_grams=heldout, method=name, ratio=RATIO, group_size=group_size,
+                  progress=False, **{k: v for k, v in KSVD.items() if k in fields})
         meta = {"identity": {"method": name, "group_size": group_size, "seed": SEED}}
         ref_dir = tmp_path_factory.mktemp(f"{name}-m{group_size}-ref")
         reference, report = compress(model, seed=SEED, artifact=ArtifactWriter(ref_dir, meta), **kw)
