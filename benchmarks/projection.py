@@ -111,6 +111,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from cospadi_jax.budget import budget
+from cospadi_jax.methods import CoSpaDiConfig
 from cospadi_jax.sparse.omp import (
     DEFAULT_MEMORY_BUDGET_BYTES,
     DEFAULT_STEP_BLOCK,
@@ -566,9 +567,10 @@ def main() -> None:
     ap.add_argument("--no-calibrate", action="store_true", help="skip the CPU measurements")
     ap.add_argument("--projection", default="mlp.up_proj", help="SmolLM2 layer-10 matrix for the calibration")
     ap.add_argument("--random", action="store_true", help="calibrate on a seeded random 576×1536 problem")
-    ap.add_argument("--ratio", type=float, default=0.2)
-    ap.add_argument("--rho", type=float, default=2.0)
-    ap.add_argument("--iterations", type=int, default=60)
+    paper = CoSpaDiConfig()  # the library's defaults (the paper's Table 8), not re-declared here
+    ap.add_argument("--ratio", type=float, default=paper.ratio)
+    ap.add_argument("--rho", type=float, default=paper.rho)
+    ap.add_argument("--iterations", type=int, default=paper.ksvd_iterations)
     ap.add_argument("--power", type=int, default=8)
     ap.add_argument("--eta-flop", type=float, default=0.6)
     ap.add_argument("--eta-bw", type=float, default=0.7)

@@ -24,7 +24,7 @@ from .calib.spec import CalibrationSpec, calibration_grams
 from .data.calibration import sample_windows
 from .data.text import load_text
 from .layers import quantize_coefficients, replace_projection, set_dict_mode
-from .methods import Method, MethodConfig, UnitStats, build, method_class, method_config
+from .methods import Method, MethodConfig, UnitStats, build, method_config
 from .methods.base import DictFactors, Factors, functional_error, weight_error, whitening_factor
 from .models.paths import get_module, projection_path, projection_weight
 from .models.transformer import CausalLM

@@ -28,9 +28,10 @@ PAPER_ITERATIONS = CoSpaDiConfig().ksvd_iterations  # the paper's T, CoSpaDi's d
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--ratio", type=float, default=0.2)
+    paper = CoSpaDiConfig()  # the library's defaults, not re-declared here
+    parser.add_argument("--ratio", type=float, default=paper.ratio)
     parser.add_argument("--ksvd-iterations", type=int, default=1)
-    parser.add_argument("--power-iterations", type=int, default=8)
+    parser.add_argument("--power-iterations", type=int, default=paper.power_iterations)
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=16)

@@ -15,12 +15,8 @@ wandb and writes ``output_dir/metrics.json``.
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import json
 import logging
-import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +25,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import ArtifactWriter, fingerprint, restore_model
+from .environment import environment
 from .config import EvalConf, RunConfig, export_path, register_configs, validate
 from .fileio import atomic_write_json, can_create_in, check_replaceable, check_writable
 from .identity import artifact_identity, digest, flatten
@@ -36,35 +33,6 @@ from .parallel import initialize, is_primary
 
 log = logging.getLogger("cospadi_jax")
 register_configs()
-
-_VERSIONED = ("jax", "jaxlib", "flax", "orbax-checkpoint", "transformers", "torch", "numpy", "lm-eval", "hydra-core",
-              "wandb", "cospadi-jax")
-
-
-def environment() -> dict[str, Any]:
-    """Git SHA and package versions for every artifact."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        sha = None
-    versions = {}
-    for name in _VERSIONED:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    import jax
-
-    # CoSpaDi is bit-reproducible only with the same device kind and XLA:CPU thread pool, which XLA sizes from the
-    # usable cores: another pool reorders float32 reductions and flips some of OMP's atom choices
-    # (docs/benchmarks.md, "Reproducibility across hosts").
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    host = {"machine": platform.machine(), "cpu_count": os.cpu_count(), "cpus_usable": usable,
-            "device_kind": jax.devices()[0].device_kind, "xla_flags": os.environ.get("XLA_FLAGS", "")}
-    return {"git_sha": sha, "versions": versions, "backend": jax.default_backend(),
-            "devices": jax.device_count(), "processes": jax.process_count(), "host": host}
-
 
 def _evaluate(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, Any]:
     """Perplexity per source and lm-eval tasks; data-parallel over all devices (all processes) when

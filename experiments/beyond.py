@@ -42,6 +42,9 @@ SETTING = ["calib.nsamples=32", "calib.seqlen=512", "eval.max_windows=16", "eval
            "eval.task_batch_size=16", "eval.dense_baseline=false", "logger.mode=disabled"]
 
 
+VARIANTS = ["plain", "sequential", "refine_absolute", "refine", "ormp", "allocation", "all"]
+
+
 def levers(variant: str, method: str, refine_steps: int) -> list[str]:
     """The overrides of one variant."""
     refine = [f"refine.steps={refine_steps}", "refine.lr=1e-2", "refine.scale=rms"]
@@ -93,28 +96,34 @@ def record(method: str, variant: str, ratio: float) -> dict | None:
 
 
 def plot(records: list[dict], path: Path) -> None:
+    """Perplexity (top) and kjv_lambada accuracy ± stderr (bottom) per variant, one column per CR, CoSpaDi and
+    SVD-LLM side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    labels = [f"{r['method']}\n{r['variant']}\nCR {r['ratio']}" for r in records]
-    x = np.arange(len(records))
-    axes[0].bar(x, [r["ppl"] for r in records], color=["C0" if r["method"] == "cospadi" else "C1" for r in records])
-    axes[0].set_ylabel("held-out perplexity (16 × 512)")
-    axes[1].bar(x, [r["acc"] for r in records], yerr=[r["acc_stderr"] for r in records], capsize=3,
-                color=["C0" if r["method"] == "cospadi" else "C1" for r in records])
-    axes[1].set_ylabel("kjv_lambada accuracy ± stderr")
-    for ax in axes:
-        ax.set_xticks(x, labels, fontsize=7)
-        ax.grid(alpha=0.3, axis="y")
-    dense = next((r["dense_ppl"] for r in records if r.get("dense_ppl")), None)
-    if dense:
-        axes[0].axhline(dense, ls="--", color="k", lw=1, label=f"dense {dense:.2f}")
-        axes[0].legend(fontsize=8)
+    ratios = sorted({r["ratio"] for r in records})
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in records)]
+    fig, axes = plt.subplots(2, len(ratios), figsize=(4.2 * len(ratios) + 1, 6.5), squeeze=False, sharey="row")
+    x = np.arange(len(variants))
+    for col, ratio in enumerate(ratios):
+        for shift, (method, colour) in zip((-0.2, 0.2), (("cospadi", "C0"), ("svd_llm", "C1"))):
+            rows = {r["variant"]: r for r in records if r["ratio"] == ratio and r["method"] == method}
+            at = [i for i, v in enumerate(variants) if v in rows]
+            got = [rows[variants[i]] for i in at]
+            axes[0, col].bar(x[at] + shift, [r["ppl"] for r in got], 0.4, color=colour, label=method)
+            axes[1, col].bar(x[at] + shift, [r["acc"] for r in got], 0.4, yerr=[r["acc_stderr"] for r in got],
+                             capsize=2, color=colour, label=method)
+        axes[0, col].set_title(f"CR {ratio}", fontsize=10)
+        for ax in axes[:, col]:
+            ax.set_xticks(x, variants, rotation=45, ha="right", fontsize=7)
+            ax.grid(alpha=0.3, axis="y")
+    axes[0, 0].set_ylabel("held-out perplexity (16 × 512)")
+    axes[1, 0].set_ylabel("kjv_lambada accuracy ± stderr")
+    axes[0, 0].legend(fontsize=8)
     t = sorted({r["ksvd_iterations"] for r in records if r["ksvd_iterations"] is not None})
-    fig.suptitle(f"SmolLM2-135M, levers beyond the paper (CoSpaDi K-SVD T = {', '.join(map(str, t))}; "
+    fig.suptitle(f"SmolLM2-135M, levers beyond the paper\n(CoSpaDi K-SVD T = {', '.join(map(str, t))}; "
                  "calibration 32 × 512)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -134,7 +143,7 @@ def main() -> None:
     if not args.only_summary:
         for job in jobs:
             run_job(*job, args)
-    variants = ["plain", "sequential", "refine_absolute", "refine", "ormp", "allocation", "all"]
+    variants = VARIANTS
     finished = sorted((float(d.name.rsplit("-cr", 1)[1]), d.name.split("-")[0], d.name.split("-")[1])
                       for d in OUT.glob("*-cr*") if (d / "metrics.json").exists())
     records = [record(m, v, r) for r, m, v in sorted(finished, key=lambda j: (j[0], j[1], variants.index(j[2])))]

@@ -23,6 +23,7 @@ from cospadi_jax.fileio import atomic_write_json
 from cospadi_jax.compress import CalibrationSpec, calibration_grams, compress
 from cospadi_jax.data import load_text
 from cospadi_jax.eval import make_windows, windows_perplexity
+from cospadi_jax.methods import CoSpaDiConfig
 
 METHODS = {  # label -> compress() overrides; the pairs the paper's claims compare come first
     "SVD-LLM": dict(method="svd_llm"),
@@ -132,8 +133,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3, 0.4])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--ksvd-iterations", type=int, default=60)
-    parser.add_argument("--power-iterations", type=int, default=8)
+    paper = CoSpaDiConfig()  # the library's defaults (the paper's Table 8), not re-declared here
+    parser.add_argument("--ksvd-iterations", type=int, default=paper.ksvd_iterations)
+    parser.add_argument("--power-iterations", type=int, default=paper.power_iterations)
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-seqlen", type=int, default=512)

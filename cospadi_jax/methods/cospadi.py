@@ -46,10 +46,9 @@ class CoSpaDiConfig(MethodConfig):
             _check_int(self, name)
         if self.rho < 1.0:
             raise ValueError(f"rho = k/s must be >= 1 (s <= k), got {self.rho}")
-        if self.accounting not in ACCOUNTINGS:
-            raise ValueError(f"accounting must be one of {ACCOUNTINGS}, got {self.accounting!r}")
-        if self.dict_update not in DICT_UPDATES:
-            raise ValueError(f"dict_update must be one of {DICT_UPDATES}, got {self.dict_update!r}")
+        for name, choices in (("accounting", ACCOUNTINGS), ("dict_update", DICT_UPDATES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.ksvd_iterations < 0 or self.power_iterations < 1:
             raise ValueError("ksvd_iterations must be >= 0 and power_iterations >= 1")
         if self.omp_memory_mb is not None and self.omp_memory_mb < 1:
