@@ -93,7 +93,7 @@ def budget(
 
     Args:
         d_in, d_out: in/out features of the linear layer (weight.shape == (d_out, d_in)).
-        ratio: γ in [0, 1), fraction of the dense bf16 storage removed.
+        ratio: γ in (0, 1), fraction of the dense bf16 storage removed (0 would be the dense matrix).
         kind: "low_rank" (r) or "cospadi" (k, s).
         rho: ρ = k/s (cospadi only), ≥ 1.
         accounting: "eq11" (paper default, (16−ρ)-bit values + bitmask; exact for ρ = 2),
@@ -110,8 +110,8 @@ def budget(
     if orientation not in _ORIENTATIONS:
         raise ValueError(f"orientation must be one of {_ORIENTATIONS}, got {orientation!r}.")
     gamma = _exact(ratio, "ratio")
-    if not 0 <= gamma < 1:
-        raise ValueError(f"ratio is the fraction removed and must be in [0, 1), got {ratio}.")
+    if not 0 < gamma < 1:
+        raise ValueError(f"ratio is the fraction removed and must be in (0, 1), got {ratio}.")
     d1, d2 = (d_in, d_out) if orientation == "paper" else (d_out, d_in)
     d2 *= group_size
     keep = (1 - gamma) * d1 * d2

@@ -30,7 +30,7 @@ from .models.paths import get_module, projection_path, projection_weight
 from .models.transformer import CausalLM
 from .parallel import map_units
 from .refine import RefineConfig, refine_layers
-from .report import CompressionReport, MatrixReport, warn_about
+from .report import CompressionReport, MatrixReport, rows_from_artifact, warn_about
 from .sequential import check_sequential, fit_sequential
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,8 @@ def unit_budget(config: MethodConfig, d_in: int, d_out: int, group_size: int, ra
 
 def fit_unit(Ws: list[np.ndarray], paths: list[str], method: Method, config: MethodConfig, grams: Grams | None,
              heldout_grams: Grams | None, key: jax.Array, ratio: float | None = None
-             ) -> tuple[list[Factors], list[dict]]:
-    """Fit one unit (a matrix or a shared group): its factors and one report row (a dict) per matrix.
+             ) -> tuple[list[Factors], list[MatrixReport]]:
+    """Fit one unit (a matrix or a shared group): its factors and one report row per matrix.
 
     Ws: the unit's weights [d_in, d_out] (float32), in the order of ``paths``; ``method`` from
     :func:`~cospadi_jax.methods.build`; ``key`` the unit's key (folded from the seed and the unit index).
@@ -89,7 +89,7 @@ def fit_unit(Ws: list[np.ndarray], paths: list[str], method: Method, config: Met
             factors = DictFactors(factors.D, factors.indices, q, factors.info)
         W_hat = factors.dense()
         info = factors.info
-        unit_rows.append(asdict(MatrixReport(
+        unit_rows.append(MatrixReport(
             path=path, group=paths, d_in=W.shape[0], d_out=W.shape[1], method=config.name,
             functional_error_calib=functional_error(W, W_hat, unit_grams[i]) if unit_grams[i] is not None
             else None,  # a data-free run without calibration data has no functional error to report
@@ -108,7 +108,7 @@ def fit_unit(Ws: list[np.ndarray], paths: list[str], method: Method, config: Met
             quantization_error=quant_err, objective=info.get("objective"),
             omp_backend=info.get("omp_backend"), phase_seconds=info.get("phase_seconds"),
             target_ratio=unit_b.target_ratio,
-        )))
+        ))
         unit_factors.append(factors)
     return unit_factors, unit_rows
 
@@ -210,17 +210,17 @@ def compress(
     # Refinement differentiates through the layers: a sparse (packed bf16) mode is set once it is done.
     build_mode = "dense" if refine.steps and config.mode not in ("dense", "factored") else config.mode
 
-    def fit(unit_index: int, unit_grams: Grams | None = None) -> tuple[list[Factors], list[dict]]:
+    def fit(unit_index: int, unit_grams: Grams | None = None) -> tuple[list[Factors], list[MatrixReport]]:
         paths = units[unit_index]
         factors, rows = fit_unit([projection_weight(model, p) for p in paths], paths, method, config,
                                  unit_grams or grams, heldout_grams, jax.random.fold_in(key, unit_index),
                                  ratios[unit_index] if ratios is not None else None)
         if artifact is not None:
-            artifact.save_unit(unit_index, factors, rows)
+            artifact.save_unit(unit_index, factors, [asdict(r) for r in rows])
         return factors, rows
 
     # Resumed units are reused, never refitted: the result is bit-identical to an uninterrupted run.
-    done = artifact.finished_units(len(units)) if artifact is not None else {}
+    done = rows_from_artifact(artifact.finished_units(len(units))) if artifact is not None else {}
     report.units, report.units_reused = len(units), len(done)
     if sequential:
         def fit_many(indices: list[int], block_grams: Grams) -> dict:
@@ -246,15 +246,14 @@ def compress(
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("cospadi_jax.compress: all units fitted")
-            done = artifact.finished_units()
+            done = rows_from_artifact(artifact.finished_units())
             # Staged units may be rewritten by process 0's finalize(): nobody may still be reading them then.
             multihost_utils.sync_global_devices("cospadi_jax.compress: all units read")
     bar = tqdm(units, desc=f"compress ({config.name}, CR {config.ratio})", unit="group",
                disable=not progress or config.parallel == "matrices")
     for unit_index, paths in enumerate(bar):
         bar.set_postfix_str(paths[0] if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1})")
-        factors, rows = done[unit_index] if unit_index in done else fit(unit_index)
-        unit_rows = [MatrixReport(**{k: v for k, v in row.items() if k != "info"}) for row in rows]
+        factors, unit_rows = done[unit_index] if unit_index in done else fit(unit_index)
         if not sequential:  # sequential calibration swapped every unit in already
             for path, f in zip(paths, factors):
                 replace_projection(target, path, f, mode=build_mode)
@@ -322,7 +321,7 @@ def allocate_units(model: CausalLM, config: MethodConfig, allocation: Allocation
         """Mean squared functional error of unit u fitted at ``ratio`` with the curve's K-SVD iterations."""
         _, rows = fit_unit([projection_weight(model, p) for p in units[u]], units[u], curve_method, config, grams,
                            None, jax.random.fold_in(jax.random.key(seed), u), ratio)
-        return float(np.mean([row["functional_error_calib"] ** 2 for row in rows]))
+        return float(np.mean([row.functional_error_calib ** 2 for row in rows]))
 
     options = config.budget_options()
     measured = allocation.curve == "measured" and options["kind"] == "cospadi"  # a low-rank spectrum is exact

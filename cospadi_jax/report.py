@@ -42,6 +42,14 @@ class MatrixReport:
     target_ratio: float | None = None  # the unit's ratio: config.ratio, or its share of a non-uniform allocation
 
 
+def rows_from_artifact(done: dict[int, tuple[list, list[dict]]]) -> dict[int, tuple[list, list[MatrixReport]]]:
+    """An artifact's finished units (``ArtifactWriter.finished_units``: rows as written, dicts) with their rows
+    as :class:`MatrixReport` again (the factors' ``info`` stored beside them dropped)."""
+    names = set(MatrixReport.__dataclass_fields__)
+    return {i: (factors, [MatrixReport(**{k: v for k, v in row.items() if k in names}) for row in rows])
+            for i, (factors, rows) in done.items()}
+
+
 @dataclass
 class CompressionReport:
     config: dict

@@ -30,8 +30,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from .calib.grams import Grams, advance_layer
-from .compress import (CompressionReport, MatrixReport, fit_unit, unit_budget, warn_about,
-                       work_units)
+from .compress import fit_unit, unit_budget, work_units
+from .report import CompressionReport, rows_from_artifact, warn_about
 from .layers import factored_module
 from .methods import MethodConfig, build
 from .methods.base import Factors, clear_whitening_cache
@@ -268,7 +268,7 @@ def compress_streaming(
     unit_of = {paths[0]: i for i, paths in enumerate(units)}
     layers = sorted({parse_projection_path(paths[0])[0] for paths in units})
     key = jax.random.key(seed)
-    done = artifact.finished_units(len(units)) if artifact is not None else {}
+    done = rows_from_artifact(artifact.finished_units(len(units))) if artifact is not None else {}
     report = CompressionReport(config={**asdict(config), "seed": seed, "streaming": asdict(plan)},
                                calibration={"nsamples": len(windows), "seqlen": windows.shape[1]},
                                units=len(units), units_reused=len(done))
@@ -297,8 +297,8 @@ def compress_streaming(
                     unit_factors, rows = fit_unit(weights, paths, method, config, grams, None,
                                                   jax.random.fold_in(key, unit_index))
                     if artifact is not None:
-                        artifact.save_unit(unit_index, unit_factors, rows)
-                report.matrices.extend(MatrixReport(**{k: v for k, v in r.items() if k != "info"}) for r in rows)
+                        artifact.save_unit(unit_index, unit_factors, [asdict(r) for r in rows])
+                report.matrices.extend(rows)
                 if sequential:
                     for path, f in zip(paths, unit_factors):
                         _swap_in(layer, path, f, config.mode)
