@@ -78,9 +78,7 @@ def fit_sequential(target: CausalLM, windows: np.ndarray, units: list[list[str]]
             scratch = list(hidden)
             grams = Grams(n_tokens=int(windows.size))
             for index in layers:
-                stats = advance_layer(target.model.layers[index], index, scratch, advance=index != layers[-1])
-                for path, (gram, abs_sum) in stats.items():
-                    grams.by_path[path], grams.abs_sums[path] = gram, abs_sum
+                grams.add(advance_layer(target.model.layers[index], index, scratch, advance=index != layers[-1]))
             del scratch
             results.update(fit_many(todo, grams))
         for i in members:

@@ -29,13 +29,13 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from .calib.grams import Grams, advance_layer
+from .calib.grams import Grams, advance_layer, embed_tokens
 from .compress import fit_unit, unit_budget, work_units
 from .report import CompressionReport, rows_from_artifact, warn_about
 from .layers import factored_module
 from .methods import MethodConfig, build
 from .methods.base import Factors, clear_whitening_cache
-from .models.config import DecoderConfig, decoder_config_from_hf
+from .models.config import DecoderConfig, decoder_config_from_hf, projection_shapes
 from .models.convert import assign_tensors
 from .models.paths import GRAM_SOURCE, get_module, parse_projection_path
 from .models.transformer import CausalLM, DecoderLayer, Embed
@@ -64,7 +64,7 @@ class ModelLayerSource:
         self.model, self.config, self.dtype = model, model.config, model.dtype
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
-        return np.asarray(_embed(self.model.model.embed_tokens, jnp.asarray(ids), self.dtype))
+        return np.asarray(embed_tokens(self.model.model.embed_tokens, jnp.asarray(ids), self.dtype))
 
     def layer(self, index: int) -> DecoderLayer:
         return self.model.model.layers[index]
@@ -93,7 +93,7 @@ class RandomLayerSource:
         # The table exists only while embedding; its key index follows the layers' (0 .. L-1).
         table = self._build(partial(Embed, self.config.vocab_size, self.config.hidden_size, dtype=self.dtype),
                             self.config.num_hidden_layers)
-        return np.asarray(_embed(table, jnp.asarray(ids), self.dtype))
+        return np.asarray(embed_tokens(table, jnp.asarray(ids), self.dtype))
 
     def layer(self, index: int) -> DecoderLayer:
         return self._build(partial(DecoderLayer, self.config, dtype=self.dtype), index)
@@ -139,18 +139,13 @@ class CheckpointLayerSource:
                                                 rngs=nnx.Rngs(0)))
         table = assign_tensors(abstract, self._tensors("model.embed_tokens."), dtype=self.dtype,
                                tied_embeddings=False, source=str(self.model_dir), prefix="model.embed_tokens.")
-        return np.asarray(_embed(table, jnp.asarray(ids), self.dtype))
+        return np.asarray(embed_tokens(table, jnp.asarray(ids), self.dtype))
 
     def layer(self, index: int) -> DecoderLayer:
         prefix = f"model.layers.{index}."
         abstract = nnx.eval_shape(lambda: DecoderLayer(self.config, dtype=self.dtype, rngs=nnx.Rngs(0)))
         return assign_tensors(abstract, self._tensors(prefix), dtype=self.dtype, tied_embeddings=False,
                               source=str(self.model_dir), prefix=prefix)
-
-
-@nnx.jit(static_argnums=2)
-def _embed(table: Embed, ids: jax.Array, dtype: Any) -> jax.Array:
-    return table(ids).astype(dtype)
 
 
 @dataclass(frozen=True)
@@ -173,14 +168,6 @@ class MemoryPlan:
                 f" resident GiB: {parts}; predicted peak {self.predicted_peak_gib:.2f} GiB")
 
 
-def _shapes(cfg: DecoderConfig) -> dict[str, tuple[int, int]]:
-    """Projection type -> W shape [d_in, d_out]."""
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-
-
 def plan_memory(cfg: DecoderConfig, comp: MethodConfig, n_windows: int, seqlen: int, *, budget_gib: float,
                 dtype: Any = jnp.bfloat16) -> MemoryPlan:
     """Split ``budget_gib`` of host memory between the resident buffers and the two chunked ones.
@@ -192,9 +179,9 @@ def plan_memory(cfg: DecoderConfig, comp: MethodConfig, n_windows: int, seqlen: 
     Raises ValueError naming the buffers when even the resident part does not fit.
     """
     item = jnp.dtype(dtype).itemsize
-    shapes = {t: s for t, s in _shapes(cfg).items() if t in comp.proj_types}
+    shapes = {t: s for t, s in projection_shapes(cfg).items() if t in comp.proj_types}
     budgets = {t: unit_budget(comp, *s, 1) for t, s in shapes.items()}
-    layer_params = sum(a * b for a, b in _shapes(cfg).values()) + 2 * cfg.hidden_size
+    layer_params = sum(a * b for a, b in projection_shapes(cfg).values()) + 2 * cfg.hidden_size
     gram_sources = set(GRAM_SOURCE.values())  # calibration collects all four (q/k/v share one, gate/up one)
 
     def fit_bytes(t: str) -> int:
@@ -205,7 +192,7 @@ def plan_memory(cfg: DecoderConfig, comp: MethodConfig, n_windows: int, seqlen: 
     resident = {
         "layer weights": layer_params * item / GIB,
         "hidden states": n_windows * seqlen * cfg.hidden_size * item / GIB,
-        "Grams (float64)": sum(8 * _shapes(cfg)[t][0] ** 2 for t in gram_sources) / GIB,
+        "Grams (float64)": sum(8 * projection_shapes(cfg)[t][0] ** 2 for t in gram_sources) / GIB,
         "fitting the largest matrix": max(fit_bytes(t) for t in shapes) / GIB,
         "runtime (JAX, XLA, Python)": 1.5,
     }
@@ -284,8 +271,7 @@ def compress_streaming(
         t_calib = time.perf_counter() - t0
         if index in layers:
             grams = Grams(n_tokens=int(windows.size))
-            for path, (gram, abs_sum) in by_path.items():
-                grams.by_path[path], grams.abs_sums[path] = gram, abs_sum
+            grams.add(by_path)
             if sequential:
                 layer = nnx.clone(layer)  # compressed below: never the source's own layer (an in-memory model)
             for unit_index in sorted(i for p, i in unit_of.items() if parse_projection_path(p)[0] == index):

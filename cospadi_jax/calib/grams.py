@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from ..models.paths import GRAM_SOURCE, parse_projection_path, projection_path
-from ..models.transformer import CausalLM, DecoderLayer, causal_mask, layer_rotary
+from ..models.transformer import CausalLM, DecoderLayer, Embed, causal_mask, layer_rotary
 
 # DecoderLayer.return_projection_inputs key -> projection type whose Gram it is.
 _INPUT_TO_TYPE = {"self_attn.q_proj": "q_proj", "self_attn.o_proj": "o_proj",
@@ -48,10 +49,16 @@ class Grams:
         """Mean absolute activation per input channel [d_in] (ASVD's scaling statistic)."""
         return self.abs_sums[self._key(path)] / self.n_tokens
 
+    def add(self, stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        """Add one layer's ``{source path: (Gram, Σ|x|)}``, as :func:`advance_layer` returns them."""
+        for path, (gram, abs_sum) in stats.items():
+            self.by_path[path], self.abs_sums[path] = gram, abs_sum
 
-@nnx.jit
-def _embed(model: CausalLM, ids: jax.Array) -> jax.Array:
-    return model.model.embed_tokens(ids).astype(model.dtype)
+
+@nnx.jit(static_argnums=2)
+def embed_tokens(table: Embed, ids: jax.Array, dtype: Any) -> jax.Array:
+    """ids [b, T] int32 -> the hidden states entering layer 0 [b, T, hidden] in ``dtype``."""
+    return table(ids).astype(dtype)
 
 
 @nnx.jit
@@ -96,7 +103,7 @@ def iter_layer_grams(
 
 def embed_batches(model: CausalLM, windows: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """Token embeddings of ``windows`` [n, T] in batches of ``batch_size``: the hidden states entering layer 0."""
-    return [np.asarray(_embed(model, jnp.asarray(windows[s : s + batch_size])))
+    return [np.asarray(embed_tokens(model.model.embed_tokens, jnp.asarray(windows[s : s + batch_size]), model.dtype))
             for s in range(0, len(windows), batch_size)]
 
 
@@ -136,6 +143,5 @@ def collect_grams(
     """All requested layers' Grams in memory (see :func:`iter_layer_grams` for the streaming form)."""
     grams = Grams(n_tokens=int(np.asarray(windows).size))
     for _, by_path in iter_layer_grams(model, windows, batch_size=batch_size, layers=layers, progress=progress):
-        for path, (gram, abs_sum) in by_path.items():
-            grams.by_path[path], grams.abs_sums[path] = gram, abs_sum
+        grams.add(by_path)
     return grams

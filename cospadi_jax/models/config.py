@@ -135,3 +135,11 @@ def decoder_config_from_hf(hf_config: Any) -> DecoderConfig:
         bos_token_id=getattr(hf_config, "bos_token_id", None),
         hf_config_json=hf_config.to_json_string(use_diff=False) if hasattr(hf_config, "to_json_string") else None,
     )
+
+
+def projection_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, int]]:
+    """Projection type -> W shape [d_in, d_out]."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
