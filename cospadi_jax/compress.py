@@ -113,6 +113,24 @@ def fit_unit(Ws: list[np.ndarray], paths: list[str], method: Method, config: Met
     return unit_factors, unit_rows
 
 
+def fit_and_save(unit_index: int, Ws: list[np.ndarray], paths: list[str], method: Method, config: MethodConfig,
+                 grams: Grams | None, heldout_grams: Grams | None, key: jax.Array, ratio: float | None,
+                 artifact: Any) -> tuple[list[Factors], list[MatrixReport]]:
+    """:func:`fit_unit` with the unit's key folded from the run's ``key`` and its global index (so a unit gets the
+    same key whichever path fits it), saved to ``artifact`` when one is given. The unit step of every orchestrator
+    (``compress``, sequential calibration, ``compress_streaming``)."""
+    factors, rows = fit_unit(Ws, paths, method, config, grams, heldout_grams, jax.random.fold_in(key, unit_index),
+                             ratio)
+    if artifact is not None:
+        artifact.save_unit(unit_index, factors, [asdict(r) for r in rows])
+    return factors, rows
+
+
+def reused_units(artifact: Any, total: int | None = None) -> dict[int, tuple[list[Factors], list[MatrixReport]]]:
+    """The units an interrupted run finished (reused, never refitted: a resumed run is bit-identical)."""
+    return rows_from_artifact(artifact.finished_units(total)) if artifact is not None else {}
+
+
 def compress(
     model: CausalLM,
     tokenizer: Any = None,
@@ -212,15 +230,11 @@ def compress(
 
     def fit(unit_index: int, unit_grams: Grams | None = None) -> tuple[list[Factors], list[MatrixReport]]:
         paths = units[unit_index]
-        factors, rows = fit_unit([projection_weight(model, p) for p in paths], paths, method, config,
-                                 unit_grams or grams, heldout_grams, jax.random.fold_in(key, unit_index),
-                                 ratios[unit_index] if ratios is not None else None)
-        if artifact is not None:
-            artifact.save_unit(unit_index, factors, [asdict(r) for r in rows])
-        return factors, rows
+        return fit_and_save(unit_index, [projection_weight(model, p) for p in paths], paths, method, config,
+                            unit_grams or grams, heldout_grams, key, ratios[unit_index] if ratios is not None else None,
+                            artifact)
 
-    # Resumed units are reused, never refitted: the result is bit-identical to an uninterrupted run.
-    done = rows_from_artifact(artifact.finished_units(len(units))) if artifact is not None else {}
+    done = reused_units(artifact, len(units))
     report.units, report.units_reused = len(units), len(done)
     if sequential:
         def fit_many(indices: list[int], block_grams: Grams) -> dict:
@@ -246,7 +260,7 @@ def compress(
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("cospadi_jax.compress: all units fitted")
-            done = rows_from_artifact(artifact.finished_units())
+            done = reused_units(artifact)
             # Staged units may be rewritten by process 0's finalize(): nobody may still be reading them then.
             multihost_utils.sync_global_devices("cospadi_jax.compress: all units read")
     bar = tqdm(units, desc=f"compress ({config.name}, CR {config.ratio})", unit="group",

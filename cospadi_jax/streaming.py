@@ -30,8 +30,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from .calib.grams import Grams, advance_layer, embed_tokens
-from .compress import fit_unit, unit_budget, work_units
-from .report import CompressionReport, rows_from_artifact, warn_about
+from .compress import fit_and_save, reused_units, unit_budget, work_units
+from .report import CompressionReport, warn_about
 from .layers import factored_module
 from .methods import MethodConfig, build
 from .methods.base import Factors, clear_whitening_cache
@@ -255,7 +255,7 @@ def compress_streaming(
     unit_of = {paths[0]: i for i, paths in enumerate(units)}
     layers = sorted({parse_projection_path(paths[0])[0] for paths in units})
     key = jax.random.key(seed)
-    done = rows_from_artifact(artifact.finished_units(len(units))) if artifact is not None else {}
+    done = reused_units(artifact, len(units))
     report = CompressionReport(config={**asdict(config), "seed": seed, "streaming": asdict(plan)},
                                calibration={"nsamples": len(windows), "seqlen": windows.shape[1]},
                                units=len(units), units_reused=len(done))
@@ -276,14 +276,9 @@ def compress_streaming(
                 layer = nnx.clone(layer)  # compressed below: never the source's own layer (an in-memory model)
             for unit_index in sorted(i for p, i in unit_of.items() if parse_projection_path(p)[0] == index):
                 paths = units[unit_index]
-                if unit_index in done:
-                    unit_factors, rows = done[unit_index]
-                else:
-                    weights = [_weight(layer, p) for p in paths]
-                    unit_factors, rows = fit_unit(weights, paths, method, config, grams, None,
-                                                  jax.random.fold_in(key, unit_index))
-                    if artifact is not None:
-                        artifact.save_unit(unit_index, unit_factors, [asdict(r) for r in rows])
+                unit_factors, rows = done[unit_index] if unit_index in done else fit_and_save(
+                    unit_index, [_weight(layer, p) for p in paths], paths, method, config, grams, None, key, None,
+                    artifact)
                 report.matrices.extend(rows)
                 if sequential:
                     for path, f in zip(paths, unit_factors):
