@@ -108,14 +108,10 @@ class CheckpointLayerSource:
     """
 
     def __init__(self, model_dir: str | Path, *, dtype: Any = jnp.float32):
-        from transformers import AutoConfig
-
-        from .models.loading import _safetensors_files
+        from .models.loading import _safetensors_files, hf_directory_config
 
         self.model_dir = Path(model_dir)
-        if not (self.model_dir / "config.json").exists():
-            raise FileNotFoundError(f"{self.model_dir} has no config.json; is it a Hugging Face model directory?")
-        self.config = decoder_config_from_hf(AutoConfig.from_pretrained(str(self.model_dir), trust_remote_code=False))
+        self.config = decoder_config_from_hf(hf_directory_config(self.model_dir))
         self.dtype = dtype
         self._file_of: dict[str, Path] = {}
         from safetensors import safe_open

@@ -100,14 +100,19 @@ def _load_tokenizer(source: str | Path, **kwargs: Any) -> Any:
     return AutoTokenizer.from_pretrained(str(source), trust_remote_code=False, **kwargs)
 
 
-def load_hf_directory(model_dir: str | Path, dtype: Any = jnp.float32) -> tuple[CausalLM, Any]:
-    """Load a HF model directory (config.json + safetensors, sharded index supported)."""
+def hf_directory_config(model_dir: Path) -> Any:
+    """The transformers config of a HF model directory (never with remote code); a clear error without one."""
     from transformers import AutoConfig
 
-    model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"{model_dir} has no config.json; is it a Hugging Face model directory?")
-    hf_config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+    return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+
+
+def load_hf_directory(model_dir: str | Path, dtype: Any = jnp.float32) -> tuple[CausalLM, Any]:
+    """Load a HF model directory (config.json + safetensors, sharded index supported)."""
+    model_dir = Path(model_dir)
+    hf_config = hf_directory_config(model_dir)
     dtype = resolve_dtype(dtype)
     abstract = _abstract_model(hf_config, dtype)
     files = _safetensors_files(model_dir)
