@@ -73,6 +73,14 @@ class CoSpaDi(Method):
     supports_groups = True
     config: CoSpaDiConfig
 
+    def _mesh(self) -> Any:
+        """The device mesh of ``parallel=columns``, built once per method (not once per matrix)."""
+        if getattr(self, "_columns_mesh", None) is None:
+            from ..parallel import make_mesh
+
+            self._columns_mesh = make_mesh()
+        return self._columns_mesh
+
     def ksvd_options(self) -> dict[str, Any]:
         """The keyword arguments of :func:`~cospadi_jax.sparse.ksvd.ksvd` (besides the key) this method passes."""
         c = self.config
@@ -95,13 +103,12 @@ class CoSpaDi(Method):
         whitening_s = time.perf_counter() - t0
         options = self.ksvd_options()
         if self.config.parallel == "columns":
-            from ..parallel import make_mesh
             from ..sparse.sharded import sharded_ksvd
 
             if options["omp_memory_budget_bytes"] is None:
                 options.pop("omp_memory_budget_bytes")  # the sharded XLA path's own default
             options = {k: v for k, v in options.items() if k not in ("omp_backend", "sparse_coder")}
-            result = sharded_ksvd(Y, budget.n_atoms, budget.sparsity, self.config.ksvd_iterations, make_mesh(),
+            result = sharded_ksvd(Y, budget.n_atoms, budget.sparsity, self.config.ksvd_iterations, self._mesh(),
                                   key=key, **options)
         else:
             result = ksvd(Y, budget.n_atoms, budget.sparsity, self.config.ksvd_iterations, key=key, **options)
