@@ -10,7 +10,7 @@ from helpers import tiny_hf_config
 from cospadi_jax.budget import budget
 from cospadi_jax.calib import collect_grams
 from cospadi_jax.compress import compress, work_units
-from cospadi_jax.methods import method_config
+from cospadi_jax.methods import CoSpaDiConfig, method_config
 from cospadi_jax.layers import DictLinear, LowRankLinear, quantize_coefficients, replace_projection
 from cospadi_jax.methods.base import DictFactors, LowRankFactors
 from cospadi_jax.models import forward_logits, get_module, projection_weight, random_model
@@ -215,3 +215,14 @@ def test_group_with_different_shapes_is_refused(tiny, monkeypatch):
     monkeypatch.setattr(compress_module, "projection_weight", uneven)
     with pytest.raises(ValueError, match="a shared group needs equal shapes"):
         compress(model, grams=grams, method="cospadi", group_size=2, proj_types=("up_proj",), progress=False, **fast())
+
+
+def test_a_knob_the_method_does_not_have_is_refused(tiny):
+    """Each method owns its config: K-SVD knobs given to SVD-LLM are an error, not silently ignored."""
+    model, grams, _ = tiny
+    with pytest.raises(TypeError, match=r"method 'svd_llm' has no knob\(s\) \['ksvd_iterations'\]"):
+        compress(model, grams=grams, method="svd_llm", ksvd_iterations=4, progress=False)
+    with pytest.raises(ValueError, match="configured by LowRankConfig"):  # method.name overridden in a CoSpaDi file
+        compress(model, grams=grams, config=CoSpaDiConfig(name="svd_llm"), progress=False)
+    with pytest.raises(ValueError, match="contradicts config.name"):
+        compress(model, grams=grams, config=CoSpaDiConfig(), method="svd_llm", progress=False)
