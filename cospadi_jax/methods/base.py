@@ -125,8 +125,8 @@ class MethodConfig:
             raise ValueError(f"method {self.name!r} is configured by {method.config_class.__name__}, got a "
                              f"{type(self).__name__}: choose the method's config file (method={self.name}) "
                              "instead of overriding method.name")
-        _check_number(self, "ratio")
-        _check_int(self, "group_size")
+        check_number(self, "ratio")
+        check_int(self, "group_size")
         if not 0.0 < self.ratio < 1.0:
             raise ValueError(f"ratio must be in (0, 1) (fraction of parameters removed), got {self.ratio}")
         for name in ("proj_types", "shared_types"):
@@ -196,7 +196,8 @@ class MethodConfig:
                              "list consecutive layers in order, e.g. layers=[2, 3, 8, 9].")
 
 
-def _check_number(config: Any, name: str) -> None:
+def check_number(config: Any, name: str) -> None:
+    """Raise unless ``config.<name>`` is a finite real number (a bool is not one)."""
     value = getattr(config, name)
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
@@ -204,7 +205,8 @@ def _check_number(config: Any, name: str) -> None:
         raise ValueError(f"{name} must be finite, got {value}")
 
 
-def _check_int(config: Any, name: str) -> None:
+def check_int(config: Any, name: str) -> None:
+    """Raise unless ``config.<name>`` is an integer (a bool is not one)."""
     value = getattr(config, name)
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")

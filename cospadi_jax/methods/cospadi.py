@@ -16,7 +16,7 @@ import numpy as np
 from ..budget import ACCOUNTINGS
 from ..sparse.backend import check_omp_backend
 from ..sparse.ksvd import DICT_UPDATES, SPARSE_CODERS, ksvd
-from .base import DictFactors, Method, MethodConfig, UnitStats, _check_int, _check_number, unwhiten, whitening_factor
+from .base import DictFactors, Method, MethodConfig, UnitStats, check_int, check_number, unwhiten, whitening_factor
 
 
 @dataclass
@@ -41,9 +41,9 @@ class CoSpaDiConfig(MethodConfig):
 
     def validate(self, n_layers: int | None = None) -> None:
         super().validate(n_layers)
-        _check_number(self, "rho")
+        check_number(self, "rho")
         for name in ("ksvd_iterations", "power_iterations"):
-            _check_int(self, name)
+            check_int(self, name)
         if self.rho < 1.0:
             raise ValueError(f"rho = k/s must be >= 1 (s <= k), got {self.rho}")
         for name, choices in (("accounting", ACCOUNTINGS), ("dict_update", DICT_UPDATES)):

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import LowRankFactors, Method, MethodConfig, UnitStats, _check_number, unwhiten, whitening_factor
+from .base import LowRankFactors, Method, MethodConfig, UnitStats, check_number, unwhiten, whitening_factor
 
 
 @dataclass
@@ -31,7 +31,7 @@ class ASVDConfig(MethodConfig):
 
     def validate(self, n_layers: int | None = None) -> None:
         super().validate(n_layers)
-        _check_number(self, "alpha")
+        check_number(self, "alpha")
         if self.alpha < 0:
             raise ValueError(f"alpha must be >= 0 (0 = plain SVD), got {self.alpha}")
 
