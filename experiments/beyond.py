@@ -7,7 +7,8 @@ Every job is one ``python -m cospadi_jax.run`` on the committed sweep's setting 
 perplexity on 16 × 512 held-out windows, the shipped ``kjv_lambada`` task), with the same K-SVD T for every
 CoSpaDi row, into ``experiments/results/beyond/<method>-<variant>-cr<ratio>/``. A job whose ``metrics.json``
 exists is not rerun (the script resumes; a killed job resumes from its artifact). Then the table is written
-to ``experiments/results/beyond/summary.json`` (one record per job) and drawn in ``beyond.png``.
+to ``experiments/results/beyond/summary.json`` (one record per job), tabulated in ``summary.md`` and drawn in
+``beyond.png``.
 
 Variants (the issue's levers; ``all`` is every lever the engine has):
   plain       the paper's setting
@@ -129,6 +130,21 @@ def plot(records: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def markdown(records: list[dict]) -> str:
+    """The table of every finished job, PPL change against the plain row of the same method and CR."""
+    plain = {(r["method"], r["ratio"]): r["ppl"] for r in records if r["variant"] == "plain"}
+    lines = ["| CR | method | variant | held-out PPL | vs plain | kjv_lambada acc ± stderr | mean held-out functional "
+             "error | realised CR | compress s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(records, key=lambda r: (r["ratio"], r["method"], VARIANTS.index(r["variant"]))):
+        base = plain.get((r["method"], r["ratio"]))
+        change = f"{100 * (r['ppl'] / base - 1):+.1f} %" if base and r["variant"] != "plain" else ""
+        method = f"CoSpaDi T={r['ksvd_iterations']}" if r["method"] == "cospadi" else "SVD-LLM"
+        lines.append(f"| {r['ratio']} | {method} | {r['variant']} | {r['ppl']:.2f} | {change} | {r['acc']:.3f} ± "
+                     f"{r['acc_stderr']:.3f} | {r['functional_error']:.3f} | {r['realised_ratio']:.4f} | "
+                     f"{r['compress_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ratios", type=float, nargs="*", default=[0.3])
@@ -156,6 +172,7 @@ def main() -> None:
                                   f"{r['realised_ratio']:.4f}): per-matrix compression ratio")
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "summary.json").write_text(json.dumps(records, indent=1))
+    (OUT / "summary.md").write_text(markdown(records))
     if records:
         plot(records, OUT / "beyond.png")
     for r in records:
