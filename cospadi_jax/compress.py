@@ -31,7 +31,8 @@ from .models.transformer import CausalLM
 from .parallel import map_units
 from .refine import RefineConfig, refine_layers
 from .report import CompressionReport, MatrixReport, rows_from_artifact, warn_about
-from .sequential import check_sequential, fit_sequential
+from .sequential import check_sequential, fit_blocks
+from .sources import ModelLayerSource
 
 log = logging.getLogger(__name__)
 
@@ -237,18 +238,19 @@ def compress(
     done = reused_units(artifact, len(units))
     report.units, report.units_reused = len(units), len(done)
     if sequential:
-        def fit_many(indices: list[int], block_grams: Grams) -> dict:
+        def fit_block(indices: list[int], block_grams: Grams, _layers: dict) -> None:
             if config.parallel == "matrices":  # a block's units side by side, one thread per local device
-                return map_units(lambda i, _: fit(i, block_grams), units, rank=0, world=1,
-                                 skip=set(range(len(units))) - set(indices))
-            return {i: fit(i, block_grams) for i in indices}
+                done.update(map_units(lambda i, _: fit(i, block_grams), units, rank=0, world=1,
+                                      skip=set(range(len(units))) - set(indices)))
+            else:
+                done.update({i: fit(i, block_grams) for i in indices})
 
-        def swap_in(unit_index: int, result: tuple[list[Factors], list[dict]]) -> None:
-            for path, f in zip(units[unit_index], result[0]):
+        def swap_in(unit_index: int, _layers: dict) -> None:  # target's own layers: swap by path
+            for path, f in zip(units[unit_index], done[unit_index][0]):
                 replace_projection(target, path, f, mode=build_mode)
 
-        done = fit_sequential(target, windows, units, fit_many, swap_in, done, batch_size=calibration.batch_size,
-                              progress=progress)
+        fit_blocks(ModelLayerSource(target), windows, units, fit_block, done=done, batch_size=calibration.batch_size,
+                   compressed_inputs=True, swap_in=swap_in, progress=progress)
     elif config.parallel == "matrices":
         # This process's round-robin share, one thread per local device; other processes' units arrive through
         # the artifact directory (a filesystem all processes see) after the barrier.

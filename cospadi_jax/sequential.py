@@ -18,17 +18,16 @@ bit-identical factors. The Gram cache is not used: sequential Grams depend on th
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from .calib.grams import Grams, advance_layer, embed_batches
-from .methods.base import Factors
+from .calib.grams import Grams, advance_layer
+from .methods.base import clear_whitening_cache
 from .models.paths import parse_projection_path
-from .models.transformer import CausalLM
-
-UnitResult = tuple[list[Factors], list[dict]]
+from .sources import LayerSource
 
 
 def blocks(units: list[list[str]]) -> list[list[int]]:
@@ -46,47 +45,65 @@ def blocks(units: list[list[str]]) -> list[list[int]]:
     return sorted(out)
 
 
-def fit_sequential(target: CausalLM, windows: np.ndarray, units: list[list[str]],
-                   fit_many: Callable[[list[int], Grams], dict[int, UnitResult]],
-                   swap_in: Callable[[int, UnitResult], None], done: dict[int, UnitResult], *,
-                   batch_size: int, progress: bool = True) -> dict[int, UnitResult]:
-    """Fit every unit block by block on the compressed prefix's Grams; returns every unit's (factors, rows).
+def fit_blocks(source: LayerSource, windows: np.ndarray, units: list[list[str]],
+               fit_block: Callable[[list[int], Grams, dict[int, Any]], None], *, done: set[int] | dict,
+               batch_size: int, compressed_inputs: bool, swap_in: Callable[[int, dict[int, Any]], None] | None = None,
+               progress: bool = True, desc: str = "sequential calibration",
+               on_layer: Callable[[int, dict[str, float]], None] | None = None) -> None:
+    """The layer loop of sequential calibration and of streaming compression: block by block, in layer order.
 
-    target: the model being compressed, dense where not yet compressed; it is compressed in place as blocks
-    finish. windows: [n, T] int32 calibration token ids. ``fit_many(indices, grams)`` fits the listed units on
-    ``grams``; ``swap_in(index, result)`` puts a unit's factors into ``target``; ``done``: units finished by an
-    earlier attempt (swapped in, not refitted).
+    source: where the layers come from, one at a time (:mod:`cospadi_jax.sources`). windows: [n, T] int32
+    calibration token ids, embedded ``batch_size`` at a time. For each block (:func:`blocks`) the Grams of its
+    layers are collected on the hidden states entering it, and ``fit_block(indices, grams, layers)`` fits the
+    block's units not in ``done`` (``layers``: the block's layer objects by index). With ``compressed_inputs`` (the
+    sequential rule) the Grams come from a pass through the block's dense layers that leaves the hidden states as
+    they were; ``swap_in(index, layers)`` then puts every unit of the block (fitted or ``done``) into them, and the
+    hidden states advance through the compressed block. Otherwise one pass collects the Grams and advances through
+    the dense block (the plain rule, on one layer at a time). ``on_layer(index, seconds)`` follows each layer.
     """
     windows = np.asarray(windows, np.int32)
-    unit_block = {}
     layer_blocks = blocks(units)
+    unit_block = {}
     for i, unit in enumerate(units):
         first = min(parse_projection_path(p)[0] for p in unit)
         unit_block[i] = next(b for b, layers in enumerate(layer_blocks) if first in layers)
-    results = dict(done)
-    hidden = embed_batches(target, windows, batch_size)
+    hidden = [source.embed(windows[s : s + batch_size]) for s in range(0, len(windows), batch_size)]
     next_layer = 0
-    bar = tqdm(layer_blocks, desc="sequential calibration", unit="block", disable=not progress)
-    for b, layers in enumerate(bar):
-        for index in range(next_layer, layers[0]):  # layers left dense between blocks
-            advance_layer(target.model.layers[index], index, hidden, collect=False)
+    bar = tqdm(layer_blocks, desc=desc, unit="block", disable=not progress)
+    for b, block in enumerate(bar):
+        for index in range(next_layer, block[0]):  # layers left dense between blocks
+            t0 = time.perf_counter()
+            advance_layer(source.layer(index), index, hidden, collect=False)
+            if on_layer is not None:
+                on_layer(index, {"calibration_s": time.perf_counter() - t0, "seconds": time.perf_counter() - t0})
+        t0 = time.perf_counter()
         members = [i for i in range(len(units)) if unit_block[i] == b]
-        todo = [i for i in members if i not in results]
+        todo = [i for i in members if i not in done]
+        layers = {index: source.layer(index) for index in block}
+        grams = Grams(n_tokens=int(windows.size))
+        if compressed_inputs:
+            if todo:  # a new list, so ``hidden`` keeps the block's inputs (a one-layer block needs no outputs)
+                scratch = list(hidden)
+                for index in block:
+                    grams.add(advance_layer(layers[index], index, scratch, advance=index != block[-1]))
+                del scratch
+        else:
+            for index in block:
+                grams.add(advance_layer(layers[index], index, hidden, collect=bool(todo)))
+        t_calib = time.perf_counter() - t0
         if todo:
-            # The block's dense pass, for its Grams only: a new list, so ``hidden`` keeps the block's inputs
-            # (a one-layer block needs no outputs at all).
-            scratch = list(hidden)
-            grams = Grams(n_tokens=int(windows.size))
-            for index in layers:
-                grams.add(advance_layer(target.model.layers[index], index, scratch, advance=index != layers[-1]))
-            del scratch
-            results.update(fit_many(todo, grams))
-        for i in members:
-            swap_in(i, results[i])
-        for index in layers:  # through the compressed block: the next block's inputs
-            advance_layer(target.model.layers[index], index, hidden, collect=False)
-        next_layer = layers[-1] + 1
-    return results
+            fit_block(todo, grams, layers)
+        del grams
+        if compressed_inputs:
+            for i in members:
+                swap_in(i, layers)
+            for index in block:  # through the compressed block: the next block's inputs
+                advance_layer(layers[index], index, hidden, collect=False)
+        del layers
+        clear_whitening_cache()  # this block's Grams never come back: free their factors before the next
+        if on_layer is not None:
+            on_layer(block[-1], {"calibration_s": t_calib, "seconds": time.perf_counter() - t0})
+        next_layer = block[-1] + 1
 
 
 def check_sequential(grams: Any, processes: int) -> None:

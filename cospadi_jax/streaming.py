@@ -3,10 +3,12 @@
 A Llama-3-8B in bfloat16 is 16 GB of weights; with float64 calibration Grams and the fitting buffers it does not fit
 a 24 GB host as a whole. Here only these live at once: the calibration hidden states [n, T, hidden], one decoder
 layer's weights, that layer's Grams (float64), and the buffers of the matrix being fitted. Layers come from a
-:class:`LayerSource` (an in-memory model, a Hugging Face safetensors directory read one layer at a time, or seeded random weights
-built from a config one layer at a time), are
-calibrated on the hidden states of the *original* model (exactly what :func:`cospadi_jax.compress.compress` does),
-compressed unit by unit into an artifact, and dropped.
+:class:`~cospadi_jax.sources.LayerSource` (an in-memory model, a Hugging Face safetensors directory read one layer
+at a time, or seeded random weights built from a config one layer at a time), are calibrated on the hidden states
+of the *original* model (exactly what :func:`cospadi_jax.compress.compress` does), or of the compressed prefix
+under the sequential rule, compressed unit by unit into an artifact, and dropped. The layer loop is
+:func:`cospadi_jax.sequential.fit_blocks`, the one sequential calibration runs, and the unit step
+:func:`cospadi_jax.compress.fit_and_save`, the one every path runs.
 
 Chunk sizes come from one memory budget (:func:`plan_memory`): windows per calibration forward batch and columns
 per OMP chunk, reported with the estimate of every resident buffer. The same seed gives the same factors as
@@ -19,129 +21,27 @@ import resource
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from functools import partial
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
-from .calib.grams import Grams, advance_layer, embed_tokens
+from .calib.grams import Grams
+from .sequential import fit_blocks
 from .compress import fit_and_save, reused_units, unit_budget, work_units
 from .report import CompressionReport, warn_about
 from .layers import factored_module
 from .methods import MethodConfig, build
-from .methods.base import Factors, clear_whitening_cache
-from .models.config import DecoderConfig, decoder_config_from_hf, projection_shapes
-from .models.convert import assign_tensors
+from .methods.base import Factors
+from .models.config import DecoderConfig, projection_shapes
+from .sources import LayerSource
 from .models.paths import GRAM_SOURCE, get_module, parse_projection_path
-from .models.transformer import CausalLM, DecoderLayer, Embed
+from .models.transformer import DecoderLayer
 from .sparse.omp import omp_chunk_size
 
 GIB = 2**30
-
-
-class LayerSource(Protocol):
-    """Where the streamed weights come from: the config, the token embeddings and one decoder layer at a time."""
-
-    config: DecoderConfig
-    dtype: Any
-
-    def embed(self, ids: np.ndarray) -> np.ndarray:
-        """ids [b, T] int32 -> hidden states [b, T, hidden] in ``dtype``."""
-
-    def layer(self, index: int) -> DecoderLayer:
-        """Decoder layer ``index`` (its weights are released when the caller drops it)."""
-
-
-class ModelLayerSource:
-    """Layers of a model already in memory (for models that fit, and to test streaming against ``compress``)."""
-
-    def __init__(self, model: CausalLM):
-        self.model, self.config, self.dtype = model, model.config, model.dtype
-
-    def embed(self, ids: np.ndarray) -> np.ndarray:
-        return np.asarray(embed_tokens(self.model.model.embed_tokens, jnp.asarray(ids), self.dtype))
-
-    def layer(self, index: int) -> DecoderLayer:
-        return self.model.model.layers[index]
-
-
-class RandomLayerSource:
-    """Seeded random weights built from a config one layer at a time (e.g. Llama-3-8B shapes).
-
-    Weights take the values of ``weight_dtype`` (bfloat16 by default, as the checkpoints) and compute in
-    ``dtype`` (float32: XLA:CPU has no fast bfloat16 GEMM, and Grams are accumulated in float32 anyway). Layer i
-    is initialised from ``fold_in(seed, i)``, so it is the same whichever layers are built, and never more than
-    one layer (plus, while embedding, the embedding table) exists.
-    """
-
-    def __init__(self, config: DecoderConfig, *, weight_dtype: Any = jnp.bfloat16, dtype: Any = jnp.float32,
-                 seed: int = 0):
-        self.config, self.weight_dtype, self.dtype, self.seed = config, weight_dtype, dtype, seed
-
-    def _build(self, module: Any, index: int) -> Any:
-        built = module(rngs=nnx.Rngs(params=jax.random.fold_in(jax.random.key(self.seed), index)))
-        state = nnx.state(built, nnx.Param)
-        nnx.update(built, jax.tree.map(lambda x: x.astype(self.weight_dtype).astype(self.dtype), state))
-        return built
-
-    def embed(self, ids: np.ndarray) -> np.ndarray:
-        # The table exists only while embedding; its key index follows the layers' (0 .. L-1).
-        table = self._build(partial(Embed, self.config.vocab_size, self.config.hidden_size, dtype=self.dtype),
-                            self.config.num_hidden_layers)
-        return np.asarray(embed_tokens(table, jnp.asarray(ids), self.dtype))
-
-    def layer(self, index: int) -> DecoderLayer:
-        return self._build(partial(DecoderLayer, self.config, dtype=self.dtype), index)
-
-
-class CheckpointLayerSource:
-    """One layer at a time from a Hugging Face directory (config.json + safetensors, sharded index supported).
-
-    Only the tensors of the requested layer are read (safetensors reads tensor by tensor), converted through the
-    key table to ``dtype`` and checked like a whole-model load; the embedding table is read once to embed the
-    windows and dropped. This is how a real 8B checkpoint streams through a host that cannot hold it.
-    """
-
-    def __init__(self, model_dir: str | Path, *, dtype: Any = jnp.float32):
-        from .models.loading import _safetensors_files, hf_directory_config
-
-        self.model_dir = Path(model_dir)
-        self.config = decoder_config_from_hf(hf_directory_config(self.model_dir))
-        self.dtype = dtype
-        self._file_of: dict[str, Path] = {}
-        from safetensors import safe_open
-
-        for file in _safetensors_files(self.model_dir):
-            with safe_open(str(file), framework="flax") as f:
-                self._file_of.update(dict.fromkeys(f.keys(), file))
-
-    def _tensors(self, prefix: str):
-        from safetensors import safe_open
-
-        names = [n for n in self._file_of if n.startswith(prefix)]
-        for file in sorted({self._file_of[n] for n in names}):
-            with safe_open(str(file), framework="flax") as f:
-                for name in names:
-                    if self._file_of[name] == file:
-                        yield name, f.get_tensor(name)
-
-    def embed(self, ids: np.ndarray) -> np.ndarray:
-        abstract = nnx.eval_shape(lambda: Embed(self.config.vocab_size, self.config.hidden_size, dtype=self.dtype,
-                                                rngs=nnx.Rngs(0)))
-        table = assign_tensors(abstract, self._tensors("model.embed_tokens."), dtype=self.dtype,
-                               tied_embeddings=False, source=str(self.model_dir), prefix="model.embed_tokens.")
-        return np.asarray(embed_tokens(table, jnp.asarray(ids), self.dtype))
-
-    def layer(self, index: int) -> DecoderLayer:
-        prefix = f"model.layers.{index}."
-        abstract = nnx.eval_shape(lambda: DecoderLayer(self.config, dtype=self.dtype, rngs=nnx.Rngs(0)))
-        return assign_tensors(abstract, self._tensors(prefix), dtype=self.dtype, tied_embeddings=False,
-                              source=str(self.model_dir), prefix=prefix)
 
 
 @dataclass(frozen=True)
@@ -249,53 +149,59 @@ def compress_streaming(
     method = build(config)
     units = work_units(config, cfg.num_hidden_layers)
     unit_of = {paths[0]: i for i, paths in enumerate(units)}
-    layers = sorted({parse_projection_path(paths[0])[0] for paths in units})
     key = jax.random.key(seed)
     done = reused_units(artifact, len(units))
     report = CompressionReport(config={**asdict(config), "seed": seed, "streaming": asdict(plan)},
                                calibration={"nsamples": len(windows), "seqlen": windows.shape[1]},
                                units=len(units), units_reused=len(done))
     factors_by_path: dict[str, Factors] = {}
+    fitted = dict(done)  # unit -> (factors, rows); a unit's factors are dropped once swapped in unless kept
     t_start = time.perf_counter()
-    hidden = [source.embed(windows[s : s + plan.calib_batch]) for s in range(0, len(windows), plan.calib_batch)]
-    bar = tqdm(layers, desc="streaming compression", unit="layer", disable=not progress)
-    for index in range(max(layers) + 1):
-        t0 = time.perf_counter()
-        layer = source.layer(index)
-        by_path = advance_layer(layer, index, hidden, collect=index in layers,
-                                advance=not (sequential and index in layers))
-        t_calib = time.perf_counter() - t0
-        if index in layers:
-            grams = Grams(n_tokens=int(windows.size))
-            grams.add(by_path)
-            if sequential:
-                layer = nnx.clone(layer)  # compressed below: never the source's own layer (an in-memory model)
-            for unit_index in sorted(i for p, i in unit_of.items() if parse_projection_path(p)[0] == index):
-                paths = units[unit_index]
-                unit_factors, rows = done[unit_index] if unit_index in done else fit_and_save(
-                    unit_index, [_weight(layer, p) for p in paths], paths, method, config, grams, None, key, None,
-                    artifact)
-                report.matrices.extend(rows)
-                if sequential:
-                    for path, f in zip(paths, unit_factors):
-                        _swap_in(layer, path, f, config.mode)
-                if keep_factors:
-                    factors_by_path.update(zip(paths, unit_factors))
-            del grams
-            if sequential:  # through the compressed layer: the next layer's inputs
-                advance_layer(layer, index, hidden, collect=False)
-            clear_whitening_cache()  # this layer's factors are never needed again: free them before the next
-            bar.update()
-        del layer, by_path
-        stats = {"calibration_s": t_calib, "seconds": time.perf_counter() - t0, "peak_rss_gib": peak_rss_gib()}
+
+    def fit_block(indices: list[int], grams: Grams, layers: dict[int, DecoderLayer]) -> None:
+        for i in indices:
+            paths = units[i]
+            layer = layers[parse_projection_path(paths[0])[0]]
+            fitted[i] = fit_and_save(i, [_weight(layer, p) for p in paths], paths, method, config, grams, None, key,
+                                     None, artifact)
+
+    def swap_in(i: int, layers: dict[int, DecoderLayer]) -> None:
+        for path, f in zip(units[i], fitted[i][0]):
+            _swap_in(layers[parse_projection_path(path)[0]], path, f, config.mode)
+
+    def layer_done(index: int, stats: dict[str, float]) -> None:
+        for i in (i for p, i in unit_of.items() if parse_projection_path(p)[0] == index):
+            factors, rows = fitted[i]
+            report.matrices.extend(rows)
+            if keep_factors:
+                factors_by_path.update(zip(units[i], factors))
+            fitted[i] = ([], rows)  # the factors are in the artifact (and in factors_by_path if kept)
         if on_layer is not None:
-            on_layer(index, stats)
-    bar.close()
+            on_layer(index, {**stats, "peak_rss_gib": peak_rss_gib()})
+
+    # The sequential rule swaps factors into the layer: never into the source's own (an in-memory model's) layer.
+    layers_from = _ClonedLayers(source) if sequential else source
+    fit_blocks(layers_from, windows, units, fit_block, done=done, batch_size=plan.calib_batch,
+               compressed_inputs=sequential, swap_in=swap_in, progress=progress, desc="streaming compression",
+               on_layer=layer_done)
     report.matrices.sort(key=lambda row: unit_of[row.path])  # the order of compress(): projection type, then layer
     report.seconds = time.perf_counter() - t_start
     report.config["peak_rss_gib"] = peak_rss_gib()
     warn_about(report, config)
     return report, factors_by_path, plan
+
+
+class _ClonedLayers:
+    """A layer source whose layers are copies, so that swapping factors in leaves the source's own intact."""
+
+    def __init__(self, source: LayerSource):
+        self.source, self.config, self.dtype = source, source.config, source.dtype
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        return self.source.embed(ids)
+
+    def layer(self, index: int) -> DecoderLayer:
+        return nnx.clone(self.source.layer(index))
 
 
 def _swap_in(layer: DecoderLayer, path: str, factors: Factors, mode: str) -> None:

@@ -84,7 +84,8 @@ def main() -> None:
     from cospadi_jax.methods import method_config
     from cospadi_jax.models import decoder_config_from_hf
     from cospadi_jax.models.paths import PROJECTION_TYPES
-    from cospadi_jax.streaming import CheckpointLayerSource, RandomLayerSource, compress_streaming, peak_rss_gib
+    from cospadi_jax.sources import CheckpointLayerSource, RandomLayerSource
+    from cospadi_jax.streaming import compress_streaming, peak_rss_gib
 
     sampler = RssSampler()
     sampler.start()

@@ -15,7 +15,8 @@ from cospadi_jax.layers import replace_projection
 from cospadi_jax.models import get_module, random_model
 from cospadi_jax.refine import factors_of
 from cospadi_jax.sequential import blocks
-from cospadi_jax.streaming import ModelLayerSource, compress_streaming
+from cospadi_jax.sources import ModelLayerSource
+from cospadi_jax.streaming import compress_streaming
 
 FAST = dict(ratio=0.3, progress=False)
 KSVD = dict(ksvd_iterations=2, power_iterations=3)  # CoSpaDi's knobs: the low-rank methods have none

@@ -12,10 +12,8 @@ from cospadi_jax.compress import compress
 from cospadi_jax.methods import method_config
 from cospadi_jax.models import decoder_config_from_hf, get_module, load_model, random_model
 from cospadi_jax.models.convert import CheckpointMismatchError
+from cospadi_jax.sources import CheckpointLayerSource, ModelLayerSource, RandomLayerSource
 from cospadi_jax.streaming import (
-    CheckpointLayerSource,
-    ModelLayerSource,
-    RandomLayerSource,
     compress_streaming,
     plan_memory,
 )
