@@ -14,6 +14,10 @@ The rule, also for bases shared across layers:
 Resume: units an interrupted run finished are swapped in instead of refitted, and the hidden states are
 recomputed through them (a deterministic forward), so the remaining units see the same Grams and get
 bit-identical factors. The Gram cache is not used: sequential Grams depend on the compression itself.
+
+The loop itself, :func:`fit_blocks`, also runs streaming compression (:mod:`cospadi_jax.streaming`), where the
+hidden states advance through the dense layers instead (``compressed_inputs=False``) unless the sequential rule
+is asked for there too.
 """
 
 from __future__ import annotations
