@@ -202,7 +202,7 @@ def child(args: argparse.Namespace) -> None:
 
     def ksvd_iteration() -> Any:
         r = sharded_ksvd(Y, k, s, 1, mesh, key=42, dict_update="power", power_iterations=8, dtype=f32,
-                         omp_memory_budget_bytes=budget)
+                         omp_memory_mb=budget // 2**20)
         r.dictionary.block_until_ready()
         return r
 

@@ -87,7 +87,7 @@ class CoSpaDi(Method):
         return dict(dict_update=c.dict_update, power_iterations=c.power_iterations,
                     unused="reseed" if c.reseed_unused else "skip", omp_backend=c.omp_backend,
                     sparse_coder=c.sparse_coder,
-                    omp_memory_budget_bytes=None if c.omp_memory_mb is None else int(c.omp_memory_mb) * 2**20)
+                    omp_memory_mb=c.omp_memory_mb)
 
     def fit_group(self, Ws: list[np.ndarray], grams: list[np.ndarray | None], budget: Any, key: Any,
                   stats: UnitStats = UnitStats()) -> list[DictFactors]:
@@ -105,8 +105,6 @@ class CoSpaDi(Method):
         if self.config.parallel == "columns":
             from ..sparse.sharded import sharded_ksvd
 
-            if options["omp_memory_budget_bytes"] is None:
-                options.pop("omp_memory_budget_bytes")  # the sharded XLA path's own default
             options = {k: v for k, v in options.items() if k not in ("omp_backend", "sparse_coder")}
             result = sharded_ksvd(Y, budget.n_atoms, budget.sparsity, self.config.ksvd_iterations, self._mesh(),
                                   key=key, **options)

@@ -111,7 +111,7 @@ def ksvd(
     init: jax.Array | None = None,
     dtype=None,
     omp_chunk_size: int | None = None,
-    omp_memory_budget_bytes: int | None = None,
+    omp_memory_mb: int | None = None,
     omp_backend: str = "auto",
     threads: int | None = None,
     progress: bool = False,
@@ -130,8 +130,9 @@ def ksvd(
         unused: "skip" (paper) or "reseed" (worst-represented column of Y).
         init: optional initial dictionary [d, k] (normalised here) instead of random columns.
         dtype: float32 / float64 (default: float64 if x64 is on and Y is f64, else float32).
-        omp_chunk_size, omp_memory_budget_bytes: passed to the xla / gemm Batch-OMP (None: the backend's default
-            budget, 16 MiB for xla, a quarter of the device's memory for gemm).
+        omp_chunk_size, omp_memory_mb: one OMP chunk's columns, or its working memory in MiB, for the xla / gemm
+            Batch-OMP and ORMP (None: the backend's default, 16 MiB for xla, a quarter of the device's memory for
+            gemm); ``method.omp_memory_mb`` in the configs.
         omp_backend: "auto" | "xla" | "cpu_kernel" | "gemm" (:mod:`.backend`). With ``cpu_kernel`` and
             the power update the whole iteration runs on the host in fused Numba kernels
             (:func:`.ksvd_host.host_steps`); the other updates stay in JAX.
@@ -159,7 +160,8 @@ def ksvd(
             check_finite(name, value)
         return result._replace(dictionary=jnp.asarray(result.dictionary), coefficients=jnp.asarray(result.coefficients))
 
-    memory = {} if omp_memory_budget_bytes is None else {"memory_budget_bytes": omp_memory_budget_bytes}
+    memory_bytes = None if omp_memory_mb is None else int(omp_memory_mb) * 2**20
+    memory = {} if memory_bytes is None else {"memory_budget_bytes": memory_bytes}
 
     def code(D):
         gram = jnp.matmul(D.T, D, precision=_HI)
@@ -169,7 +171,7 @@ def ksvd(
             codes = batch_ormp(gram, corr, s, dtype=dtype, chunk_size=omp_chunk_size, **memory)
         else:
             codes = sparse_code(gram, corr, s, backend=backend, dtype=dtype, chunk_size=omp_chunk_size,
-                                memory_budget_bytes=omp_memory_budget_bytes, threads=threads)
+                                memory_budget_bytes=memory_bytes, threads=threads)
         clock.lap("omp", codes.values)
         S = codes.to_dense(k)
         err = float(relative_error(Y, D, S))

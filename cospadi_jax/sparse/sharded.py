@@ -211,12 +211,13 @@ def _error_fn(mesh: Mesh) -> Callable:
 def sharded_ksvd(Y: jax.Array | np.ndarray, n_atoms: int, sparsity: int, ksvd_iterations: int, mesh: Mesh, *,
                  key: jax.Array | int = 0, dict_update: str = "power", power_iterations: int = 8, unused: str = "skip",
                  init: jax.Array | np.ndarray | None = None, dtype=None, omp_chunk_size: int | None = None,
-                 omp_memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES) -> KSVDResult:
+                 omp_memory_mb: int | None = None) -> KSVDResult:
     """:func:`~cospadi_jax.sparse.ksvd.ksvd` with the columns of Y [d, n] sharded over ``mesh``.
 
     The same loop (:func:`~cospadi_jax.sparse.ksvd.alternate`) with sharded steps: OMP per device
     (:func:`sharded_batch_omp`'s kernel), the dictionary update as :func:`sharded_update_dictionary`. Same
-    arguments and result as ``ksvd`` (same seeded initial dictionary); ``coefficients`` [k, n] and ``codes`` stay
+    arguments and result as ``ksvd`` (same seeded initial dictionary; ``omp_memory_mb`` None: the XLA Batch-OMP's
+    default chunk memory); ``coefficients`` [k, n] and ``codes`` stay
     column-sharded, the dictionary [d, k] is replicated. n is zero-padded to a multiple of the device count
     internally (zero columns get zero codes and change neither D nor the objective).
     """
@@ -233,13 +234,14 @@ def sharded_ksvd(Y: jax.Array | np.ndarray, n_atoms: int, sparsity: int, ksvd_it
     update = _update_fn(mesh, dict_update, int(power_iterations), unused)
     eps = float(np.finfo(dtype).eps)
     clock = PhaseClock("xla-sharded")
+    memory_bytes = DEFAULT_MEMORY_BUDGET_BYTES if omp_memory_mb is None else int(omp_memory_mb) * 2**20
 
     def code(D):
         gram, alpha = coding(D, Yg)
         clock.lap("gemm", gram, alpha)
         idx, val, cnt, early = _sharded_omp_padded(
             gram, alpha, mesh=mesh, sparsity=int(sparsity), n=n, chunk_size=omp_chunk_size,
-            memory_budget_bytes=int(omp_memory_budget_bytes), step_block=int(min(32, sparsity)), eps=eps,
+            memory_budget_bytes=memory_bytes, step_block=int(min(32, sparsity)), eps=eps,
         )
         clock.lap("omp", val)
         S = dense(idx, val)
