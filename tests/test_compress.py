@@ -12,7 +12,7 @@ from cospadi_jax.calib import collect_grams
 from cospadi_jax.compress import compress, work_units
 from cospadi_jax.methods import CoSpaDiConfig, method_config
 from cospadi_jax.layers import DictLinear, LowRankLinear, quantize_coefficients, replace_projection
-from cospadi_jax.methods.base import DictFactors, LowRankFactors
+from cospadi_jax.methods.base import DictFactors, LowRankFactors, functional_error
 from cospadi_jax.models import forward_logits, get_module, projection_weight, random_model
 
 FAST = dict()
@@ -109,7 +109,13 @@ def test_compress_counts_match_budget(tiny, method):
             stored = module.D.size + module.values.size
         assert stored == b.stored_params == row.compressed_params
         assert abs(row.realised_ratio - b.realised_ratio_bytes) < 1e-12
-        assert 0 <= row.functional_error_calib < 1 and row.functional_error_heldout is not None
+        W_hat = (np.asarray(module.A[...], np.float64) @ np.asarray(module.B[...], np.float64) if row.rank else
+                 np.asarray(module.D[...], np.float64) @ np.asarray(module.coefficients(), np.float64))
+        W = projection_weight(model, row.path)
+        assert 0 <= row.functional_error_calib < 1
+        # the held-out error is the layer's own, on the held-out Gram
+        assert row.functional_error_heldout == pytest.approx(functional_error(W, W_hat, heldout.gram(row.path)),
+                                                             rel=1e-5)
         spent += float(b.total_bytes)
     # the report's CR is the budget's bytes over the dense bf16 bytes, exactly
     assert report.realised_ratio == pytest.approx(1 - spent / sum(2 * m.dense_params for m in report.matrices),
