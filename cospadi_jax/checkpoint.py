@@ -113,6 +113,24 @@ class ArtifactWriter:
         # One progress file per process, so that processes never rewrite each other's list (parallel="matrices").
         self._progress_path = self.directory / ("progress.json" if world == 1 else f"progress.p{rank}.json")
         self._lock = threading.Lock()  # worker threads of one process save units concurrently
+        self._identity_of = identity_of
+        self._snapshots: dict[int, ArtifactWriter] = {}
+
+    def snapshot(self, ksvd_iterations: int) -> "ArtifactWriter":
+        """The artifact of this run's K-SVD snapshot after ``ksvd_iterations`` iterations (``snapshots/T<t>/``,
+        opened on first use): a complete artifact whose metadata is that of the same run at T = t without
+        snapshots (``identity.snapshot_config``), so resume, ``restore_model`` and evaluation treat it as that run."""
+        from .identity import artifact_identity, snapshot_config
+
+        t = int(ksvd_iterations)
+        with self._lock:
+            if t not in self._snapshots:
+                directory = self.directory / SNAPSHOTS / f"T{t}"
+                config = {**snapshot_config(self.metadata["config"], t), "output_dir": str(directory)}
+                metadata = {k: v for k, v in self.metadata.items() if k not in ("wandb_run_id", "created")}
+                metadata.update(config=config, identity=artifact_identity(config), snapshot_of=str(self.directory))
+                self._snapshots[t] = ArtifactWriter(directory, metadata, self._identity_of)
+            return self._snapshots[t]
 
     def finished_indices(self) -> list[int]:
         """Indices of the finished units (without reading their factors)."""
@@ -200,6 +218,7 @@ def _remove_leftovers(directory: Path) -> None:
 STAGED_FACTORS = "factors.npz"  # a unit fitted by a process other than 0, until finalize()
 REFINED = "refined"  # refined/<layer>/: a decoder layer's factors after block-output refinement (refine.py)
 ALLOCATION = "allocation.json"  # per-unit ratios of a non-uniform budget (allocation.py)
+SNAPSHOTS = "snapshots"  # snapshots/T<t>/: the complete artifact of the run's K-SVD state after t iterations
 
 
 def _save_orbax(unit_dir: Path, trees: list[dict[str, np.ndarray]]) -> None:

@@ -23,14 +23,14 @@ from .calib.grams import Grams, collect_grams
 from .calib.spec import CalibrationSpec, calibration_grams
 from .data.calibration import sample_windows
 from .data.text import load_text
-from .layers import quantize_coefficients, replace_projection, set_dict_mode
+from .layers import replace_projection, set_dict_mode
 from .methods import Method, MethodConfig, UnitStats, build, method_config
-from .methods.base import DictFactors, Factors, functional_error, weight_error, whitening_factor
+from .methods.base import Factors, functional_error, weight_error, whitening_factor
 from .models.paths import get_module, projection_path, projection_weight
 from .models.transformer import CausalLM
 from .parallel import map_units
 from .refine import RefineConfig, refine_layers
-from .report import CompressionReport, MatrixReport, rows_from_artifact, warn_about
+from .report import CompressionReport, MatrixReport, matrix_rows, rows_from_artifact, warn_about
 from .sequential import check_sequential, fit_blocks
 from .sources import ModelLayerSource
 
@@ -81,37 +81,7 @@ def fit_unit(Ws: list[np.ndarray], paths: list[str], method: Method, config: Met
     unit_b = unit_budget(config, *Ws[0].shape, len(Ws), ratio)
     factors_list = method.fit_group(Ws, unit_grams, unit_b, key, stats)
     seconds = (time.perf_counter() - t0) / len(paths)
-    unit_factors, unit_rows = [], []
-    for i, (path, W, factors) in enumerate(zip(paths, Ws, factors_list)):
-        quant_err = None
-        if isinstance(factors, DictFactors) and config.quantization:
-            q = quantize_coefficients(factors.values, config.quantization)
-            quant_err = float(np.linalg.norm(q - factors.values) / np.linalg.norm(factors.values))
-            factors = DictFactors(factors.D, factors.indices, q, factors.info)
-        W_hat = factors.dense()
-        info = factors.info
-        unit_rows.append(MatrixReport(
-            path=path, group=paths, d_in=W.shape[0], d_out=W.shape[1], method=config.name,
-            functional_error_calib=functional_error(W, W_hat, unit_grams[i]) if unit_grams[i] is not None
-            else None,  # a data-free run without calibration data has no functional error to report
-            functional_error_heldout=functional_error(W, W_hat, heldout_grams.gram(path))
-            if heldout_grams is not None else None,
-            weight_error=weight_error(W, W_hat),
-            realised_ratio=unit_b.realised_ratio_bytes,
-            realised_ratio_params=unit_b.realised_ratio_params,
-            dense_params=W.size,
-            compressed_params=unit_b.stored_params / len(paths),
-            seconds=seconds,
-            k=info.get("k"), s=info.get("s"), rank=info.get("rank"),
-            jitter=info.get("jitter"), lambda_min=info.get("lambda_min"),
-            condition_number=info.get("condition_number"), effective_rank=info.get("effective_rank"),
-            early_stopped_columns=info.get("early_stopped_columns"),
-            quantization_error=quant_err, objective=info.get("objective"),
-            omp_backend=info.get("omp_backend"), phase_seconds=info.get("phase_seconds"),
-            target_ratio=unit_b.target_ratio,
-        ))
-        unit_factors.append(factors)
-    return unit_factors, unit_rows
+    return matrix_rows(paths, Ws, factors_list, unit_grams, heldout_grams, unit_b, seconds, config)
 
 
 def fit_and_save(unit_index: int, Ws: list[np.ndarray], paths: list[str], method: Method, config: MethodConfig,
@@ -122,6 +92,16 @@ def fit_and_save(unit_index: int, Ws: list[np.ndarray], paths: list[str], method
     (``compress``, sequential calibration, ``compress_streaming``)."""
     factors, rows = fit_unit(Ws, paths, method, config, grams, heldout_grams, jax.random.fold_in(key, unit_index),
                              ratio)
+    snapshots = sorted({t for f in factors for t in getattr(f, "snapshots", {})})
+    if snapshots and artifact is None:
+        raise ValueError("ksvd_snapshots are saved as artifacts of their own: pass artifact=ArtifactWriter(...)")
+    for t in snapshots:  # before the unit itself: a unit listed as finished has every snapshot saved
+        snap_factors = [f.snapshots.pop(t) for f in factors]
+        unit_grams = [grams.gram(p) if grams is not None else None for p in paths]
+        snap_seconds = sum(snap_factors[0].info["phase_seconds"].values()) / len(paths)
+        snap_factors, snap_rows = matrix_rows(paths, Ws, snap_factors, unit_grams, heldout_grams,
+                                              unit_budget(config, *Ws[0].shape, len(Ws), ratio), snap_seconds, config)
+        artifact.snapshot(t).save_unit(unit_index, snap_factors, [asdict(r) for r in snap_rows])
     if artifact is not None:
         artifact.save_unit(unit_index, factors, [asdict(r) for r in rows])
     return factors, rows
@@ -187,6 +167,12 @@ def compress(
     if refine.steps and inplace:
         raise ValueError("refinement matches each compressed layer to the dense one, so the dense model must "
                          "survive: use inplace=False with refine.steps > 0")
+    if getattr(config, "ksvd_snapshots", None) and (calibration.sequential or refine.steps
+                                                     or allocation.allocation != "uniform"):
+        raise ValueError("method.ksvd_snapshots keeps, per snapshot, the result of the same run at fewer K-SVD "
+                         "iterations; with calib.sequential, refine.steps or a non-uniform budget.allocation that "
+                         "result depends on the other matrices' T, so a snapshot would be no run's result. Run "
+                         "without snapshots, or without those levers.")
     already = [p for unit in work_units(config, n_layers) for p in unit if not hasattr(get_module(model, p), "kernel")]
     if already:
         raise ValueError(f"{already[0]} is already compressed: compress the original model (load it again), "

@@ -41,6 +41,7 @@ def estimate_fit_seconds(units: list[tuple[int, int, int, int]], ksvd_iterations
     Returns ``{"seconds": total, "per_iteration_s": ..., "probe_s": time spent measuring}``.
     """
     t0 = time.perf_counter()
+    ksvd_kwargs.pop("snapshots", None)  # the probe runs one iteration; snapshots cost nothing to keep
     per_shape = {shape: _one_iteration_seconds(*shape, probe_columns, **ksvd_kwargs) for shape in Counter(units)}
     per_iteration = sum(per_shape[u] for u in units)
     return {"seconds": per_iteration * max(ksvd_iterations, 1), "per_iteration_s": per_iteration,

@@ -33,6 +33,9 @@ PLACEMENT_KEYS = frozenset({
 })
 # Of the identity keys, those that only change the evaluation, not the fitted factors.
 EVALUATION_KEYS = frozenset({"eval", "task"})
+# Keys that are identity only when set: at this value they change nothing, and runs written before the key
+# existed keep their names and still resume.
+INACTIVE_VALUES: dict[str, Any] = {"method.ksvd_snapshots": []}
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -103,7 +106,18 @@ def run_identity(config: dict[str, Any]) -> dict[str, Any]:
     old artifact still resumes when the new key keeps its default. The ``hydra`` node is never identity.
     """
     flat = flatten(_complete(config))
-    return {k: v for k, v in sorted(flat.items()) if not _excluded(k, PLACEMENT_KEYS)}
+    return {k: v for k, v in sorted(flat.items())
+            if not _excluded(k, PLACEMENT_KEYS) and not (k in INACTIVE_VALUES and v == INACTIVE_VALUES[k])}
+
+
+def snapshot_config(config: dict[str, Any], ksvd_iterations: int) -> dict[str, Any]:
+    """The resolved config of the run that a K-SVD snapshot after ``ksvd_iterations`` iterations equals: the same
+    run at T = ``ksvd_iterations`` without snapshots (its identity is that run's, so either resumes the other)."""
+    out = copy.deepcopy(_plain(config))
+    out["method"] = {**out["method"], "ksvd_iterations": int(ksvd_iterations), "ksvd_snapshots": []}
+    if out.get("run_name"):
+        out["run_name"] = f"{out['run_name']}-snapshot-T{int(ksvd_iterations)}"
+    return out
 
 
 def artifact_identity(config: dict[str, Any]) -> dict[str, Any]:

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
+
+import numpy as np
+
+from .layers import quantize_coefficients
+from .methods.base import DictFactors, functional_error, weight_error
 
 log = logging.getLogger("cospadi_jax.compress")
 
@@ -40,6 +45,44 @@ class MatrixReport:
     # Block-output refinement (refine.py): the held-out functional error of the factors as fitted, before it.
     functional_error_heldout_fitted: float | None = None
     target_ratio: float | None = None  # the unit's ratio: config.ratio, or its share of a non-uniform allocation
+
+
+def matrix_rows(paths: list[str], Ws: list[np.ndarray], factors_list: list[Any], grams: list[np.ndarray | None],
+                heldout_grams: Any, budget: Any, seconds: float, config: Any) -> tuple[list[Any], list[MatrixReport]]:
+    """The factors of one fitted unit (coefficient values rounded to ``config.quantization``'s grid) and one
+    report row per matrix: functional errors on its calibration Gram (``grams``, one per path, None for a data-free
+    run without calibration data) and on ``heldout_grams`` (a Grams, or None), weight error, ``budget``'s ratios.
+    Ws: [d_in, d_out] each."""
+    unit_factors, unit_rows = [], []
+    for path, W, factors, gram in zip(paths, Ws, factors_list, grams):
+        quant_err = None
+        if isinstance(factors, DictFactors) and config.quantization:
+            q = quantize_coefficients(factors.values, config.quantization)
+            quant_err = float(np.linalg.norm(q - factors.values) / np.linalg.norm(factors.values))
+            factors = replace(factors, values=q)
+        W_hat = factors.dense()
+        info = factors.info
+        unit_rows.append(MatrixReport(
+            path=path, group=paths, d_in=W.shape[0], d_out=W.shape[1], method=config.name,
+            functional_error_calib=functional_error(W, W_hat, gram) if gram is not None else None,
+            functional_error_heldout=functional_error(W, W_hat, heldout_grams.gram(path))
+            if heldout_grams is not None else None,
+            weight_error=weight_error(W, W_hat),
+            realised_ratio=budget.realised_ratio_bytes,
+            realised_ratio_params=budget.realised_ratio_params,
+            dense_params=W.size,
+            compressed_params=budget.stored_params / len(paths),
+            seconds=seconds,
+            k=info.get("k"), s=info.get("s"), rank=info.get("rank"),
+            jitter=info.get("jitter"), lambda_min=info.get("lambda_min"),
+            condition_number=info.get("condition_number"), effective_rank=info.get("effective_rank"),
+            early_stopped_columns=info.get("early_stopped_columns"),
+            quantization_error=quant_err, objective=info.get("objective"),
+            omp_backend=info.get("omp_backend"), phase_seconds=info.get("phase_seconds"),
+            target_ratio=budget.target_ratio,
+        ))
+        unit_factors.append(factors)
+    return unit_factors, unit_rows
 
 
 def rows_from_artifact(done: dict[int, tuple[list, list[dict]]]) -> dict[int, tuple[list, list[MatrixReport]]]:
@@ -87,3 +130,28 @@ def warn_about(report: CompressionReport, config: Any) -> None:
         log.warning("realised ratio %.4f is far from the target %.4f: the matrices are too small for the budget's "
                     "integer rounding (k, s or rank), or the accounting differs; see the per-matrix rows.",
                     report.realised_ratio, config.ratio)
+
+
+def model_size(model: Any, report: CompressionReport) -> dict[str, Any]:
+    """Whole-model parameters and bytes of the dense ``model`` before and after, at 16 bits per dense number (the
+    paper's storage convention; CoSpaDi's sparse part at its Eq. 10/11 accounting, as in ``realised_ratio``)."""
+    from flax import nnx
+
+    total = sum(int(v.get_value().size) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    matrices = sum(m.dense_params for m in report.matrices)
+    kept = total - matrices
+    params_after = kept + sum(m.compressed_params for m in report.matrices)
+    bytes_after = 2 * kept + 2 * matrices * (1 - report.realised_ratio)
+    return {"params": total, "compressed_matrix_params": matrices, "fraction_compressed": matrices / total,
+            "params_after": params_after, "bytes_16bit": 2 * total, "bytes_16bit_after": bytes_after,
+            "whole_model_ratio": 1 - bytes_after / (2 * total)}
+
+
+def engine_summary(matrices: list[dict]) -> dict[str, Any]:
+    """The Batch-OMP backend(s) that actually ran and the fitting time per phase, summed over the report rows."""
+    backends = sorted({m["omp_backend"] for m in matrices if m.get("omp_backend")})
+    phases: dict[str, float] = {}
+    for m in matrices:
+        for phase, seconds in (m.get("phase_seconds") or {}).items():
+            phases[phase] = phases.get(phase, 0.0) + seconds / len(m["group"])  # a group's time split evenly
+    return {"omp_backend": ",".join(backends) or None, "phase_seconds": phases}

@@ -29,6 +29,7 @@ from .environment import environment
 from .config import EvalConf, RunConfig, export_path, register_configs, validate
 from .fileio import atomic_write_json, can_create_in, check_replaceable, check_writable
 from .identity import artifact_identity, digest, flatten
+from .report import engine_summary, model_size
 from .parallel import initialize, is_primary
 
 log = logging.getLogger("cospadi_jax")
@@ -196,12 +197,22 @@ def run_compress(cfg: RunConfig, resolved: dict) -> dict[str, Any]:
         metrics.update(realised_ratio=report.realised_ratio, calibration_key=report.calibration.get("key"),
                        matrices=report_dict["matrices"], refinement=report_dict["refinement"],
                        allocation=report_dict["allocation"], paper=cfg.paper,
-                       engine=_engine(report_dict["matrices"]),
-                       model_size=_model_size(model, report))
-        if not is_primary():  # every process compressed and evaluated; only process 0 writes and logs
+                       engine=engine_summary(report_dict["matrices"]),
+                       model_size=model_size(model, report))
+        if is_primary():  # every process compressed and evaluated; only process 0 writes and logs
+            artifact.finalize(report_dict)
+            atomic_write_json(out_dir / "metrics.json", metrics)
+        if getattr(config, "ksvd_snapshots", None):
+            from .snapshots import evaluate_snapshots
+
+            metrics["snapshots"] = evaluate_snapshots(artifact, config.ksvd_snapshots, model,
+                                                      lambda m: _evaluate(m, tokenizer, cfg), primary=is_primary())
+            if is_primary():
+                atomic_write_json(out_dir / "metrics.json", metrics)
+                tracker.log_table("snapshots", [{"ksvd_iterations": r["ksvd_iterations"], **r["scores"]}
+                                                for r in metrics["snapshots"]])
+        if not is_primary():
             return metrics
-        artifact.finalize(report_dict)
-        atomic_write_json(out_dir / "metrics.json", metrics)
         tracker.log_table("matrices", [{k: v for k, v in m.items() if k not in ("objective", "group")}
                                        for m in report_dict["matrices"]])
         summary = {"realised_ratio": report.realised_ratio, **metrics["timings"],
@@ -219,31 +230,6 @@ def run_compress(cfg: RunConfig, resolved: dict) -> dict[str, Any]:
         return metrics
     finally:
         tracker.finish()
-
-
-def _model_size(model: Any, report: Any) -> dict[str, Any]:
-    """Whole-model parameters and bytes before and after, at 16 bits per dense number (the paper's storage
-    convention; CoSpaDi's sparse part at its Eq. 10/11 accounting, as in ``realised_ratio``)."""
-    from flax import nnx
-
-    total = sum(int(v.get_value().size) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    matrices = sum(m.dense_params for m in report.matrices)
-    kept = total - matrices
-    params_after = kept + sum(m.compressed_params for m in report.matrices)
-    bytes_after = 2 * kept + 2 * matrices * (1 - report.realised_ratio)
-    return {"params": total, "compressed_matrix_params": matrices, "fraction_compressed": matrices / total,
-            "params_after": params_after, "bytes_16bit": 2 * total, "bytes_16bit_after": bytes_after,
-            "whole_model_ratio": 1 - bytes_after / (2 * total)}
-
-
-def _engine(matrices: list[dict]) -> dict[str, Any]:
-    """The Batch-OMP backend(s) that actually ran and the fitting time per phase, summed over matrices."""
-    backends = sorted({m["omp_backend"] for m in matrices if m.get("omp_backend")})
-    phases: dict[str, float] = {}
-    for m in matrices:
-        for phase, seconds in (m.get("phase_seconds") or {}).items():
-            phases[phase] = phases.get(phase, 0.0) + seconds / len(m["group"])  # a group's time split evenly
-    return {"omp_backend": ",".join(backends) or None, "phase_seconds": phases}
 
 
 def _log_summary(cfg: RunConfig, metrics: dict, path: Path) -> None:

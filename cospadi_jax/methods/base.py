@@ -51,12 +51,15 @@ class DictFactors:
     """W ≈ D @ S.  D: [d_in, k]; S column-sparse, column j = Σ_t values[j, t] · e_{indices[j, t]}.
 
     indices: [d_out, s] int32 (a padded slot of an early-stopped column has value 0), values: [d_out, s].
+    snapshots: {t: DictFactors} the factors after t K-SVD iterations (``ksvd_snapshots``), each what a run with
+    ``ksvd_iterations = t`` fits; the orchestrator saves them as artifacts of their own and never stores them here.
     """
 
     D: np.ndarray
     indices: np.ndarray
     values: np.ndarray
     info: dict[str, Any] = field(default_factory=dict)
+    snapshots: dict[int, "DictFactors"] = field(default_factory=dict, repr=False)
 
     @property
     def k(self) -> int:

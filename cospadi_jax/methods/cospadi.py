@@ -8,7 +8,7 @@ metric Ḡ = mean of their Grams and the concatenated columns L̄·[W_1 … W_m]
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
@@ -16,6 +16,7 @@ import numpy as np
 from ..budget import ACCOUNTINGS
 from ..sparse.backend import check_omp_backend
 from ..sparse.ksvd import DICT_UPDATES, SPARSE_CODERS, ksvd
+from ..sparse.ksvd_loop import check_snapshots
 from .base import DictFactors, Method, MethodConfig, UnitStats, check_int, check_number, unwhiten, whitening_factor
 
 
@@ -35,6 +36,9 @@ class CoSpaDiConfig(MethodConfig):
     omp_memory_mb: Optional[int] = None
     omp_backend: str = "auto"  # Batch-OMP: auto (cpu_kernel on CPU, gemm on GPU/TPU) | xla | cpu_kernel | gemm
     sparse_coder: str = "omp"  # omp (the paper's Batch-OMP) | ormp (order-recursive MP: lower error at the same s)
+    # iteration counts t < ksvd_iterations whose factors are also kept, each as the artifact of a run at T = t
+    # (snapshots/T<t>/, evaluated like the run): one run gives the paper's accuracy-versus-T curve (Fig. 4 left)
+    ksvd_snapshots: list[int] = field(default_factory=list)
 
     def budget_options(self) -> dict[str, Any]:
         return {**super().budget_options(), "rho": self.rho, "accounting": self.accounting}
@@ -58,6 +62,7 @@ class CoSpaDiConfig(MethodConfig):
             raise ValueError(f"unknown sparse_coder {self.sparse_coder!r}; use one of {SPARSE_CODERS}")
         if self.sparse_coder != "omp" and self.parallel == "columns":
             raise ValueError("parallel='columns' shards Batch-OMP over devices; use sparse_coder=omp with it")
+        check_snapshots(self.ksvd_snapshots, self.ksvd_iterations)
         if self.parallel == "columns" and self.omp_backend not in ("auto", "xla"):
             raise ValueError(f"parallel='columns' shards the XLA Batch-OMP over devices; omp_backend="
                              f"{self.omp_backend!r} cannot be sharded: use omp_backend=auto or xla.")
@@ -87,7 +92,7 @@ class CoSpaDi(Method):
         return dict(dict_update=c.dict_update, power_iterations=c.power_iterations,
                     unused="reseed" if c.reseed_unused else "skip", omp_backend=c.omp_backend,
                     sparse_coder=c.sparse_coder,
-                    omp_memory_mb=c.omp_memory_mb)
+                    omp_memory_mb=c.omp_memory_mb, snapshots=c.ksvd_snapshots)
 
     def fit_group(self, Ws: list[np.ndarray], grams: list[np.ndarray | None], budget: Any, key: Any,
                   stats: UnitStats = UnitStats()) -> list[DictFactors]:
@@ -110,24 +115,36 @@ class CoSpaDi(Method):
                                   key=key, **options)
         else:
             result = ksvd(Y, budget.n_atoms, budget.sparsity, self.config.ksvd_iterations, key=key, **options)
+        backend = dict(result.seconds or {}).get("backend", "xla")
+        info["omp_backend"] = backend if self.config.sparse_coder == "omp" else "xla-ormp"
         t0 = time.perf_counter()
-        D = np.asarray(result.dictionary, np.float64)
-        D_a = unwhiten(L, D) if L is not None else D
-        whitening_s += time.perf_counter() - t0
-        phases = dict(result.seconds or {})
-        backend = phases.pop("backend", "xla")
-        # S after the last dictionary update (same supports as the last OMP pass, refitted values).
-        S = np.asarray(result.coefficients, np.float64)
-        indices = np.asarray(result.codes.indices, np.int32)
-        filled = np.arange(indices.shape[1])[None, :] < np.asarray(result.codes.n_nonzero)[:, None]
-        values = np.where(filled, S[indices, np.arange(indices.shape[0])[:, None]], 0.0)
-        info.update(early_stopped_columns=int(result.codes.n_early_stopped),
-                    unused_atoms=int(result.n_unused_atoms[-1]) if len(result.n_unused_atoms) else 0,
-                    objective=[float(x) for x in np.asarray(result.objective)],
-                    omp_backend=backend if self.config.sparse_coder == "omp" else "xla-ormp",
-                    phase_seconds={"whitening": whitening_s, **phases})
-        cuts = np.cumsum([0, *[w.shape[1] for w in Ws]])
-        return [DictFactors(D_a, indices[a:b], values[a:b], dict(info)) for a, b in zip(cuts[:-1], cuts[1:])]
+        final = _factors(result, L, Ws, info)
+        for t, snap in sorted((result.snapshots or {}).items()):
+            for f, g in zip(final, _factors(snap, L, Ws, info)):
+                f.snapshots[t] = g
+        whitening_s += time.perf_counter() - t0  # the un-whitening of every dictionary kept
+        for f in (*final, *(g for f in final for g in f.snapshots.values())):
+            f.info["phase_seconds"]["whitening"] = whitening_s
+        return final
+
+
+def _factors(state: Any, L: np.ndarray | None, Ws: list[np.ndarray], info: dict[str, Any]) -> list[DictFactors]:
+    """One DictFactors per matrix of the unit from a K-SVD state (the result, or a snapshot of it): D mapped back
+    to the input space, S sliced per matrix (the values of S after the last dictionary update)."""
+    D = np.asarray(state.dictionary, np.float64)
+    D_a = unwhiten(L, D) if L is not None else D
+    phases = {k: v for k, v in (state.seconds or {}).items() if k != "backend"}
+    S = np.asarray(state.coefficients, np.float64)
+    codes = state.codes
+    indices = np.asarray(codes.indices, np.int32)
+    filled = np.arange(indices.shape[1])[None, :] < np.asarray(codes.n_nonzero)[:, None]
+    values = np.where(filled, S[indices, np.arange(indices.shape[0])[:, None]], 0.0)
+    info = {**info, "early_stopped_columns": int(codes.n_early_stopped),
+            "unused_atoms": int(state.n_unused_atoms[-1]) if len(state.n_unused_atoms) else 0,
+            "objective": [float(x) for x in np.asarray(state.objective)]}
+    cuts = np.cumsum([0, *[w.shape[1] for w in Ws]])
+    return [DictFactors(D_a, indices[a:b], values[a:b], {**info, "phase_seconds": {"whitening": 0.0, **phases}})
+            for a, b in zip(cuts[:-1], cuts[1:])]
 
 
 class CoSpaDiFree(CoSpaDi):

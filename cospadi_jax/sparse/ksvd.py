@@ -22,6 +22,8 @@ initial dictionary and :func:`ksvd`.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -116,6 +118,7 @@ def ksvd(
     threads: int | None = None,
     progress: bool = False,
     sparse_coder: str = "omp",
+    snapshots: Collection[int] = (),
 ) -> KSVDResult:
     """Learn D [d, k] and column-sparse S [k, n] with Y ≈ D S.
 
@@ -140,6 +143,8 @@ def ksvd(
         progress: show a tqdm bar with ETA over the iterations.
         sparse_coder: "omp" (Batch-OMP, the paper) or "ormp" (order-recursive matching pursuit, :mod:`.ormp`:
             the atom that most reduces the residual after re-projection; XLA, whatever ``omp_backend`` says).
+        snapshots: iteration counts t < ksvd_iterations whose result is also kept (``KSVDResult.snapshots``,
+            each equal to a run with ``ksvd_iterations = t``; :func:`.ksvd_loop.alternate`).
     """
     if sparse_coder not in SPARSE_CODERS:
         raise ValueError(f"sparse_coder must be one of {SPARSE_CODERS}, got {sparse_coder!r}")
@@ -155,7 +160,7 @@ def ksvd(
         steps = host_steps(np.asarray(Y), k, s, clock, power_iterations=int(power_iterations), unused=unused,
                             threads=threads)
         result = alternate(np.asarray(D), ksvd_iterations, steps, clock=clock, progress=progress,
-                           desc=f"K-SVD (power, {backend})")
+                           desc=f"K-SVD (power, {backend})", snapshots=snapshots)
         for name, value in (("dictionary", result.dictionary), ("coefficients", result.coefficients)):
             check_finite(name, value)
         return result._replace(dictionary=jnp.asarray(result.dictionary), coefficients=jnp.asarray(result.coefficients))
@@ -187,5 +192,5 @@ def ksvd(
         return D, S, unused_count, err
 
     return alternate(D, ksvd_iterations, KSVDSteps(code, update), clock=clock, progress=progress,
-                     desc=f"K-SVD ({dict_update}, {backend})")
+                     desc=f"K-SVD ({dict_update}, {backend})", snapshots=snapshots)
 

@@ -12,7 +12,7 @@ identical and values agree to float roundoff. Layout: :data:`cospadi_jax.paralle
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from functools import lru_cache, partial
 
 import jax
@@ -211,7 +211,7 @@ def _error_fn(mesh: Mesh) -> Callable:
 def sharded_ksvd(Y: jax.Array | np.ndarray, n_atoms: int, sparsity: int, ksvd_iterations: int, mesh: Mesh, *,
                  key: jax.Array | int = 0, dict_update: str = "power", power_iterations: int = 8, unused: str = "skip",
                  init: jax.Array | np.ndarray | None = None, dtype=None, omp_chunk_size: int | None = None,
-                 omp_memory_mb: int | None = None) -> KSVDResult:
+                 omp_memory_mb: int | None = None, snapshots: Collection[int] = ()) -> KSVDResult:
     """:func:`~cospadi_jax.sparse.ksvd.ksvd` with the columns of Y [d, n] sharded over ``mesh``.
 
     The same loop (:func:`~cospadi_jax.sparse.ksvd.alternate`) with sharded steps: OMP per device
@@ -256,9 +256,13 @@ def sharded_ksvd(Y: jax.Array | np.ndarray, n_atoms: int, sparsity: int, ksvd_it
         clock.lap("gemm")
         return D, S, unused_count, err
 
-    result = alternate(D, ksvd_iterations, KSVDSteps(code, update_step), clock=clock)
+    result = alternate(D, ksvd_iterations, KSVDSteps(code, update_step), clock=clock, snapshots=snapshots)
     if n_pad == n:
         return result
-    codes = result.codes
-    return result._replace(coefficients=_strip(result.coefficients.T, n=n)[0].T, codes=SparseCodes(
-        *_strip(codes.indices, codes.values, codes.n_nonzero, n=n), codes.n_early_stopped))
+
+    def unpad(state):  # a result or a snapshot without the zero columns added for the shard count
+        codes = state.codes
+        return state._replace(coefficients=_strip(state.coefficients.T, n=n)[0].T, codes=SparseCodes(
+            *_strip(codes.indices, codes.values, codes.n_nonzero, n=n), codes.n_early_stopped))
+
+    return unpad(result)._replace(snapshots={t: unpad(snap) for t, snap in result.snapshots.items()})
