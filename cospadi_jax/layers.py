@@ -15,9 +15,17 @@
 The sparse modes round D and the values to bf16 once, when the layer is built; they compute in float32 and
 return the model dtype. :func:`resident_bytes` counts what a module holds.
 
-Optional coefficient quantisation (applied once, when the layer is built): ``"bf16-14bit"`` is bf16 with the two
-lowest mantissa bits truncated (Eq. 11's 14-bit values: 1 sign, 8 exponent, 5 mantissa bits), ``"int8"`` is
-symmetric int8 with one scale per output column.
+Optional coefficient quantisation (applied once, when the layer is built; :data:`QUANTIZATIONS`): ``"bf16"``
+rounds the values to bfloat16 (16 bits: 1 sign, 8 exponent, 7 mantissa bits); ``"bf16-14bit"``, ``"bf16-12bit"``
+and ``"bf16-10bit"`` then drop the 2, 4 or 6 lowest mantissa bits (Eq. 11's 14-bit values keep 5 mantissa bits).
+The rounding rule of every bf16 scheme: round to nearest, ties to even, into bf16, then truncate the dropped bits
+(toward zero). 8 bits cannot be reached by mantissa truncation (sign and exponent alone take 9), so the 8-bit
+point of the paper's Fig. 3 is ``"int8"``: symmetric int8 with one scale per output column.
+
+The bit width does not enter the budget: k and s come from ``method.accounting`` (Eq. 11 counts 14-bit values
+at ρ = 2) whatever ``quantization`` is, so a narrower width is the same fitted model with coarser values (what
+the paper's Fig. 3 measures), not a re-spent budget, and ``realised_ratio`` does not change. :data:`VALUE_BITS`
+gives the width each scheme stores.
 """
 
 from __future__ import annotations
@@ -34,7 +42,11 @@ from .models.paths import get_module, parse_projection_path
 from .models.transformer import Linear
 from .sparse import spmm
 
-QUANTIZATIONS = (None, "bf16-14bit", "int8")
+# bf16 schemes -> stored bits (1 sign + 8 exponent + the mantissa bits kept); see the module docstring.
+BF16_WIDTHS = {"bf16": 16, "bf16-14bit": 14, "bf16-12bit": 12, "bf16-10bit": 10}
+QUANTIZATIONS = (None, *BF16_WIDTHS, "int8")
+# Bits per stored coefficient value (int8's per-column scale not counted); None: float32, not quantised.
+VALUE_BITS = {None: 32, **BF16_WIDTHS, "int8": 8}
 DICT_MODES = ("dense", "factored", "sparse", "sparse_coo16")
 # The budget storage (budget.budget(..., accounting=...)) whose bytes a packed mode holds exactly.
 MODE_STORAGE = {"sparse": "eq10", "sparse_coo16": "coo16"}
@@ -45,10 +57,10 @@ def quantize_coefficients(values: np.ndarray, scheme: str | None) -> np.ndarray:
     values = np.asarray(values, np.float32)
     if scheme is None:
         return values
-    if scheme == "bf16-14bit":
-        bits = np.asarray(jnp.asarray(values, jnp.bfloat16)).view(np.uint16)
-        truncated = (bits & np.uint16(0xFFFC)).view(jnp.bfloat16)  # drop 2 of bf16's 7 mantissa bits
-        return np.asarray(truncated, np.float32)
+    if scheme in BF16_WIDTHS:
+        bits = np.asarray(jnp.asarray(values, jnp.bfloat16)).view(np.uint16)  # round to nearest even into bf16
+        keep = np.uint16((0xFFFF << (16 - BF16_WIDTHS[scheme])) & 0xFFFF)  # 14 bits: 0xFFFC, 2 mantissa bits off
+        return np.asarray((bits & keep).view(jnp.bfloat16), np.float32)
     if scheme == "int8":
         scale = np.abs(values).max(axis=1, keepdims=True) / 127.0
         scale = np.where(scale == 0, 1.0, scale)

@@ -75,8 +75,10 @@ def hydra_app():
         yield
 
 
-def _check(overrides: list[str]):
-    """Compose, convert through the schema, validate and resolve the run name; returns (cfg, RunConfig)."""
+def _check(overrides: list[str], results_dir: str = "results"):
+    """Compose, convert through the schema, validate and resolve the run name; returns (cfg, RunConfig).
+    ``results_dir``: where the job must write (an experiment's ``hydra.sweep.dir``: its Hydra job directory and
+    its output_dir are one directory)."""
     cfg = compose("config", overrides=overrides)
     run_cfg = OmegaConf.to_object(cfg)
     assert isinstance(run_cfg, RunConfig), type(run_cfg)
@@ -86,7 +88,7 @@ def _check(overrides: list[str]):
     assert isinstance(name, str) and RUN_NAME.fullmatch(name), f"{overrides}: run_name {name!r}"
     assert name.startswith(f"{run_cfg.model.name}-{run_cfg.method.label}-cr{run_cfg.method.ratio}-"), name
     assert f"-n{run_cfg.calib.nsamples}x{run_cfg.calib.seqlen}-" in name, name
-    assert cfg.output_dir == f"results/{name}"
+    assert cfg.output_dir == f"{results_dir}/{name}", (overrides, cfg.output_dir)
     return cfg, run_cfg
 
 
@@ -129,15 +131,18 @@ def _sweep_points(params) -> list[list[str]]:
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_at_every_sweep_point(experiment):
-    _check([f"experiment={experiment}"])
     hydra_cfg = compose("config", overrides=[f"experiment={experiment}"], return_hydra_config=True).hydra
+    results_dir = hydra_cfg.sweep.dir  # results, or the experiment's own (experiments/results/paper_setting/...)
+    _check([f"experiment={experiment}"], results_dir)
     params = OmegaConf.to_container(hydra_cfg.sweeper.params) if hydra_cfg.sweeper.params else None
     points = _sweep_points(params)
     if hydra_cfg.mode == RunMode.MULTIRUN:
         assert params, f"{experiment} is a multirun without sweep parameters"
     names = set()
     for point in points:
-        cfg, run_cfg = _check([f"experiment={experiment}", *(f"{k}={v}" for k, v in point)])
+        # None is Hydra's null (a sweep over method.quantization=null,bf16,...), not the string 'None'
+        cfg, run_cfg = _check([f"experiment={experiment}", *(f"{k}={'null' if v is None else v}" for k, v in point)],
+                              results_dir)
         for key, value in point:  # every override of the job took effect
             if "." in key:
                 assert OmegaConf.select(cfg, key) == value, (experiment, key, value)

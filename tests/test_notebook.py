@@ -24,3 +24,29 @@ def test_committed_notebook_keeps_its_figures():
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert any("image/png" in o.get("data", {}) for o in outputs), "commit the notebook with its outputs"
     assert not [o for o in outputs if o.get("output_type") == "error"]
+
+
+def _run_paper_setting_notebook(monkeypatch, results: Path | None) -> list[dict]:
+    if results is not None:  # the kernel inherits the environment: the notebook reads this tree instead
+        monkeypatch.setenv("PAPER_SETTING_ROOT", str(results))
+    nb = nbformat.read(ROOT / "notebooks" / "paper_setting.ipynb", as_version=4)
+    NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    return outputs
+
+
+def test_paper_setting_notebook_executes_on_the_committed_results(monkeypatch):
+    """Whatever is committed under experiments/results/paper_setting (nothing yet, or partial results)."""
+    monkeypatch.delenv("PAPER_SETTING_ROOT", raising=False)
+    outputs = _run_paper_setting_notebook(monkeypatch, None)
+    text = "".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/markdown", "")) for o in outputs)
+    assert "| claim | paper | ours | holds |" in text
+
+
+def test_paper_setting_notebook_draws_the_figures(monkeypatch, tmp_path):
+    from paper_setting_tree import full_tree
+
+    outputs = _run_paper_setting_notebook(monkeypatch, full_tree(tmp_path))
+    pngs = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(pngs) == 8, "one figure per deliverable"

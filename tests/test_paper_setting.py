@@ -1,0 +1,152 @@
+"""experiments/paper_setting.py (issue 15): grouping, the claims (one case that holds, one that does not, one
+not measured), the mixed-T refusal, the figures and their titles, claims.json's schema, deterministic output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from paper_setting_tree import full_tree, load_script, metrics, write
+
+ps = load_script()
+
+
+def _claims(root: Path) -> dict[str, dict]:
+    out = ps.write_all(root)
+    return {c["claim"].split(".")[0]: c for c in out["claims"]}
+
+
+def test_grouping_snapshots_and_unknown_directories(tmp_path):
+    full_tree(tmp_path)
+    by = ps.group(ps.load_points(tmp_path))
+    assert set(by) == set(ps.DELIVERABLES)
+    assert {k: len(v) for k, v in by.items()} == {"methods": 30, "ksvd_iterations": 6, "power_iterations": 5,
+                                                   "rho": 15, "dict_update": 3, "calib_size": 12, "bits": 18, "ug": 8}
+    snaps = [p for p in by["ksvd_iterations"] if p.snapshot]
+    assert sorted(p.T for p in snaps) == [0, 1, 5, 20, 60]
+    assert ps.ksvd_curve(by["ksvd_iterations"])[0.2].keys() == {0, 1, 5, 20, 60, 100}
+    svd_llm = next(p for p in by["methods"] if p.method == "svd_llm")
+    assert svd_llm.T is None and svd_llm.rho is None  # a low-rank run has no K-SVD setting
+    grouped = next(p for p in by["methods"] if p.method == "cospadi_grouped")
+    assert grouped.name == "cospadi" and grouped.T == 60
+    write(tmp_path, "metods", "typo", metrics())
+    with pytest.raises(ValueError, match="'metods' is not a deliverable"):
+        ps.load_points(tmp_path)
+
+
+def test_a_snapshot_whose_config_disagrees_with_its_directory_is_refused(tmp_path):
+    write(tmp_path, "ksvd_iterations", "run/snapshots/T5", metrics(T=10))
+    with pytest.raises(ValueError, match="snapshot directory says T5 but its config has method.ksvd_iterations=10"):
+        ps.load_points(tmp_path)
+
+
+def test_figures_are_written_and_every_title_states_T(tmp_path, monkeypatch):
+    full_tree(tmp_path)
+    titles = {}
+    save = ps._save
+
+    def spy(fig, out, name):
+        titles[name] = (fig._suptitle.get_text() if fig._suptitle else "") + fig.axes[0].get_title()
+        return save(fig, out, name)
+
+    monkeypatch.setattr(ps, "_save", spy)
+    out = ps.write_all(tmp_path)
+    assert sorted(out["figures"]) == sorted(ps.DELIVERABLES)
+    for name, path in out["figures"].items():
+        assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert Path(path) == tmp_path / "figures" / f"{name}.png"
+    for name, title in titles.items():
+        expected = "K-SVD T = 0..100 (the x axis)" if name == "ksvd_iterations" else "K-SVD T = 60"
+        assert expected in title, (name, title)
+    md = (tmp_path / "results.md").read_text()
+    assert "![rho](figures/rho.png)" in md and "| cospadi | 0.2 |" in md
+
+
+def test_mixed_T_in_one_figure_is_refused(tmp_path):
+    write(tmp_path, "methods", "a", metrics("cospadi", 0.2, T=60))
+    write(tmp_path, "methods", "b", metrics("cospadi", 0.3, T=1))
+    with pytest.raises(ps.MixedTError, match=r"methods: .*different K-SVD T \[1, 60\]"):
+        ps.write_all(tmp_path)
+    # low-rank points have no T and do not count as another one
+    ps.figure_T([ps.point_from_metrics(metrics("svd_llm", T=1), "methods", "x")], "methods")
+    write(tmp_path, "methods", "b", metrics("svd_llm", 0.3, T=1))
+    assert "methods" in ps.write_all(tmp_path)["figures"]
+
+
+def test_claims_json_schema_with_no_results(tmp_path):
+    out = ps.write_all(tmp_path)
+    claims = json.loads((tmp_path / "claims.json").read_text())
+    assert claims == out["claims"] and not out["figures"]
+    assert [c["claim"].split(".")[0] for c in claims] == ["1", "2", "3", "4a", "4b", "4c", "4d", "5", "6", "7", "8",
+                                                         "9", "10", "11", "12"]
+    for c in claims:
+        assert set(c) == {"claim", "paper", "ours", "holds"}
+        assert all(isinstance(c[k], str) and c[k] for k in ("claim", "paper", "ours"))
+        assert c["holds"] in (True, False, None)
+    measured = {c["claim"].split(".")[0] for c in claims if c["holds"] is not None}
+    assert measured == {"6"}  # computed from the budget function, not from runs
+    assert all(c["ours"].startswith(("not measured yet", "not testable on SmolLM2")) for c in claims
+               if c["holds"] is None)
+
+
+def _methods(root: Path, cospadi_ppl: dict[float, float], crs=(0.2, 0.3, 0.4)) -> None:
+    for r in crs:
+        write(root, "methods", f"svd_llm-{r}", metrics("svd_llm", r, 50.0, 0.10))
+        write(root, "methods", f"cospadi-{r}", metrics("cospadi", r, cospadi_ppl[r], 0.12))
+
+
+def test_claim_1_holds_fails_and_waits_for_missing_points(tmp_path):
+    _methods(tmp_path / "a", {0.2: 30.0, 0.3: 40.0, 0.4: 45.0})
+    assert _claims(tmp_path / "a")["1"]["holds"] is True
+    _methods(tmp_path / "b", {0.2: 30.0, 0.3: 40.0, 0.4: 55.0})  # CoSpaDi loses at CR 0.4
+    c = _claims(tmp_path / "b")["1"]
+    assert c["holds"] is False and "CR 0.4: ppl 55.00 vs 50.00" in c["ours"]
+    _methods(tmp_path / "c", {0.2: 30.0, 0.3: 40.0}, crs=(0.2, 0.3))
+    c = _claims(tmp_path / "c")["1"]
+    assert c["holds"] is None and "not measured yet" in c["ours"] and "CR 0.4" in c["ours"]
+
+
+def test_rho_bits_and_functional_error_claims(tmp_path):
+    for r in (0.2, 0.3, 0.4):
+        for rho in (1.0, 1.5, 2.0, 3.0, 4.0):
+            best = 4.0 if r == 0.4 else 2.0  # the optimum moves away from 2 at CR 0.4
+            write(tmp_path, "rho", f"{r}-{rho}", metrics("cospadi", r, 20 + (rho - best) ** 2, rho=rho))
+        write(tmp_path, "bits", f"{r}-16", metrics("cospadi", r, 20.0, 0.2, quantization="bf16"))
+        write(tmp_path, "bits", f"{r}-14", metrics("cospadi", r, 20.1 if r < 0.4 else 21.0, 0.2,
+                                                   quantization="bf16-14bit"))
+    write(tmp_path, "methods", "c", metrics("cospadi", 0.2, error_scale=0.9))
+    write(tmp_path, "methods", "s", metrics("svd_llm", 0.2))
+    claims = _claims(tmp_path)
+    assert claims["3"]["holds"] is False and "CR 0.4: best rho by ppl 4" in claims["3"]["ours"]
+    assert claims["5"]["holds"] is False and "CR 0.4: ppl x1.0500" in claims["5"]["ours"]
+    # the committed templates: CoSpaDi's functional errors x 0.9 vs SVD-LLM's, matrix by matrix
+    c, s = (ps.point_from_metrics(metrics(m, 0.2, error_scale=e), "methods", m) for m, e in
+            (("cospadi", 0.9), ("svd_llm", 1.0)))
+    expected = all(c.matrices[k][4] < s.matrices[k][4] for k in c.matrices)
+    assert claims["10"]["holds"] is expected and "7 matrices" in claims["10"]["ours"]
+    write(tmp_path, "methods", "c", metrics("cospadi", 0.2, error_scale=0.01))
+    assert _claims(tmp_path)["10"]["holds"] is True
+
+
+def test_ug_global_ratio_and_claim_9(tmp_path):
+    for m in ("cospadi", "svd_llm"):
+        for u, g in ((0.4, 0.2), (0.5, 0.25)):
+            write(tmp_path, "ug", f"{m}-ug{u}", metrics(m, u, 21.0 if m == "cospadi" else 30.0,
+                                                        proj_types=["gate_proj", "up_proj"]))
+            write(tmp_path, "ug", f"{m}-{g}", metrics(m, g, 20.5))
+    rows = ps.ug_table(ps.group(ps.load_points(tmp_path))["ug"])
+    # gate + up are half of SmolLM2's projection weights: the global CR is UG CR / 2
+    assert [(r["method"], r["ug_ratio"], r["global_ratio"], r["uniform_ratio"]) for r in rows] == [
+        ("cospadi", 0.4, pytest.approx(0.2), 0.2), ("cospadi", 0.5, pytest.approx(0.25), 0.25),
+        ("svd_llm", 0.4, pytest.approx(0.2), 0.2), ("svd_llm", 0.5, pytest.approx(0.25), 0.25)]
+    assert _claims(tmp_path)["9"]["holds"] is False  # SVD-LLM^UG is 46 % worse than uniform
+
+
+def test_output_is_deterministic(tmp_path):
+    full_tree(tmp_path)
+    first = ps.write_all(tmp_path)
+    files = [tmp_path / "claims.json", tmp_path / "results.md", *map(Path, first["figures"].values())]
+    before = {f: f.read_bytes() for f in files}
+    ps.write_all(tmp_path)
+    assert {f: f.read_bytes() for f in files} == before
