@@ -101,25 +101,25 @@ TASKS = ("compress", "evaluate", "export", "plot", "generate")
 EXPORT_JOB_DIR = "export"  # task=export's Hydra job directory inside the artifact (never the export itself)
 
 
-SCHEMA_GROUP = "schema/method"  # outside the method group, so that --help lists no schema as a method
-
-
 def schema_name(config_class: type) -> str:
-    """The ConfigStore name of a method config class in :data:`SCHEMA_GROUP`, which ``conf/method/*.yaml`` name
-    in their defaults list (``- /schema/method/cospadi@_here_``): ``CoSpaDiConfig`` -> ``cospadi``,
-    ``LowRankConfig`` -> ``low_rank``, ``ASVDConfig`` -> ``asvd``."""
+    """The ConfigStore name of a method config class, which ``conf/method/*.yaml`` name in their defaults list
+    (``- /cospadi_schema@_here_``): ``CoSpaDiConfig`` -> ``cospadi_schema``, ``LowRankConfig`` ->
+    ``low_rank_schema``, ``ASVDConfig`` -> ``asvd_schema``.
+
+    Stored at the root, as ``run_schema``, and not in a config group: ``--help`` lists every group but Hydra's
+    own (``hydra/...``), so a ``schema/method`` group would show up there as if it were something to choose."""
     stem = config_class.__name__.removesuffix("Config")
-    return {"CoSpaDi": "cospadi", "LowRank": "low_rank"}.get(stem, stem.lower())
+    return {"CoSpaDi": "cospadi", "LowRank": "low_rank"}.get(stem, stem.lower()) + "_schema"
 
 
 def register_configs() -> None:
-    """The schema of the whole tree (``run_schema``, typing every group), one schema per method config class in
-    the ``method`` group (``conf/method/*.yaml`` name theirs in their defaults list), and the resolvers of
+    """The schema of the whole tree (``run_schema``, typing every group), one schema per method config class
+    (:func:`schema_name`; ``conf/method/*.yaml`` name theirs in their defaults list), and the resolvers of
     conf/config.yaml."""
     store = ConfigStore.instance()
     store.store(name="run_schema", node=RunConfig)
     for config_class in {cls.config_class for cls in METHODS.values()}:
-        store.store(group=SCHEMA_GROUP, name=schema_name(config_class), node=config_class)
+        store.store(name=schema_name(config_class), node=config_class)
     OmegaConf.register_new_resolver("cospadi_run_name", _run_name, replace=True)
     OmegaConf.register_new_resolver("cospadi_job_dir", _job_dir, replace=True)
 

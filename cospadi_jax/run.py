@@ -125,10 +125,10 @@ def _log_estimate(model: Any, config: Any, skip: set[int]) -> None:
     """For K-SVD methods, the fitting time measured by a probe on this machine, before the work starts."""
     from .compress import unit_budget, work_units
     from .estimate import estimate_fit_seconds
-    from .methods import CoSpaDi, method_class
+    from .methods import CoSpaDi, build
     from .models.paths import get_module
 
-    method = method_class(config.name)(config)  # validated already
+    method = build(config, model.config.num_hidden_layers)
     if not isinstance(method, CoSpaDi) or config.parallel == "columns" or not is_primary():
         return
     units = []

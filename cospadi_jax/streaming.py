@@ -33,7 +33,7 @@ from .sequential import fit_blocks
 from .compress import fit_and_save, reused_units, unit_budget, work_units
 from .report import CompressionReport, warn_about
 from .layers import factored_module
-from .methods import MethodConfig, build
+from .methods import MethodConfig, method_class
 from .methods.base import Factors
 from .models.config import DecoderConfig, projection_shapes
 from .sources import LayerSource
@@ -141,12 +141,14 @@ def compress_streaming(
                          "shared dictionaries across layers.")
     if not keep_factors and artifact is None:
         raise ValueError("keep_factors=False without an artifact would throw the factors away; pass an artifact.")
-    config.validate(cfg.num_hidden_layers)  # before the memory plan reads the budget
+    config.validate(cfg.num_hidden_layers)  # once, with the layer range, before the memory plan reads the budget
     windows = np.asarray(windows, np.int32)
     plan = plan_memory(cfg, config, len(windows), windows.shape[1], budget_gib=budget_gib, dtype=source.dtype)
     if hasattr(config, "omp_memory_mb"):  # K-SVD's OMP chunk sized by the plan
         config = replace(config, omp_memory_mb=plan.omp_memory_mb)
-    method = build(config)
+    # Not build(), which would validate again: the config is validated above, and the plan's chunk (16 to 4096
+    # MiB) is a valid omp_memory_mb; the plan needs a validated config, and the method needs the planned one.
+    method = method_class(config.name)(config)
     units = work_units(config, cfg.num_hidden_layers)
     unit_of = {paths[0]: i for i, paths in enumerate(units)}
     key = jax.random.key(seed)

@@ -86,7 +86,7 @@ def run_single(out: str) -> None:
     Yg = jax.device_put(Yp, dist.logical_sharding(mesh, "features", "columns"))
     Sg = jax.device_put(Sd, dist.logical_sharding(mesh, "atoms", "columns"))
     Dg = jax.device_put(D, dist.logical_sharding(mesh, "features", "atoms"))
-    hlo = sharded._update_fn(mesh, "power", 8, "skip").lower(Yg, Dg, Sg).compile().as_text()
+    hlo = sharded._update_fn(mesh, dist.SHARDING_RULES, "power", 8, "skip").lower(Yg, Dg, Sg).compile().as_text()
     res["upd_all_reduce"] = np.asarray(hlo.count("all-reduce("))
     res["upd_all_gather"] = np.asarray(hlo.count("all-gather("))
     res.update(ref_upd_D=D_ref, ref_upd_S=S_ref, upd_D=D_sh, upd_S=S_sh,

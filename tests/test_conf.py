@@ -114,6 +114,15 @@ def test_every_group_option_composes(group, option):
         assert type(run_cfg.method) is METHODS[run_cfg.method.name].config_class
 
 
+def test_help_lists_only_the_app_groups():
+    """``--help`` lists every config group but Hydra's own: the method schemas are stored at the root (as
+    ``run_schema``), not in a group that would show up there as a choice."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    listed = {g for g in GlobalHydra.instance().hydra.list_all_config_groups() if not g.startswith("hydra")}
+    assert listed == set(GROUPS), f"--help would list {sorted(listed - set(GROUPS))} besides the app's groups"
+
+
 def test_every_registered_method_has_a_config():
     shipped = {OmegaConf.load(p).name for p in (CONF_DIR / "method").glob("*.yaml")}
     assert set(METHODS) <= shipped, f"registered methods without a conf/method file: {set(METHODS) - shipped}"

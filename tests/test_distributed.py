@@ -8,6 +8,7 @@ pytest process keeps its own single CPU device:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -50,18 +51,57 @@ def test_sharding_rules_and_mesh():
 
     from cospadi_jax import parallel as dist
 
-    assert set(dist.SHARDING_RULES) >= {"columns", "batch", "atoms", "features", "params"}
+    assert isinstance(dist.SHARDING_RULES, dist.ShardingRules)
+    assert {f.name for f in dataclasses.fields(dist.SHARDING_RULES)} >= {"columns", "batch", "atoms", "features",
+                                                                        "params"}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        dist.SHARDING_RULES.params = "data"  # a value: change the layout with use_rules, not by mutation
     assert dist.logical_spec("features", "columns") == P(None, "data")
     mesh = dist.make_mesh()
     assert mesh.devices.size == jax.device_count() and mesh.axis_names == ("data",)
     assert dist.logical_sharding(mesh, "columns", None).spec == P("data", None)
     with pytest.raises(KeyError, match="unknown logical axis"):
         dist.logical_spec("heads")
-    with pytest.raises(ValueError, match="mesh axis"):
+    with pytest.raises(ValueError, match="logical axis 'columns' to mesh axis 'data'"):
         dist.logical_sharding(dist.make_mesh(axis_name="x"), "columns")
     # Single process, no env: initialize is a no-op and this process is the primary.
     assert not any(os.environ.get(v) for v in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES"))
     assert dist.initialize() is False and dist.is_primary()
+
+
+def test_sharding_rules_collisions_and_scope():
+    """Two dimensions of one array on one mesh axis, or a rule naming a mesh axis the mesh lacks, is an error."""
+    from jax.sharding import PartitionSpec as P
+
+    from cospadi_jax import parallel as dist
+    from cospadi_jax.parallel.mesh import n_shards
+
+    # columns and batch both map to "data": an array cannot be split over one mesh axis twice.
+    with pytest.raises(ValueError, match="'columns' and 'batch' both map to mesh axis 'data'"):
+        dist.logical_spec("columns", "batch")
+    with pytest.raises(ValueError, match="'columns' and 'columns' both map to mesh axis 'data'"):
+        dist.logical_sharding(dist.make_mesh(), "columns", "columns")
+    assert dist.logical_spec("atoms", "atoms") == P(None, None)  # replicated dimensions never collide
+    # A tuple of mesh axes collides with either of its members.
+    two = dist.ShardingRules(columns=("data", "model"), features="model")
+    with pytest.raises(ValueError, match="'columns' and 'features' both map to mesh axis 'model'"):
+        dist.logical_spec("columns", "features", rules=two)
+    # A rule naming a mesh axis that the mesh lacks: clear error when the sharding (or shard count) is built.
+    fsdp = dataclasses.replace(dist.SHARDING_RULES, params="model")
+    assert dist.logical_spec("params", None, rules=fsdp) == P("model", None)
+    with pytest.raises(ValueError, match="logical axis 'params' to mesh axis 'model'.*axes \\('data',\\)"):
+        dist.logical_sharding(dist.make_mesh(), "params", None, rules=fsdp)
+    with pytest.raises(ValueError, match="mesh axis 'model'"):
+        n_shards(dist.make_mesh(), "params", fsdp)
+    with pytest.raises(TypeError, match="sharding rule columns"):
+        dist.ShardingRules(columns=3)
+    with pytest.raises(ValueError, match="repeats a mesh axis"):
+        dist.ShardingRules(columns=("data", "data"))
+    # use_rules is scoped: the rules in force change inside the block only.
+    assert dist.active_rules() is dist.SHARDING_RULES
+    with dist.use_rules(fsdp):
+        assert dist.active_rules() is fsdp and dist.logical_spec("params") == P("model")
+    assert dist.active_rules() is dist.SHARDING_RULES and dist.logical_spec("params") == P(None)
 
 
 def test_assign_units_round_robin():

@@ -10,6 +10,7 @@ The single-device references are computed in this pytest process.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -116,8 +117,7 @@ def run_single(out: str) -> None:
         collectives=sum(hlo.count(op) for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute")),
     )
     # The same rules table shards parameters instead (dimension 0 over "data", FSDP-style): same perplexity.
-    dist.SHARDING_RULES["params"] = "data"
-    try:
+    with dist.use_rules(dataclasses.replace(dist.SHARDING_RULES, params="data")):
         fsdp = ShardedScorer(token_logprobs, model, mesh)
         res["fsdp_embedding_spec"] = str(fsdp.params["model"]["embed_tokens"]["embedding"].sharding.spec)
         res["fsdp_ppl"] = windows_perplexity(model, windows(), batch_size=BATCH, progress=False, mesh=mesh).perplexity
@@ -125,8 +125,8 @@ def run_single(out: str) -> None:
             param_sharding(mesh, (12, 4))
         except ValueError as exc:
             res["fsdp_indivisible_error"] = str(exc)
-    finally:
-        dist.SHARDING_RULES["params"] = None
+    # Outside the block the default rules are back: parameters replicated.
+    res["params_rule_after"] = repr(dist.active_rules().params)
     Path(out).write_text(json.dumps(res))
     np.savez(Path(out).with_suffix(".npz"), **scores)
 
@@ -207,7 +207,8 @@ def test_sharded_eval_8_devices(tmp_path, reference):
     assert res["ids_shard_rows"] == [1] and res["params_replicated"] and res["collectives"] == 0
     assert res["fsdp_embedding_spec"] == str(P("data", None))  # [vocab, hidden]: vocab rows over "data"
     np.testing.assert_allclose(res["fsdp_ppl"], reference["ppl"]["perplexity"], rtol=1e-5)
-    assert "SHARDING_RULES['params']" in res["fsdp_indivisible_error"]
+    assert "sharding rule params='data'" in res["fsdp_indivisible_error"]
+    assert res["params_rule_after"] == "None"
 
 
 def test_one_device_mesh_and_misuse(reference):

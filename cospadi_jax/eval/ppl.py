@@ -74,7 +74,7 @@ def windows_perplexity(
     are dropped), so the forward pass compiles exactly once.
 
     With ``mesh`` the evaluation is data-parallel (:class:`~cospadi_jax.eval.sharded.ShardedScorer`): parameters
-    placed by ``SHARDING_RULES["params"]`` (replicated), each batch split over the ``"batch"`` axis, and
+    placed by the ``params`` sharding rule (replicated), each batch split over the ``"batch"`` axis, and
     ``batch_size`` (the global batch) rounded up to a multiple of that axis' device count. The result equals the
     single-device one up to float roundoff. With a mesh over several processes call it on every process with the
     same windows (a collective); every process returns the same result, only process 0 shows progress. Without a

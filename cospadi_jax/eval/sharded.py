@@ -1,6 +1,6 @@
 """Data-parallel (sharded) evaluation over a device mesh, in one process or across processes.
 
-A :class:`ShardedScorer` holds a model's parameters placed on a mesh by ``SHARDING_RULES["params"]``
+A :class:`ShardedScorer` holds a model's parameters placed on a mesh by the ``params`` sharding rule
 (replicated by default) and one jitted scoring function whose fixed-shape int32 inputs ids, mask [B, T] are
 split over the ``"batch"`` logical axis (:func:`~cospadi_jax.parallel.logical_sharding`); every output
 [B, ...] comes back to the host with :func:`~cospadi_jax.parallel.to_host`. B must be a multiple of the
@@ -27,7 +27,7 @@ from flax import nnx
 from jax.experimental.multihost_utils import broadcast_one_to_all
 from jax.sharding import Mesh, NamedSharding
 
-from ..parallel.mesh import SHARDING_RULES, is_primary, logical_sharding, n_shards, place, to_host
+from ..parallel.mesh import ShardingRules, active_rules, is_primary, logical_sharding, n_shards, place, to_host
 from ..models.transformer import CausalLM
 
 __all__ = ["ShardedScorer", "param_sharding"]
@@ -38,21 +38,24 @@ _STOP, _SCORE = 0, 1
 ScoreFn = Callable[[CausalLM, jax.Array, jax.Array], Any]
 
 
-def param_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
-    """Sharding of one parameter array on ``mesh``: its leading dimension is the ``"params"`` logical axis.
+def param_sharding(mesh: Mesh, shape: tuple[int, ...], rules: ShardingRules | None = None) -> NamedSharding:
+    """Sharding of one parameter array of ``shape`` on ``mesh``: its leading dimension is the ``"params"`` logical
+    axis.
 
-    ``SHARDING_RULES["params"] = None`` (the default) replicates every parameter; a mesh axis splits
-    dimension 0 of each parameter over it (FSDP-style; GSPMD gathers the pieces where they are used).
+    The rule ``params=None`` (the default, :data:`~cospadi_jax.parallel.mesh.SHARDING_RULES`) replicates every
+    parameter; a mesh axis splits dimension 0 of each parameter over it (FSDP-style; GSPMD gathers the pieces where
+    they are used). ``rules``: default the rules in force (:func:`~cospadi_jax.parallel.mesh.use_rules`).
     """
+    rules = active_rules() if rules is None else rules
     if len(shape) == 0:
-        return logical_sharding(mesh)
-    n = n_shards(mesh, "params")
+        return logical_sharding(mesh, rules=rules)
+    n = n_shards(mesh, "params", rules)
     if shape[0] % n:
         raise ValueError(
             f"a parameter of shape {shape} cannot be split over {n} devices along dimension 0 "
-            f"(SHARDING_RULES['params'] = {SHARDING_RULES['params']!r}); set it to None to replicate parameters."
+            f"(sharding rule params={rules.params!r}); use rules with params=None to replicate parameters."
         )
-    return logical_sharding(mesh, "params", *([None] * (len(shape) - 1)))
+    return logical_sharding(mesh, "params", *([None] * (len(shape) - 1)), rules=rules)
 
 
 def _apply(fn: ScoreFn, graphdef: nnx.GraphDef, params: nnx.State, ids: jax.Array, mask: jax.Array) -> Any:
@@ -66,8 +69,9 @@ class ShardedScorer:
         fn: traceable scorer, (model, ids [B, T] int32, mask [B, T] int32) -> array or tuple of arrays, each
             [B, ...] (rows independent of each other, as every causal-LM scorer here).
         model: the model; its parameters are copied onto the mesh once, the model itself is left as it is.
-        mesh: mesh whose ``SHARDING_RULES["batch"]`` axis splits the batch: over the local devices of one
-            process, or over the devices of every process (:func:`~cospadi_jax.parallel.make_mesh`).
+        mesh: mesh whose ``batch`` rule axis splits the batch: over the local devices of one process, or over the
+            devices of every process (:func:`~cospadi_jax.parallel.make_mesh`). The sharding rules in force when the
+            scorer is built (:func:`~cospadi_jax.parallel.mesh.active_rules`) place batch and parameters.
 
     Attributes:
         params: the model's ``nnx.State`` placed by :func:`param_sharding`: a copy, the model keeps its own
@@ -88,10 +92,11 @@ class ShardedScorer:
             )
         self.mesh = mesh
         self.spans_processes = len(processes) > 1
-        self.n_shards = n_shards(mesh, "batch")
-        self.batch_sharding = logical_sharding(mesh, "batch", None)
+        rules = active_rules()  # read once: every sharding of this scorer follows the same rules
+        self.n_shards = n_shards(mesh, "batch", rules)
+        self.batch_sharding = logical_sharding(mesh, "batch", None, rules=rules)
         graphdef, state = nnx.split(model)
-        shardings = jax.tree.map(lambda x: param_sharding(mesh, x.shape), state)
+        shardings = jax.tree.map(lambda x: param_sharding(mesh, x.shape, rules), state)
         self.params = jax.tree.map(lambda x, s: place(x, s, x.dtype), state, shardings)
         # fn and the graph definition are static arguments of one module-level function, so a new scorer for the
         # same model structure and mesh (the next perplexity source) reuses the compiled executable.
@@ -101,7 +106,7 @@ class ShardedScorer:
             static_argnums=(0, 1),
             in_shardings=(shardings, self.batch_sharding, self.batch_sharding),
             # A prefix for every output: dimension 0 over "batch", the rest replicated, whatever the rank.
-            out_shardings=logical_sharding(mesh, "batch"),
+            out_shardings=logical_sharding(mesh, "batch", rules=rules),
         )
 
     def lower(self, ids: jax.Array, mask: jax.Array) -> jax.stages.Lowered:

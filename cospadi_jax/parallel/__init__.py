@@ -4,14 +4,17 @@ Column-parallel OMP / K-SVD inside one matrix is in :mod:`cospadi_jax.sparse.sha
 from cospadi_jax.parallel.mesh import (
     DEFAULT_MESH_AXIS,
     SHARDING_RULES,
+    ShardingRules,
+    active_rules,
     initialize,
     is_primary,
     logical_sharding,
     logical_spec,
     make_mesh,
     to_host,
+    use_rules,
 )
 from cospadi_jax.parallel.units import assign_units, map_units
 
-__all__ = ["DEFAULT_MESH_AXIS", "SHARDING_RULES", "assign_units", "initialize", "is_primary", "logical_sharding",
-           "logical_spec", "make_mesh", "map_units", "to_host"]
+__all__ = ["DEFAULT_MESH_AXIS", "SHARDING_RULES", "ShardingRules", "active_rules", "assign_units", "initialize",
+           "is_primary", "logical_sharding", "logical_spec", "make_mesh", "map_units", "to_host", "use_rules"]

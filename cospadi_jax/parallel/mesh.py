@@ -1,9 +1,13 @@
-"""The device mesh and the one table of sharding rules, multi-host start-up, and array placement.
+"""The device mesh and the sharding rules, multi-host start-up, and array placement.
 
 * One mesh over all global devices (:func:`make_mesh`), axis ``"data"`` by default.
-* One table, :data:`SHARDING_RULES`, maps *logical* axes (columns, batch, atoms, features, params) onto mesh
-  axes; :func:`logical_sharding` turns logical axis names into a ``NamedSharding``. Changing the parallel layout
-  means editing the table only.
+* The rules are a value, :class:`ShardingRules`: a frozen dataclass that maps *logical* axes (columns, batch,
+  atoms, features, params) onto mesh axes, as jax-llm-examples' ``ShardingRules``. :data:`SHARDING_RULES` is the
+  default layout; :func:`use_rules` swaps in another one for a scope (e.g. FSDP-style parameters). Changing the
+  parallel layout means changing the rules only.
+* :func:`logical_spec` / :func:`logical_sharding` turn logical axis names into a ``PartitionSpec`` /
+  ``NamedSharding``, and refuse a spec that would put two dimensions of one array on the same mesh axis
+  (collision check) or a rule that names a mesh axis the mesh lacks.
 * :func:`initialize` wraps ``jax.distributed.initialize`` for multi-host runs (TPU pods, multi-node GPU) and
   multi-process runs on one CPU host (gloo collectives); :func:`is_primary` is process 0.
 * :func:`place` puts host data on the mesh (padding one axis to the shard count); :func:`to_host` brings a
@@ -12,8 +16,12 @@
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import jax
 import jax.numpy as jnp
@@ -21,53 +29,127 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-__all__ = ["DEFAULT_MESH_AXIS", "SHARDING_RULES", "initialize", "is_primary", "logical_sharding", "logical_spec",
-           "make_mesh", "n_shards", "place", "to_host"]
+__all__ = ["DEFAULT_MESH_AXIS", "SHARDING_RULES", "MeshAxes", "ShardingRules", "active_rules", "initialize",
+           "is_primary", "logical_sharding", "logical_spec", "make_mesh", "n_shards", "place", "to_host",
+           "use_rules"]
 
 DEFAULT_MESH_AXIS = "data"
 
-# Logical axis -> mesh axis (None = replicated). The one place that decides the layout:
-# columns of a target (OMP and K-SVD are column-parallel), independent matrices/groups and
-# evaluation batches go over the data axis; atoms (k) and features (d) stay replicated
-# because every column needs the whole dictionary and Gram. Model parameters during evaluation
-# ("params": the leading dimension of every parameter array) stay replicated: data-parallel
-# evaluation; mapping it to a mesh axis shards them FSDP-style (cospadi_jax/eval/sharded.py).
-SHARDING_RULES: dict[str, str | None] = {
-    "columns": DEFAULT_MESH_AXIS,
-    "batch": DEFAULT_MESH_AXIS,
-    "atoms": None,
-    "features": None,
-    "params": None,
-}
+# What one logical axis maps to: a mesh axis, several mesh axes (the dimension split over their product), or None
+# (replicated).
+MeshAxes = str | tuple[str, ...] | None
 
 
-def logical_spec(*logical_axes: str | None, rules: dict[str, str | None] | None = None) -> P:
-    """PartitionSpec for an array whose dimensions carry the given logical axis names.
+def _flat(axes: MeshAxes) -> tuple[str, ...]:
+    """The mesh axes of one rule as a tuple (a non-tuple value counts as one axis, for the type check)."""
+    return () if axes is None else axes if isinstance(axes, tuple) else (axes,)
 
-    ``None`` in ``logical_axes`` means an unnamed, replicated dimension.
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    """Logical axis -> mesh axes: the one place that decides the parallel layout.
+
+    The defaults: columns of a target (OMP and K-SVD are column-parallel) and evaluation batches go over the data
+    axis; atoms (k) and features (d) stay replicated because every column needs the whole dictionary and Gram.
+    Model parameters during evaluation (``params``: the leading dimension of every parameter array) stay
+    replicated: data-parallel evaluation; mapping it to a mesh axis shards them FSDP-style
+    (cospadi_jax/eval/sharded.py). Frozen, hence hashable: a static jit argument or a cache key.
     """
-    rules = SHARDING_RULES if rules is None else rules
-    mesh_axes = []
+
+    columns: MeshAxes = DEFAULT_MESH_AXIS
+    batch: MeshAxes = DEFAULT_MESH_AXIS
+    atoms: MeshAxes = None
+    features: MeshAxes = None
+    params: MeshAxes = None
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            axes = _flat(getattr(self, field.name))
+            if not all(isinstance(a, str) and a for a in axes):
+                raise TypeError(f"sharding rule {field.name}={getattr(self, field.name)!r}: expected a mesh axis "
+                                "name, a tuple of them, or None.")
+            if len(set(axes)) != len(axes):
+                raise ValueError(f"sharding rule {field.name}={getattr(self, field.name)!r} repeats a mesh axis.")
+
+    def __getitem__(self, logical_axis: str) -> MeshAxes:
+        """The mesh axes of ``logical_axis`` (``rules["columns"]``, as the table was indexed before it was a
+        value); a clear KeyError for an unknown name."""
+        names = [f.name for f in dataclasses.fields(self)]
+        if logical_axis not in names:
+            raise KeyError(f"unknown logical axis {logical_axis!r}; known: {sorted(names)} "
+                           "(add a field to ShardingRules).")
+        return getattr(self, logical_axis)
+
+
+SHARDING_RULES = ShardingRules()
+
+# The rules in force; a context variable, not a mutable module global, so that use_rules() is scoped and a
+# value once built (a cached jit, a scorer's shardings) keeps the rules it was built with.
+_ACTIVE: contextvars.ContextVar[ShardingRules] = contextvars.ContextVar("sharding_rules", default=SHARDING_RULES)
+
+
+def active_rules() -> ShardingRules:
+    """The rules in force: :data:`SHARDING_RULES` unless inside :func:`use_rules`."""
+    return _ACTIVE.get()
+
+
+@contextmanager
+def use_rules(rules: ShardingRules) -> Iterator[ShardingRules]:
+    """Make ``rules`` the rules in force inside the ``with`` block, e.g. FSDP-style evaluation:
+    ``with use_rules(dataclasses.replace(SHARDING_RULES, params="data")): windows_perplexity(..., mesh=mesh)``.
+
+    Whatever reads the rules while the block runs (shardings, scorers, jitted sharded kernels) keeps them.
+    """
+    if not isinstance(rules, ShardingRules):
+        raise TypeError(f"use_rules takes a ShardingRules, got {type(rules).__name__}.")
+    token = _ACTIVE.set(rules)
+    try:
+        yield rules
+    finally:
+        _ACTIVE.reset(token)
+
+
+def logical_spec(*logical_axes: str | None, rules: ShardingRules | None = None) -> P:
+    """PartitionSpec for an array whose dimensions carry the given logical axis names (one per dimension).
+
+    ``None`` in ``logical_axes`` means an unnamed, replicated dimension. ``rules``: default the rules in force
+    (:func:`active_rules`). Raises ValueError when two dimensions would land on the same mesh axis (an array
+    cannot be split twice over one axis), naming both logical axes and the mesh axis.
+    """
+    rules = active_rules() if rules is None else rules
+    mesh_axes: list[MeshAxes] = []
+    owner: dict[str, str] = {}  # mesh axis -> the logical axis that took it
     for name in logical_axes:
-        if name is None:
-            mesh_axes.append(None)
-            continue
-        if name not in rules:
-            raise KeyError(f"unknown logical axis {name!r}; known: {sorted(rules)} (add it to SHARDING_RULES).")
-        mesh_axes.append(rules[name])
+        axes = None if name is None else rules[name]
+        for axis in _flat(axes):
+            if axis in owner:
+                raise ValueError(
+                    f"logical axes {owner[axis]!r} and {name!r} both map to mesh axis {axis!r} in "
+                    f"logical_spec{tuple(logical_axes)}; one array can be split over a mesh axis once: "
+                    "map one of them elsewhere (or to None) in the ShardingRules."
+                )
+            owner[axis] = name
+        mesh_axes.append(axes)
     return P(*mesh_axes)
 
 
-def logical_sharding(mesh: Mesh, *logical_axes: str | None, rules: dict[str, str | None] | None = None) -> NamedSharding:
+def _check_mesh(mesh: Mesh, logical_axis: str, axes: MeshAxes) -> None:
+    missing = [a for a in _flat(axes) if a not in mesh.axis_names]
+    if missing:
+        raise ValueError(
+            f"the sharding rules map logical axis {logical_axis!r} to mesh axis {missing[0]!r} but the mesh has "
+            f"axes {mesh.axis_names}; build the mesh with make_mesh(axis_name={missing[0]!r}) or change the rules."
+        )
+
+
+def logical_sharding(mesh: Mesh, *logical_axes: str | None, rules: ShardingRules | None = None) -> NamedSharding:
     """NamedSharding on ``mesh`` for logical axes, e.g. ``logical_sharding(mesh, "features", "columns")``
-    for a target Y [d, n] split by columns."""
+    for a target Y [d, n] split by columns. Checks as :func:`logical_spec`, and that every mesh axis the rules
+    name exists in ``mesh`` (ValueError naming the logical axis and the missing mesh axis)."""
+    rules = active_rules() if rules is None else rules
     spec = logical_spec(*logical_axes, rules=rules)
-    for axis in spec:
-        if axis is not None and axis not in mesh.axis_names:
-            raise ValueError(
-                f"SHARDING_RULES maps to mesh axis {axis!r} but the mesh has axes {mesh.axis_names}; "
-                f"build the mesh with make_mesh(axis_name={axis!r}) or edit the rules."
-            )
+    for name, axes in zip(logical_axes, spec, strict=True):
+        _check_mesh(mesh, name, axes)
     return NamedSharding(mesh, spec)
 
 
@@ -155,9 +237,12 @@ def to_host(x: jax.Array | np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- placement
 
 
-def n_shards(mesh: Mesh, logical_axis: str) -> int:
-    axis = SHARDING_RULES[logical_axis]
-    return 1 if axis is None else mesh.shape[axis]
+def n_shards(mesh: Mesh, logical_axis: str, rules: ShardingRules | None = None) -> int:
+    """How many pieces ``logical_axis`` is split into on ``mesh`` (1 if replicated); ``rules``: default the rules
+    in force. The same missing-mesh-axis check as :func:`logical_sharding`."""
+    axes = (active_rules() if rules is None else rules)[logical_axis]
+    _check_mesh(mesh, logical_axis, axes)
+    return math.prod(mesh.shape[a] for a in _flat(axes))
 
 
 def place(x, sharding: NamedSharding, dtype, pad_to: int | None = None, axis: int = -1) -> jax.Array:

@@ -6,7 +6,9 @@
   column shardings, GSPMD inserts the all-reduces. :func:`sharded_ksvd` alternates the two.
 
 Results equal the single-device ones: the per-column OMP arithmetic is the same kernel, so supports are
-identical and values agree to float roundoff. Layout: :data:`cospadi_jax.parallel.mesh.SHARDING_RULES`.
+identical and values agree to float roundoff. Layout: the sharding rules in force
+(:func:`cospadi_jax.parallel.mesh.active_rules`, :data:`~cospadi_jax.parallel.mesh.SHARDING_RULES` by default), read
+once per call and passed to the cached and jitted kernels as a key, so a kernel never runs under stale rules.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cospadi_jax.parallel.mesh import SHARDING_RULES, logical_sharding, logical_spec, n_shards, place, to_host
+from cospadi_jax.parallel.mesh import (ShardingRules, active_rules, logical_sharding, logical_spec, n_shards, place,
+                                       to_host)
 from cospadi_jax.sparse.ksvd import (KSVDResult, KSVDSteps, PhaseClock, alternate, check_ksvd_arguments,
                                      initial_dictionary, update_dictionary)
 from cospadi_jax.sparse.omp import (
@@ -40,11 +43,12 @@ __all__ = ["sharded_batch_omp", "sharded_ksvd", "sharded_update_dictionary"]
 # --------------------------------------------------------------------------- column-parallel OMP
 
 
-@partial(jax.jit, static_argnames=("mesh", "sparsity", "n", "chunk_size", "memory_budget_bytes", "step_block", "eps"))
-def _sharded_omp_padded(gram, alpha, *, mesh, sparsity, n, chunk_size, memory_budget_bytes, step_block, eps):
+@partial(jax.jit, static_argnames=("mesh", "rules", "sparsity", "n", "chunk_size", "memory_budget_bytes",
+                                   "step_block", "eps"))
+def _sharded_omp_padded(gram, alpha, *, mesh, rules, sparsity, n, chunk_size, memory_budget_bytes, step_block, eps):
     """gram [k, k] replicated, alpha = DᵀY [k, n_pad] column-sharded -> padded SparseCodes parts."""
-    col_axis = SHARDING_RULES["columns"]
-    n_local = alpha.shape[1] // mesh.shape[col_axis]
+    col_axis = rules["columns"]
+    n_local = alpha.shape[1] // n_shards(mesh, "columns", rules)
 
     def local(gram_l, alpha_l):
         # Same kernel as the single-device path: batch_omp is traceable (its checks are no-ops on tracers).
@@ -58,11 +62,11 @@ def _sharded_omp_padded(gram, alpha, *, mesh, sparsity, n, chunk_size, memory_bu
         early = jnp.sum((codes.n_nonzero < sparsity) & valid).astype(jnp.int32)
         return codes.indices, codes.values, codes.n_nonzero, lax.psum(early, col_axis)
 
-    cols = logical_spec("columns")  # [n] dimension
+    cols = logical_spec("columns", rules=rules)  # [n] dimension
     return jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(logical_spec("atoms", "atoms"), logical_spec("atoms", "columns")),
+        in_specs=(logical_spec("atoms", "atoms", rules=rules), logical_spec("atoms", "columns", rules=rules)),
         out_specs=(P(cols[0], None), P(cols[0], None), cols, P()),
         # The kernel's while_loop carries start from fresh zeros (device-invariant) and become
         # per-device values; the varying-axis type check would reject that although it is correct.
@@ -82,7 +86,7 @@ def sharded_batch_omp(
     step_block: int = 32,
     eps: float | None = None,
 ) -> SparseCodes:
-    """Batch-OMP with the columns sharded over ``mesh`` (``SHARDING_RULES["columns"]``).
+    """Batch-OMP with the columns sharded over ``mesh`` (the ``columns`` sharding rule).
 
     Args:
         gram: GD = DᵀD [k, k] (replicated on every device).
@@ -104,12 +108,13 @@ def sharded_batch_omp(
     n = correlations.shape[1]
     if int(step_block) < 1:
         raise ValueError(f"step_block must be >= 1, got {step_block}.")
-    n_dev = n_shards(mesh, "columns")
+    rules = active_rules()
+    n_dev = n_shards(mesh, "columns", rules)
     n_pad = max(1, math.ceil(n / n_dev)) * n_dev
-    gram_g = place(gram, logical_sharding(mesh, "atoms", "atoms"), dtype)
-    alpha_g = place(correlations, logical_sharding(mesh, "atoms", "columns"), dtype, pad_to=n_pad, axis=1)
+    gram_g = place(gram, logical_sharding(mesh, "atoms", "atoms", rules=rules), dtype)
+    alpha_g = place(correlations, logical_sharding(mesh, "atoms", "columns", rules=rules), dtype, pad_to=n_pad, axis=1)
     indices, values, n_nonzero, early = _sharded_omp_padded(
-        gram_g, alpha_g, mesh=mesh, sparsity=sparsity, n=n,
+        gram_g, alpha_g, mesh=mesh, rules=rules, sparsity=sparsity, n=n,
         chunk_size=None if chunk_size is None else int(chunk_size),
         memory_budget_bytes=int(memory_budget_bytes), step_block=int(min(step_block, sparsity)),
         eps=float(np.finfo(dtype).eps) if eps is None else float(eps),
@@ -127,12 +132,12 @@ def _strip(*arrays, n: int):
 # --------------------------------------------------------------------------- column-parallel K-SVD
 
 
-@lru_cache(maxsize=32)  # one jitted wrapper per mesh/settings: no recompilation per call
-def _update_fn(mesh: Mesh, dict_update: str, power_iterations: int, unused: str) -> Callable:
+@lru_cache(maxsize=32)  # one jitted wrapper per mesh/rules/settings: no recompilation per call
+def _update_fn(mesh: Mesh, rules: ShardingRules, dict_update: str, power_iterations: int, unused: str) -> Callable:
     """update_dictionary jitted with Y, S column-sharded and D replicated (GSPMD adds the all-reduces)."""
-    y_sh = logical_sharding(mesh, "features", "columns")
-    s_sh = logical_sharding(mesh, "atoms", "columns")
-    d_sh = logical_sharding(mesh, "features", "atoms")
+    y_sh = logical_sharding(mesh, "features", "columns", rules=rules)
+    s_sh = logical_sharding(mesh, "atoms", "columns", rules=rules)
+    d_sh = logical_sharding(mesh, "features", "atoms", rules=rules)
     rep = NamedSharding(mesh, P())
 
     def fn(Y, D, S):
@@ -157,21 +162,22 @@ def sharded_update_dictionary(
     with zero codes do not change the update). Returns (D [d, k] replicated, S [k, n]
     column-sharded, n_unused []) equal to :func:`update_dictionary` up to float roundoff.
     """
-    n_dev = n_shards(mesh, "columns")
+    rules = active_rules()
+    n_dev = n_shards(mesh, "columns", rules)
     if np.shape(Y)[1] % n_dev:
         raise ValueError(
             f"Y has n = {np.shape(Y)[1]} columns, not a multiple of the {n_dev} devices; zero-pad Y and S "
             "(zero columns with zero codes leave the update unchanged) or use sharded_ksvd, which pads."
         )
     dtype = resolve_float_dtype(None, Y, D, S)
-    Yg = place(Y, logical_sharding(mesh, "features", "columns"), dtype)
-    Dg = place(D, logical_sharding(mesh, "features", "atoms"), dtype)
-    Sg = place(S, logical_sharding(mesh, "atoms", "columns"), dtype)
-    return _update_fn(mesh, dict_update, int(power_iterations), unused)(Yg, Dg, Sg)
+    Yg = place(Y, logical_sharding(mesh, "features", "columns", rules=rules), dtype)
+    Dg = place(D, logical_sharding(mesh, "features", "atoms", rules=rules), dtype)
+    Sg = place(S, logical_sharding(mesh, "atoms", "columns", rules=rules), dtype)
+    return _update_fn(mesh, rules, dict_update, int(power_iterations), unused)(Yg, Dg, Sg)
 
 
-@lru_cache(maxsize=32)  # one jitted wrapper per mesh/settings: no recompilation per call
-def _coding_fn(mesh: Mesh) -> Callable:
+@lru_cache(maxsize=32)  # one jitted wrapper per mesh/rules: no recompilation per call
+def _coding_fn(mesh: Mesh, rules: ShardingRules) -> Callable:
     """(D, Y) -> (Gram replicated, DᵀY column-sharded) at HIGHEST precision, like ksvd's ``code``."""
     hi = lax.Precision.HIGHEST
 
@@ -180,20 +186,23 @@ def _coding_fn(mesh: Mesh) -> Callable:
 
     return jax.jit(
         fn,
-        in_shardings=(logical_sharding(mesh, "features", "atoms"), logical_sharding(mesh, "features", "columns")),
-        out_shardings=(logical_sharding(mesh, "atoms", "atoms"), logical_sharding(mesh, "atoms", "columns")),
+        in_shardings=(logical_sharding(mesh, "features", "atoms", rules=rules),
+                      logical_sharding(mesh, "features", "columns", rules=rules)),
+        out_shardings=(logical_sharding(mesh, "atoms", "atoms", rules=rules),
+                       logical_sharding(mesh, "atoms", "columns", rules=rules)),
     )
 
 
-@lru_cache(maxsize=32)  # one jitted wrapper per mesh/settings: no recompilation per call
-def _dense_fn(mesh: Mesh, k: int) -> Callable:
+@lru_cache(maxsize=32)  # one jitted wrapper per mesh/rules/settings: no recompilation per call
+def _dense_fn(mesh: Mesh, rules: ShardingRules, k: int) -> Callable:
     """Per-device scatter of SparseCodes into the dense S [k, n] block of its columns (no communication)."""
 
     def local(indices, values):
         return SparseCodes(indices, values, None, None).to_dense(k)
 
     return jax.jit(jax.shard_map(
-        local, mesh=mesh, in_specs=(logical_spec("columns", None),) * 2, out_specs=logical_spec("atoms", "columns"),
+        local, mesh=mesh, in_specs=(logical_spec("columns", None, rules=rules),) * 2,
+        out_specs=logical_spec("atoms", "columns", rules=rules),
         check_vma=False,
     ))
 
@@ -226,12 +235,13 @@ def sharded_ksvd(Y: jax.Array | np.ndarray, n_atoms: int, sparsity: int, ksvd_it
     n, k = np.shape(Y)[1], int(n_atoms)
     # Initial dictionary exactly as ksvd (same key, unpadded Y), computed on the host value.
     D0 = initial_dictionary(to_host(Y), k, key, None if init is None else to_host(init), dtype)
-    n_dev = n_shards(mesh, "columns")
+    rules = active_rules()
+    n_dev = n_shards(mesh, "columns", rules)
     n_pad = max(1, math.ceil(n / n_dev)) * n_dev
-    Yg = place(Y, logical_sharding(mesh, "features", "columns"), dtype, pad_to=n_pad, axis=1)
-    D = place(to_host(D0), logical_sharding(mesh, "features", "atoms"), dtype)
-    coding, dense, error = _coding_fn(mesh), _dense_fn(mesh, k), _error_fn(mesh)
-    update = _update_fn(mesh, dict_update, int(power_iterations), unused)
+    Yg = place(Y, logical_sharding(mesh, "features", "columns", rules=rules), dtype, pad_to=n_pad, axis=1)
+    D = place(to_host(D0), logical_sharding(mesh, "features", "atoms", rules=rules), dtype)
+    coding, dense, error = _coding_fn(mesh, rules), _dense_fn(mesh, rules, k), _error_fn(mesh)
+    update = _update_fn(mesh, rules, dict_update, int(power_iterations), unused)
     eps = float(np.finfo(dtype).eps)
     clock = PhaseClock("xla-sharded")
     memory_bytes = DEFAULT_MEMORY_BUDGET_BYTES if omp_memory_mb is None else int(omp_memory_mb) * 2**20
@@ -240,7 +250,7 @@ def sharded_ksvd(Y: jax.Array | np.ndarray, n_atoms: int, sparsity: int, ksvd_it
         gram, alpha = coding(D, Yg)
         clock.lap("gemm", gram, alpha)
         idx, val, cnt, early = _sharded_omp_padded(
-            gram, alpha, mesh=mesh, sparsity=int(sparsity), n=n, chunk_size=omp_chunk_size,
+            gram, alpha, mesh=mesh, rules=rules, sparsity=int(sparsity), n=n, chunk_size=omp_chunk_size,
             memory_budget_bytes=memory_bytes, step_block=int(min(32, sparsity)), eps=eps,
         )
         clock.lap("omp", val)
