@@ -316,17 +316,26 @@ def load_artifact(directory: str | Path) -> tuple[dict[str, Factors], dict[str, 
     return factors, metadata
 
 
-def restore_model(directory: str | Path, *, mode: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
+def restore_model(directory: str | Path, *, mode: str | None = None, requantize: str | None = None
+                  ) -> tuple[Any, Any, dict[str, Any]]:
     """The compressed model of a finished artifact, without recompressing: its base model (from the
     metadata's model spec and dtype) with every fitted projection swapped for its factors.
 
-    ``mode``: the ``DictLinear`` mode to build (default: the artifact's ``method.mode``). Returns
-    (model, tokenizer, metadata).
+    ``mode``: the ``DictLinear`` mode to build (default: the artifact's ``method.mode``). ``requantize``: round
+    the coefficient values to this grid first (``layers.QUANTIZATIONS``); the artifact must hold unrounded values
+    and no refined layers (refinement rounds inside its own acceptance test). Returns (model, tokenizer, metadata).
     """
-    from .layers import replace_projection
+    from .layers import quantize_coefficients, replace_projection
     from .models import load_model
 
     factors, metadata = load_artifact(directory)
+    if requantize is not None:
+        config = metadata.get("config", {})
+        if (config.get("method") or {}).get("quantization") or (config.get("refine") or {}).get("steps"):
+            raise ValueError(f"{directory} was fitted with method.quantization or refine.steps set: its values are "
+                             "already rounded or refined to one grid. Requantize an artifact fitted without them.")
+        factors = {p: dataclasses.replace(f, values=quantize_coefficients(f.values, requantize))
+                   if isinstance(f, DictFactors) else f for p, f in factors.items()}
     model_conf = metadata["model"]
     model, tokenizer = load_model(model_conf["spec"], model_conf["dtype"], revision=model_conf.get("revision"))
     mode = mode or metadata["config"]["method"]["mode"]

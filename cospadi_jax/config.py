@@ -43,6 +43,10 @@ class EvalConf:
     # The dense model's scores, keyed by model and tokenizer fingerprints and this eval config, are reused by
     # every job of a sweep instead of being recomputed per job (single-process runs; null disables).
     dense_cache_dir: Optional[str] = ".cache/dense_eval"
+    # task=evaluate only: round the coefficient values of an artifact fitted without quantization to this grid
+    # (method.quantization's schemes) before scoring. The fit is not changed by the width (the values are rounded
+    # after it), so one fit serves every width of paper Fig. 3, equal to fitting with method.quantization set.
+    requantize: Optional[str] = None
 
 
 @dataclass
@@ -183,6 +187,14 @@ def validate(cfg: RunConfig, n_layers: int | None = None) -> None:
         raise ValueError(f"logger.mode={cfg.logger.mode!r}; use offline, online or disabled")
     if cfg.eval.seqlen < 2 or (cfg.eval.max_windows is not None and cfg.eval.max_windows < 1):
         raise ValueError("eval.seqlen >= 2 and eval.max_windows >= 1 (or null) required")
+    if cfg.eval.requantize is not None:
+        from .layers import QUANTIZATIONS
+
+        if cfg.eval.requantize not in QUANTIZATIONS:
+            raise ValueError(f"eval.requantize={cfg.eval.requantize!r} is not one of {QUANTIZATIONS[1:]}")
+        if cfg.task != "evaluate":
+            raise ValueError("eval.requantize re-rounds a finished artifact's coefficients: use it with task=evaluate "
+                             "artifact=...; to fit at a coefficient width, set method.quantization instead")
     if cfg.task in ("evaluate", "export") and not cfg.artifact:
         raise ValueError(f"task={cfg.task} needs artifact=<directory of a finished compression run>")
     if cfg.task == "export":

@@ -35,7 +35,7 @@ PLACEMENT_KEYS = frozenset({
 EVALUATION_KEYS = frozenset({"eval", "task"})
 # Keys that are identity only when set: at this value they change nothing, and runs written before the key
 # existed keep their names and still resume.
-INACTIVE_VALUES: dict[str, Any] = {"method.ksvd_snapshots": []}
+INACTIVE_VALUES: dict[str, Any] = {"method.ksvd_snapshots": [], "eval.requantize": None}
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -275,10 +275,12 @@ def run_evaluate(cfg: RunConfig, eval_overrides: dict[str, Any] | None = None) -
     ``eval.*`` keys given on the command line (or ``eval_overrides``) changed. The result goes to
     ``<artifact>/evaluation-<hash of the settings>.json``, so evaluations under other settings are all kept.
     """
-    model, tokenizer, metadata = restore_model(cfg.artifact)
-    stored_eval = metadata.get("config", {}).get("eval", {})
+    meta_path = Path(cfg.artifact) / "metadata.json"  # absent: restore_model says what the directory lacks
+    stored_eval = json.loads(meta_path.read_text()).get("config", {}).get("eval", {}) if meta_path.exists() else {}
     overrides = _eval_overrides() if eval_overrides is None else eval_overrides
-    eval_conf = EvalConf(**{**stored_eval, **overrides})
+    # requantize is this task's own knob (a compression run never sets it): always the one given now.
+    eval_conf = EvalConf(**{**stored_eval, **overrides, "requantize": cfg.eval.requantize})
+    model, tokenizer, metadata = restore_model(cfg.artifact, requantize=eval_conf.requantize)
     cfg = dataclasses.replace(cfg, eval=eval_conf)
     eval_dict = dataclasses.asdict(eval_conf)
     metrics = {"artifact": str(cfg.artifact), "eval": eval_dict, "eval_overrides": overrides,

@@ -1,11 +1,13 @@
 """The paper's setting on the embedded SmolLM2-135M (issue 15): figures, tables and the claims of method.md §8.
 
-    python experiments/paper_setting.py [--root experiments/results/paper_setting]
+    python experiments/paper_setting.py [--root experiments/results/paper_setting] [--requantize]
 
 Reads every ``<root>/<deliverable>/**/metrics.json`` written by ``python -m cospadi_jax.run
 experiment=paper_smollm2_<deliverable>`` (and, for the K-SVD-iterations curve, the ``snapshots/T*/metrics.json``
 under a run directory: each a normal metrics.json whose ``config.method.ksvd_iterations`` is the snapshot's T),
-groups them by deliverable (the directory under the root) and writes, deterministically:
+groups them by deliverable (the directory under the root), adds the bit-width points (the methods deliverable's
+CoSpaDi runs re-scored with ``task=evaluate eval.requantize=<width>``, which ``--requantize`` runs first: one fit
+per CR serves every width) and writes, deterministically:
 
 - ``<root>/figures/<deliverable>.png``: one figure per deliverable that has points. Every title states the K-SVD
   T of its points; a figure whose points have different T is refused (:class:`MixedTError`) unless T is its axis;
@@ -328,10 +330,39 @@ def write_all(root: Path | str = ROOT) -> dict[str, Any]:
             "table": str(root / "results.md"), "claims_json": str(root / "claims.json")}
 
 
+BITS_RATIOS = (0.2, 0.3, 0.4)  # the CRs of the bit-width deliverable (paper Fig. 3)
+
+
+def requantize_jobs(root: Path | str = ROOT) -> list[list[str]]:
+    """The ``task=evaluate eval.requantize=<width>`` commands of the bit-width deliverable still to run: every
+    width of ``layers.QUANTIZATIONS`` on each float32 CoSpaDi run of the methods deliverable at ``BITS_RATIOS``."""
+    from cospadi_jax.layers import QUANTIZATIONS
+
+    jobs = []
+    for run in sorted(Path(root).glob("methods/*/metrics.json")):
+        method = json.loads(run.read_text())["config"]["method"]
+        if (method.get("label") or method["name"]) != "cospadi" or method.get("quantization") \
+                or float(method["ratio"]) not in BITS_RATIOS:
+            continue
+        done = {json.loads(f.read_text()).get("eval", {}).get("requantize") for f in run.parent.glob("evaluation-*.json")}
+        jobs += [[sys.executable, "-m", "cospadi_jax.run", "task=evaluate", f"artifact={run.parent}",
+                  f"eval.requantize={width}", "logger.mode=disabled"] for width in QUANTIZATIONS[1:] if width not in done]
+    return jobs
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", default=str(ROOT), help="the paper_setting results directory")
+    parser.add_argument("--requantize", action="store_true",
+                        help="first evaluate the methods deliverable's CoSpaDi runs at every coefficient width "
+                             "(task=evaluate eval.requantize=...; minutes each, no refitting)")
     args = parser.parse_args(argv)
+    if args.requantize:
+        import subprocess
+
+        for job in requantize_jobs(args.root):
+            print(" ".join(job[1:]), flush=True)
+            subprocess.run(job, check=True)
     out = write_all(args.root)
     print(f"{out['points']} points; figures: {sorted(out['figures']) or 'none'}; {out['table']}; "
           f"{out['claims_json']}")

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from cospadi_jax.layers import VALUE_BITS
+
 ROOT = Path(__file__).resolve().parent / "results" / "paper_setting"
 # Deliverable (directory under the root, hydra.sweep.dir of experiment=paper_smollm2_<name>) -> figure title.
 DELIVERABLES = {
@@ -29,8 +31,7 @@ TASK = "kjv_lambada"
 KSVD_METHODS = ("cospadi", "cospadi_free")  # method.name values that run K-SVD (and have a T)
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 UG = ("gate_proj", "up_proj")
-# Bits per coefficient value of each method.quantization (cospadi_jax.layers.VALUE_BITS; None = float32).
-BITS = {None: 32, "bf16": 16, "bf16-14bit": 14, "bf16-12bit": 12, "bf16-10bit": 10, "int8": 8}
+BITS = VALUE_BITS  # bits per coefficient value of each method.quantization (None = float32)
 DISPLAY = {"svd": "SVD", "svd_llm": "SVD-LLM", "basis_sharing": "Basis Sharing", "cospadi": "CoSpaDi",
            "cospadi_grouped": "CoSpaDi (m = 2)", "cospadi_free": "CoSpaDi†"}
 COLOURS = {"svd": "#7f7f7f", "svd_llm": "#1f77b4", "basis_sharing": "#17becf", "cospadi": "#d62728",
@@ -134,6 +135,27 @@ def load_points(root: Path | str = ROOT) -> list[Point]:
             raise ValueError(f"{file}: the snapshot directory says {rel.parts[-2]} but its config has "
                              f"method.ksvd_iterations={point.T}; fix the snapshot's config or its directory name")
         points.append(point)
+    return points + requantized_points(root)
+
+
+def requantized_points(root: Path) -> list[Point]:
+    """Bit-width points (deliverable "bits") from the methods deliverable's CoSpaDi runs: each run itself at float32
+    and every ``evaluation-*.json`` that ``task=evaluate eval.requantize=<width>`` wrote into it (equal to a fit
+    with ``method.quantization=<width>``: the width never changes the K-SVD fit; ``python
+    experiments/paper_setting.py --requantize`` runs them)."""
+    points = []
+    for run in sorted(root.glob("methods/*/metrics.json")):
+        metrics = json.loads(run.read_text())
+        method = metrics["config"]["method"]
+        evaluations = [(f, json.loads(f.read_text())) for f in sorted(run.parent.glob("evaluation-*.json"))]
+        evaluations = [(f, e) for f, e in evaluations if (e.get("eval") or {}).get("requantize")]
+        if (method.get("label") or method["name"]) != "cospadi" or method.get("quantization") or not evaluations:
+            continue
+        points.append(point_from_metrics(metrics, "bits", run.relative_to(root).as_posix()))
+        for file, evaluation in evaluations:
+            config = {**metrics["config"], "method": {**method, "quantization": evaluation["eval"]["requantize"]}}
+            points.append(point_from_metrics({**metrics, "config": config, "compressed": evaluation["compressed"]},
+                                             "bits", file.relative_to(root).as_posix()))
     return points
 
 

@@ -75,6 +75,14 @@ def run_single(out: str) -> None:
                            ("n_unused", r.n_unused_atoms, q.n_unused_atoms)):
             res[f"ref_ksvd_{method}_{name}"] = np.asarray(a)
             res[f"ksvd_{method}_{name}"] = np.asarray(b)
+    # Snapshots of the sharded K-SVD (n padded to the device count): each equal to the sharded run at that T.
+    long = sharded.sharded_ksvd(Y, K, S, 2, mesh, key=3, snapshots=[0, 1])
+    for t in (0, 1):
+        short = sharded.sharded_ksvd(Y, K, S, t, mesh, key=3)
+        for name, a, b in (("D", long.snapshots[t].dictionary, short.dictionary),
+                           ("S", long.snapshots[t].coefficients, short.coefficients),
+                           ("indices", long.snapshots[t].codes.indices, short.codes.indices)):
+            res[f"snapshot{t}_{name}"], res[f"short{t}_{name}"] = np.asarray(a), np.asarray(b)
     # Dictionary update alone on n = 304 columns (already a multiple of 8): stays column-sharded.
     from cospadi_jax.sparse.ksvd import update_dictionary
 

@@ -72,8 +72,20 @@ def write(root: Path, deliverable: str, run: str, m: dict[str, Any]) -> Path:
     return path
 
 
+def write_evaluation(root: Path, run: str, requantize: str, ppl: float, acc: float = 0.2) -> Path:
+    """``task=evaluate eval.requantize=<width>``'s file in the methods run ``run`` (as cospadi_jax.run writes it)."""
+    m = json.loads(_template(False))
+    eval_conf = {**m["config"]["eval"], "requantize": requantize}
+    m["compressed"]["perplexity"]["embedded:heldout"]["perplexity"] = ppl
+    m["compressed"]["zero_shot"]["tasks"]["kjv_lambada"]["acc"] = acc
+    path = root / "methods" / run / f"evaluation-{requantize}.json"
+    path.write_text(json.dumps({"artifact": str(path.parent), "eval": eval_conf, "compressed": m["compressed"]}))
+    return path
+
+
 def full_tree(root: Path) -> Path:
-    """A point for every deliverable (the K-SVD curve from snapshots of one run), at T = 60 except that curve."""
+    """A point for every deliverable (the K-SVD curve from snapshots of one run, the bit widths from requantized
+    evaluations of the methods runs), at T = 60 except that curve."""
     for method, base in (("svd_llm", 30.0), ("cospadi", 20.0), ("cospadi_grouped", 18.0), ("basis_sharing", 25.0),
                          ("cospadi_free", 900.0), ("svd", 5000.0)):
         for r in (0.1, 0.2, 0.3, 0.4, 0.5):
@@ -87,9 +99,8 @@ def full_tree(root: Path) -> Path:
     for r in (0.2, 0.3, 0.4):
         for rho in (1.0, 1.5, 2.0, 3.0, 5.0):
             write(root, "rho", f"r{r}-{rho}", metrics("cospadi", r, 20 * (1 + r) + (rho - 2) ** 2, rho=rho))
-        for q in (None, "bf16", "bf16-14bit", "bf16-12bit", "bf16-10bit", "int8"):
-            bits = {None: 32, "bf16": 16, "bf16-14bit": 14, "bf16-12bit": 12, "bf16-10bit": 10, "int8": 8}[q]
-            write(root, "bits", f"r{r}-{q}", metrics("cospadi", r, 20 + 2 ** (12 - bits), quantization=q))
+        for q, bits in (("bf16", 16), ("bf16-14bit", 14), ("bf16-12bit", 12), ("bf16-10bit", 10), ("int8", 8)):
+            write_evaluation(root, f"cospadi-{r}", q, 20 * (1 + 5 * r) + 2 ** (12 - bits))
     for u, ppl in (("power", 20.0), ("exact", 20.1), ("mod", 24.0)):
         write(root, "dict_update", u, metrics("cospadi", 0.2, ppl, dict_update=u, fit_s={"exact": 300.0}.get(u, 100.0)))
     for method in ("cospadi", "svd_llm"):

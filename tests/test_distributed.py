@@ -137,6 +137,14 @@ def test_sharded_ksvd_8_devices(single8, method):
     assert r[q + "objective"][-1] < r[q + "objective"][0]
 
 
+def test_sharded_ksvd_snapshots_are_the_runs_at_their_T(single8):
+    """method.ksvd_snapshots under parallel=columns: the padded columns are stripped from every snapshot too."""
+    for t in (0, 1):
+        for name in ("D", "S", "indices"):
+            np.testing.assert_array_equal(single8[f"snapshot{t}_{name}"], single8[f"short{t}_{name}"])
+        assert single8[f"snapshot{t}_S"].shape[1] == single8[f"snapshot{t}_indices"].shape[0] == worker.N
+
+
 def test_sharded_update_dictionary_8_devices(single8):
     r = single8
     assert str(r["upd_S_spec"]) == "(None, 'data')"

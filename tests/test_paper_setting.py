@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from paper_setting_tree import full_tree, load_script, metrics, write
+from paper_setting_tree import full_tree, load_script, metrics, write, write_evaluation
 
 ps = load_script()
 
@@ -150,3 +150,24 @@ def test_output_is_deterministic(tmp_path):
     before = {f: f.read_bytes() for f in files}
     ps.write_all(tmp_path)
     assert {f: f.read_bytes() for f in files} == before
+
+
+def test_bit_widths_come_from_requantized_evaluations_of_the_methods_runs(tmp_path):
+    """Each float32 CoSpaDi run of the methods deliverable is the 32-bit point; every task=evaluate
+    eval.requantize=<width> file in it is a point at that width with its own scores; --requantize lists exactly the
+    evaluations still missing, for CoSpaDi at CR 0.2-0.4 only."""
+    for r in (0.1, 0.2):
+        write(tmp_path, "methods", f"cospadi-{r}", metrics("cospadi", r, 20.0))
+    write(tmp_path, "methods", "svd_llm-0.2", metrics("svd_llm", 0.2, 30.0))
+    write_evaluation(tmp_path, "cospadi-0.2", "bf16", 20.5)
+    write_evaluation(tmp_path, "cospadi-0.2", "int8", 26.0)
+    bits = sorted(ps.group(ps.load_points(tmp_path))["bits"], key=lambda p: ps.BITS[p.quantization])
+    assert [(p.ratio, p.quantization, p.ppl) for p in bits] == [(0.2, "int8", 26.0), (0.2, "bf16", 20.5),
+                                                                (0.2, None, 20.0)]
+    assert all(p.T == 60 and p.method == "cospadi" for p in bits)
+    rows = {r["quantization"]: r for r in ps.bits_table(bits)}
+    assert rows["int8"]["rel_ppl"] == pytest.approx(26.0 / 20.5)
+    jobs = ps.requantize_jobs(tmp_path)
+    assert [j[-2] for j in jobs] == ["eval.requantize=bf16-14bit", "eval.requantize=bf16-12bit",
+                                     "eval.requantize=bf16-10bit"]
+    assert all(j[3:5] == ["task=evaluate", f"artifact={tmp_path / 'methods' / 'cospadi-0.2'}"] for j in jobs)

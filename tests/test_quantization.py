@@ -81,3 +81,36 @@ def test_every_width_passes_validation_and_keeps_the_budget():
         method_config("svd_llm", ratio=0.2, quantization="bf16-12bit").validate()
     b = budget(576, 1536, 0.2, **CoSpaDiConfig(name="cospadi", ratio=0.2, quantization="bf16-10bit").budget_options())
     assert (b.n_atoms, b.sparsity) == (budget(576, 1536, 0.2).n_atoms, budget(576, 1536, 0.2).sparsity)
+
+
+def test_requantized_evaluation_equals_a_fit_at_that_width(tmp_path):
+    """task=evaluate eval.requantize=<w> on an unquantised artifact scores exactly what a run fitted with
+    method.quantization=<w> scores (the width never changes the K-SVD fit), so paper Fig. 3 needs one fit per CR."""
+    import json
+
+    from helpers import save_tiny_model_with_tokenizer
+    from test_run import _compose, _overrides
+
+    import cospadi_jax.run as run_app
+    from cospadi_jax.identity import run_identity
+
+    tiny_dir = save_tiny_model_with_tokenizer(tmp_path / "tiny", family="qwen2_bias", tied=False, layers=2)
+    plain = tmp_path / "plain"
+    run_app.execute(_compose(_overrides(tiny_dir, plain, "eval.dense_baseline=false")))
+    fitted = run_app.execute(_compose(_overrides(tiny_dir, tmp_path / "w12", "eval.dense_baseline=false",
+                                                 "method.quantization=bf16-12bit")))
+    evaluated = run_app.execute(_compose(_overrides(tiny_dir, plain, "task=evaluate", f"artifact={plain}",
+                                                    "eval.requantize=bf16-12bit")))
+    assert evaluated["eval"]["requantize"] == "bf16-12bit"
+    assert evaluated["compressed"]["perplexity"] == fitted["compressed"]["perplexity"]
+    assert len(list(plain.glob("evaluation-*.json"))) == 1
+    # Unset, the key is no part of a run's identity: the names of runs made before it existed are unchanged.
+    assert "eval.requantize" not in run_identity(json.loads((plain / "metrics.json").read_text())["config"])
+    with pytest.raises(ValueError, match="already rounded or refined"):
+        run_app.execute(_compose(_overrides(tiny_dir, tmp_path / "w12", "task=evaluate",
+                                            f"artifact={tmp_path / 'w12'}", "eval.requantize=bf16-10bit")))
+    with pytest.raises(ValueError, match="use it with task=evaluate"):
+        run_app.execute(_compose(_overrides(tiny_dir, tmp_path / "x", "eval.requantize=bf16")))
+    with pytest.raises(ValueError, match="is not one of"):
+        run_app.execute(_compose(_overrides(tiny_dir, plain, "task=evaluate", f"artifact={plain}",
+                                            "eval.requantize=fp4")))
