@@ -139,6 +139,9 @@ def compress_streaming(
     if config.group_size != 1:
         raise ValueError("streaming compression fits one layer at a time: use group_size=1, or compress() for "
                          "shared dictionaries across layers.")
+    if getattr(config, "ksvd_snapshots", None):
+        raise ValueError("method.ksvd_snapshots is for compress() and the Hydra app, which evaluate each snapshot "
+                         "as a run; streaming compression keeps one layer resident: run without snapshots.")
     if not keep_factors and artifact is None:
         raise ValueError("keep_factors=False without an artifact would throw the factors away; pass an artifact.")
     config.validate(cfg.num_hidden_layers)  # once, with the layer range, before the memory plan reads the budget
