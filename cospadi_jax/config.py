@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -212,6 +212,75 @@ def validate(cfg: RunConfig, n_layers: int | None = None) -> None:
     cfg.calib.validate()
     cfg.refine.validate()
     cfg.budget.validate()
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """The app's config as ``python -m cospadi_jax.run <overrides>`` composes it, for callers that run or read it
+    in-process (``cospadi_jax.demo``, ``experiments/*.py``). Composes inside the active Hydra context when there
+    is one (a test's ``initialize_config_module``), since Hydra refuses a second one."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    if GlobalHydra.instance().is_initialized():
+        return compose("config", overrides=list(overrides))
+    with initialize_config_module(config_module="cospadi_jax.conf", version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+# The nodes an experiment's setting can change for a job (not task, output paths or Hydra's own node).
+_SETTING_NODES = ("model", "method", "calib", "refine", "budget", "eval", "logger", "seed")
+
+
+def _override_value(value: Any) -> str:
+    """``value`` in Hydra's override grammar (strings quoted, so ``embedded:heldout`` parses as one string)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    raise TypeError(f"cannot write {value!r} ({type(value).__name__}) as a Hydra override")
+
+
+def _flat(node: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(node, dict):
+        return {k: v for key, child in node.items() for k, v in _flat(child, f"{prefix}.{key}").items()}
+    return {prefix: node}
+
+
+def experiment_overrides(experiment: str, method: str, *own: str) -> list[str]:
+    """``method=<method>`` and the ``key=value`` overrides that put its job on ``experiment``'s setting: every
+    value that ``experiment=<experiment>`` changes from the defaults, method keys only where ``method``'s config
+    has them; then the job's ``own`` overrides, which replace the experiment's value of the same key (so that the
+    command line shows each key once).
+
+    For an experiment that sets a knob only some methods have (``method.ksvd_iterations``): ``experiment=X
+    method=svd_llm`` fails to compose, since ``LowRankConfig`` has no such key, so every method's job restates the
+    experiment's values instead, and one YAML file stays the only home of the setting."""
+    from .methods import method_class
+
+    base, setting = compose_config(), compose_config([f"experiment={experiment}"])
+    if setting.method.name != base.method.name or setting.method.group_size != base.method.group_size:
+        raise ValueError(f"experiment={experiment} picks its own method ({setting.method.label}); "
+                         "experiment_overrides() restates values on top of the default method only")
+    target = compose_config([f"method={method}"]).method
+    fields = {f.name for f in dataclasses.fields(method_class(target.name).config_class)}
+    changed = []
+    for node in _SETTING_NODES:
+        old = _flat(OmegaConf.to_container(base[node], resolve=True) if OmegaConf.is_config(base[node])
+                    else base[node], node)
+        new = _flat(OmegaConf.to_container(setting[node], resolve=True) if OmegaConf.is_config(setting[node])
+                    else setting[node], node)
+        for key, value in new.items():
+            if old.get(key) != value and (node != "method" or key.split(".")[1] in fields):
+                changed.append(f"{key}={_override_value(value)}")
+    replaced = {o.split("=", 1)[0] for o in own}
+    return [f"method={method}", *(o for o in changed if o.split("=", 1)[0] not in replaced), *own]
 
 
 def export_path(cfg: RunConfig) -> Path:

@@ -191,3 +191,30 @@ def test_appended_unknown_method_key_is_refused():
         return
     pytest.fail("+method.ksvd_iteration=5 (an unknown method key, appended) composed and validated: the key is "
                 "silently ignored instead of refused")
+
+
+@pytest.mark.parametrize("method", _options("method"))
+def test_experiment_overrides_put_every_method_on_an_experiments_setting(method):
+    """experiments/smollm2_methods.py and cospadi_jax.demo run each method on experiment=smollm2_methods'
+    setting by restating its values (a low-rank method cannot compose that experiment: it sets
+    method.ksvd_iterations): every method composes and validates with them, with the experiment's calib and eval
+    nodes, and its K-SVD T where its config has one."""
+    from cospadi_jax.config import experiment_overrides
+
+    overrides = experiment_overrides("smollm2_methods", method)
+    assert overrides[0] == f"method={method}"
+    cfg, run_cfg = _check(overrides)
+    setting = compose("config", overrides=["experiment=smollm2_methods"])
+    assert cfg.calib == setting.calib and cfg.eval == setting.eval and cfg.logger == setting.logger
+    assert cfg.method.get("ksvd_iterations", setting.method.ksvd_iterations) == setting.method.ksvd_iterations
+    assert compose("config", overrides=[f"method={method}"]).method == cfg.method or "ksvd_iterations" in cfg.method
+
+
+def test_experiment_overrides_keep_the_common_method_keys():
+    """experiment=demo sets CoSpaDi's T and the common layer range: SVD-LLM gets the layers, not the T."""
+    from cospadi_jax.config import experiment_overrides
+
+    overrides = experiment_overrides("demo", "svd_llm")
+    assert "method.layers=[10,11]" in overrides and not any("ksvd" in o for o in overrides)
+    assert "method.ksvd_iterations=4" in experiment_overrides("demo", "cospadi_free")
+    _check(overrides)

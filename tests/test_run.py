@@ -273,17 +273,38 @@ def test_resume_on_another_host_setting_warns(tmp_path, caplog):
     assert "not be bit-identical" in caplog.text
 
 
-def test_demo_main_job_runs_end_to_end(tiny_dir, tmp_path, capsys):
-    """The README's first command, on a tiny model: dense vs SVD-LLM vs CoSpaDi perplexity at one ratio."""
+def test_demo_main_job_runs_end_to_end(tiny_dir, tmp_path, capsys, monkeypatch):
+    """The README's first command, on a tiny model: dense vs SVD-LLM vs CoSpaDi perplexity at one ratio, as two
+    jobs of the Hydra app (trailing KEY=VALUE arguments are the app's overrides)."""
     from cospadi_jax import demo
 
-    results = demo.main(["--model", str(tiny_dir), "--nsamples", "8", "--seqlen", "32", "--eval-windows", "4",
-                         "--cache-dir", str(tmp_path / "cache"), "--json", str(tmp_path / "demo.json")])
+    monkeypatch.chdir(tmp_path)  # the app's default output_dir (results/<run name>) and its caches land here
+    results = demo.main([f"model.spec={tiny_dir}", "model.name=tiny", "calib.nsamples=8", "calib.seqlen=32",
+                         "calib.heldout_nsamples=4", "calib.batch_size=4", "eval.seqlen=32", "eval.max_windows=4",
+                         "logger.mode=disabled"])
     out = capsys.readouterr().out
     assert "K-SVD runs 1 iterations instead of the paper's 60" in out and "CoSpaDi" in out and "dense" in out
     for label in ("SVD-LLM", "CoSpaDi"):
         assert abs(results[label]["realised_ratio"] - 0.2) < 0.05 and np.isfinite(results[label]["perplexity"])
-    assert json.loads((tmp_path / "demo.json").read_text())["dense"] == results["dense"]
+        metrics = json.loads((Path(results[label]["output_dir"]) / "metrics.json").read_text())
+        assert metrics["compressed"]["perplexity"]["embedded:heldout"]["perplexity"] == results[label]["perplexity"]
+        assert metrics["dense"]["perplexity"]["embedded:heldout"]["perplexity"] == results["dense"]
+        assert metrics["config"]["eval"]["max_windows"] == 4 and metrics["config"]["method"]["ratio"] == 0.2
+    cospadi = json.loads((Path(results["CoSpaDi"]["output_dir"]) / "metrics.json").read_text())["config"]["method"]
+    assert cospadi["name"] == "cospadi" and cospadi["ksvd_iterations"] == 1  # experiment=smollm2_methods' T
+
+
+def test_demo_flags_set_ratio_and_ksvd_iterations():
+    """--ratio reaches both jobs, --ksvd-iterations only CoSpaDi's (SVD-LLM's config has no such key), and the
+    user's overrides come last."""
+    from cospadi_jax import demo
+
+    args = demo._parse(["--ratio", "0.3", "--ksvd-iterations", "5", "calib.nsamples=8"])
+    svd, cospadi = demo.job_overrides("svd_llm", args), demo.job_overrides("cospadi", args)
+    assert "method.ratio=0.3" in svd and not any("ksvd" in o for o in svd) and svd[-1] == "calib.nsamples=8"
+    assert [o for o in cospadi if o.startswith("method.ksvd_iterations=")] == ["method.ksvd_iterations=5"]
+    with pytest.raises(SystemExit):
+        demo._parse(["calib.nsamples"])
 
 
 def test_dense_baseline_is_cached_per_setting(tiny_dir, tmp_path, monkeypatch):
