@@ -571,7 +571,7 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=paper.ratio)
     ap.add_argument("--rho", type=float, default=paper.rho)
     ap.add_argument("--iterations", type=int, default=paper.ksvd_iterations)
-    ap.add_argument("--power", type=int, default=8)
+    ap.add_argument("--power", type=int, default=paper.power_iterations)
     ap.add_argument("--eta-flop", type=float, default=0.6)
     ap.add_argument("--eta-bw", type=float, default=0.7)
     args = ap.parse_args()
