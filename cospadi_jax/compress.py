@@ -148,6 +148,9 @@ def compress(
     (default: the calibration spec's windows, which needs the tokenizer). Refined layers are saved to and resumed
     from ``artifact`` like units; ``on_refined(record)`` is called after each (a ``LayerRefinement``).
 
+    CoSpaDi's ``ksvd_snapshots`` save, per unit, the factors after each listed iteration count into
+    ``artifact.snapshot(t)`` (the artifact of the run at T = t; :mod:`cospadi_jax.snapshots` evaluates them).
+
     ``allocation`` (:class:`cospadi_jax.allocation.AllocationConfig`, off when ``allocation="uniform"``) gives
     each unit its own ratio at the uniform byte budget, from the dense model's calibration Grams (also under
     sequential calibration); it is saved to and resumed from ``artifact``.
