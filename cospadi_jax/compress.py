@@ -95,12 +95,13 @@ def fit_and_save(unit_index: int, Ws: list[np.ndarray], paths: list[str], method
     snapshots = sorted({t for f in factors for t in getattr(f, "snapshots", {})})
     if snapshots and artifact is None:
         raise ValueError("ksvd_snapshots are saved as artifacts of their own: pass artifact=ArtifactWriter(...)")
+    unit_grams = [grams.gram(p) if grams is not None else None for p in paths] if snapshots else []
+    unit_b = unit_budget(config, *Ws[0].shape, len(Ws), ratio) if snapshots else None
     for t in snapshots:  # before the unit itself: a unit listed as finished has every snapshot saved
         snap_factors = [f.snapshots.pop(t) for f in factors]
-        unit_grams = [grams.gram(p) if grams is not None else None for p in paths]
         snap_seconds = sum(snap_factors[0].info["phase_seconds"].values()) / len(paths)
-        snap_factors, snap_rows = matrix_rows(paths, Ws, snap_factors, unit_grams, heldout_grams,
-                                              unit_budget(config, *Ws[0].shape, len(Ws), ratio), snap_seconds, config)
+        snap_factors, snap_rows = matrix_rows(paths, Ws, snap_factors, unit_grams, heldout_grams, unit_b,
+                                              snap_seconds, config)
         artifact.snapshot(t).save_unit(unit_index, snap_factors, [asdict(r) for r in snap_rows])
     if artifact is not None:
         artifact.save_unit(unit_index, factors, [asdict(r) for r in rows])
