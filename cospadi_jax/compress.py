@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, replace
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -24,15 +24,16 @@ from .calib.spec import CalibrationSpec, calibration_grams
 from .data.calibration import sample_windows
 from .data.text import load_text
 from .layers import replace_projection, set_dict_mode
-from .methods import Method, MethodConfig, UnitStats, build, method_config
-from .methods.base import Factors, functional_error, weight_error, whitening_factor
-from .models.paths import get_module, projection_path, projection_weight
+from .methods import Method, MethodConfig, UnitStats, build, method_class, method_config
+from .methods.base import Factors, whitening_factor
+from .models.paths import get_module, parse_projection_path, projection_path, projection_weight
 from .models.transformer import CausalLM
 from .parallel import map_units
-from .refine import RefineConfig, refine_layers
+from .refine import RefineConfig, refine_compressed
 from .report import CompressionReport, MatrixReport, matrix_rows, rows_from_artifact, warn_about
 from .sequential import check_sequential, fit_blocks
-from .sources import ModelLayerSource
+from .sources import LayerSource, ModelLayerSource
+from .streaming import ClonedLayers, check_streamed, peak_rss_gib, plan_memory
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +89,8 @@ def fit_and_save(unit_index: int, Ws: list[np.ndarray], paths: list[str], method
                  grams: Grams | None, heldout_grams: Grams | None, key: jax.Array, ratio: float | None,
                  artifact: Any) -> tuple[list[Factors], list[MatrixReport]]:
     """:func:`fit_unit` with the unit's key folded from the run's ``key`` and its global index (so a unit gets the
-    same key whichever path fits it), saved to ``artifact`` when one is given. The unit step of every orchestrator
-    (``compress``, sequential calibration, ``compress_streaming``)."""
+    same key whichever path fits it), saved to ``artifact`` when one is given. The unit step of every path of
+    (``compress`` in memory, sequential and streamed)."""
     factors, rows = fit_unit(Ws, paths, method, config, grams, heldout_grams, jax.random.fold_in(key, unit_index),
                              ratio)
     snapshots = sorted({t for f in factors for t in getattr(f, "snapshots", {})})
@@ -114,7 +115,7 @@ def reused_units(artifact: Any, total: int | None = None) -> dict[int, tuple[lis
 
 
 def compress(
-    model: CausalLM,
+    model: CausalLM | LayerSource,
     tokenizer: Any = None,
     *,
     config: MethodConfig | None = None,
@@ -130,9 +131,13 @@ def compress(
     windows: np.ndarray | None = None,
     on_refined: Any = None,
     allocation: AllocationConfig | None = None,
+    budget_gib: float | None = None,
+    keep_factors: bool = True,
+    on_layer: Callable[[int, dict[str, float]], None] | None = None,
     **overrides: Any,
-) -> tuple[CausalLM, CompressionReport]:
-    """Compress the model's projections with one method; returns (compressed model, report).
+) -> tuple[Any, CompressionReport]:
+    """Compress the model's projections with one method; returns (compressed model, report), or for a streamed
+    run (``budget_gib`` given) (factors by projection path, report).
 
     Either pass precomputed ``grams`` (e.g. from a cache) or a ``tokenizer`` and a ``calibration`` spec.
     ``config`` is the method's own config (:class:`~cospadi_jax.methods.CoSpaDiConfig`, ...); keyword
@@ -155,10 +160,20 @@ def compress(
     ``allocation`` (:class:`cospadi_jax.allocation.AllocationConfig`, off when ``allocation="uniform"``) gives
     each unit its own ratio at the uniform byte budget, from the dense model's calibration Grams (also under
     sequential calibration); it is saved to and resumed from ``artifact``.
+
+    Streaming, for models larger than the host: with ``budget_gib``, ``model`` may also be a
+    :class:`~cospadi_jax.sources.LayerSource` (a safetensors directory read one layer at a time, ...). Only one
+    decoder layer, the calibration hidden states and that layer's Grams are resident; chunk sizes come from
+    :func:`cospadi_jax.streaming.plan_memory` (``report.memory_plan``). Each layer is calibrated on the dense
+    prefix's hidden states (the Grams ``compress()`` collects up front), or on the compressed prefix's under
+    ``calibration.sequential``. ``keep_factors=False`` drops each layer's factors once they are in the artifact;
+    ``on_layer(index, stats)`` gets per-layer timings and the peak RSS. Shared groups, refinement, allocation,
+    snapshots and precomputed Grams need the whole model and are refused.
     """
-    if not isinstance(model, CausalLM):
-        raise TypeError(f"model must be a cospadi_jax CausalLM (from cospadi_jax.load_model), got "
-                        f"{type(model).__name__}")
+    streamed = budget_gib is not None
+    if not isinstance(model, CausalLM) and not (streamed and hasattr(model, "layer") and hasattr(model, "embed")):
+        raise TypeError(f"model must be a cospadi_jax CausalLM (from cospadi_jax.load_model), or with budget_gib= a "
+                        f"LayerSource (cospadi_jax.sources); got {type(model).__name__}")
     config = _method_config(config, overrides)
     n_layers = model.config.num_hidden_layers
     method = build(config, n_layers)
@@ -177,10 +192,14 @@ def compress(
                          "iterations; with calib.sequential, refine.steps or a non-uniform budget.allocation that "
                          "result depends on the other matrices' T, so a snapshot would be no run's result. Run "
                          "without snapshots, or without those levers.")
-    already = [p for unit in work_units(config, n_layers) for p in unit if not hasattr(get_module(model, p), "kernel")]
-    if already:
-        raise ValueError(f"{already[0]} is already compressed: compress the original model (load it again), "
-                         "a compressed model is never compressed twice")
+    if streamed:
+        check_streamed(config, refine, allocation, grams, heldout_grams, inplace, keep_factors, artifact)
+    if isinstance(model, CausalLM):
+        already = [p for unit in work_units(config, n_layers) for p in unit
+                   if not hasattr(get_module(model, p), "kernel")]
+        if already:
+            raise ValueError(f"{already[0]} is already compressed: compress the original model (load it again), "
+                             "a compressed model is never compressed twice")
     if config.quantization:
         log.info("quantization=%s is simulated: coefficient values are rounded to its grid and kept as float32",
                  config.quantization)
@@ -192,13 +211,22 @@ def compress(
         check_sequential(grams, jax.process_count())
         if not method.data_aware:
             log.warning("calib.sequential=true has no effect on %s, which uses no calibration data", config.name)
-    if (refine.steps or sequential) and windows is None:
+    if (refine.steps or sequential or streamed) and windows is None:
         if tokenizer is None:
-            raise ValueError("sequential calibration and refinement need calibration windows: pass a tokenizer "
-                             "(and a calibration spec) or windows=[n, T] token ids")
+            raise ValueError("sequential calibration, refinement and streaming need calibration windows: pass a "
+                             "tokenizer (and a calibration spec) or windows=[n, T] token ids")
         windows = sample_windows(tokenizer, load_text(calibration.source), calibration.nsamples,
                                  calibration.seqlen, calibration.seed)
-    if method.data_aware and grams is None and not sequential:
+    plan = None
+    if streamed:
+        windows = np.asarray(windows, np.int32)
+        plan = plan_memory(model.config, config, len(windows), windows.shape[1], budget_gib=budget_gib,
+                           dtype=model.dtype)
+        if hasattr(config, "omp_memory_mb"):  # K-SVD's OMP chunk sized by the plan (16 to 4096 MiB: valid)
+            config = replace(config, omp_memory_mb=plan.omp_memory_mb)
+            method = method_class(config.name)(config)
+        calibration_info = {"nsamples": len(windows), "seqlen": windows.shape[1]}
+    elif method.data_aware and grams is None and not sequential:
         if tokenizer is None:
             raise ValueError("a data-aware method needs a tokenizer (or precomputed grams) for calibration")
         grams, key_used = calibration_grams(model, tokenizer, calibration, layers, progress=progress)
@@ -209,38 +237,56 @@ def compress(
         stored = _resolve_allocation(model, tokenizer, config, allocation, calibration, method, grams, windows,
                                      artifact, len(units), progress, seed)
     ratios = stored["ratios"] if stored is not None else None
-    if heldout_grams is None and tokenizer is not None and calibration.heldout_source:
+    if heldout_grams is None and tokenizer is not None and calibration.heldout_source and not streamed:
         heldout_grams, _ = calibration_grams(model, tokenizer, calibration, layers, heldout=True, progress=progress)
 
-    target = model if inplace else nnx.clone(model)
+    target = None if streamed else model if inplace else nnx.clone(model)
     report = CompressionReport(config={**asdict(config), "seed": seed}, calibration=calibration_info,
-                               allocation=stored)
+                               allocation=stored, memory_plan=plan)
+    if plan is not None:
+        report.config["streaming"] = asdict(plan)
     key = jax.random.key(seed)
     # Refinement differentiates through the layers: a sparse (packed bf16) mode is set once it is done.
     build_mode = "dense" if refine.steps and config.mode not in ("dense", "factored") else config.mode
 
-    def fit(unit_index: int, unit_grams: Grams | None = None) -> tuple[list[Factors], list[MatrixReport]]:
+    def fit(unit_index: int, unit_grams: Grams | None = None, block_layers: dict | None = None
+            ) -> tuple[list[Factors], list[MatrixReport]]:
+        """Unit ``unit_index``, its weights from the block's layer objects when the layer loop runs, else the model."""
         paths = units[unit_index]
-        return fit_and_save(unit_index, [projection_weight(model, p) for p in paths], paths, method, config,
-                            unit_grams or grams, heldout_grams, key, ratios[unit_index] if ratios is not None else None,
-                            artifact)
+        Ws = [projection_weight(model if block_layers is None else block_layers[parse_projection_path(p)[0]], p)
+              for p in paths]
+        return fit_and_save(unit_index, Ws, paths, method, config, unit_grams or grams, heldout_grams, key,
+                            ratios[unit_index] if ratios is not None else None, artifact)
 
     done = reused_units(artifact, len(units))
     report.units, report.units_reused = len(units), len(done)
-    if sequential:
-        def fit_block(indices: list[int], block_grams: Grams, _layers: dict) -> None:
+    if sequential or streamed:
+        def fit_block(indices: list[int], block_grams: Grams, block_layers: dict) -> None:
             if config.parallel == "matrices":  # a block's units side by side, one thread per local device
-                done.update(map_units(lambda i, _: fit(i, block_grams), units, rank=0, world=1,
+                done.update(map_units(lambda i, _: fit(i, block_grams, block_layers), units, rank=0, world=1,
                                       skip=set(range(len(units))) - set(indices)))
             else:
-                done.update({i: fit(i, block_grams) for i in indices})
+                done.update({i: fit(i, block_grams, block_layers) for i in indices})
 
-        def swap_in(unit_index: int, _layers: dict) -> None:  # target's own layers: swap by path
+        def swap_in(unit_index: int, block_layers: dict) -> None:
             for path, f in zip(units[unit_index], done[unit_index][0]):
-                replace_projection(target, path, f, mode=build_mode)
+                replace_projection(block_layers[parse_projection_path(path)[0]], path, f, mode=build_mode)
 
-        fit_blocks(ModelLayerSource(target), windows, units, fit_block, done=done, batch_size=calibration.batch_size,
-                   compressed_inputs=True, swap_in=swap_in, progress=progress)
+        def layer_done(index: int, stats: dict[str, float]) -> None:
+            if not keep_factors:  # the layer's factors are in the artifact (and swapped in, if sequential)
+                for i, paths in enumerate(units):
+                    if parse_projection_path(paths[0])[0] == index and i in done:
+                        done[i] = ([], done[i][1])
+            if on_layer is not None:
+                on_layer(index, {**stats, "peak_rss_gib": peak_rss_gib()})
+
+        # In memory the layers are the target's own; a streamed source's are swapped into copies, never its own.
+        source = ModelLayerSource(target if target is not None else model) if isinstance(model, CausalLM) else model
+        if streamed and sequential:
+            source = ClonedLayers(source)
+        fit_blocks(source, windows, units, fit_block, done=done, compressed_inputs=sequential, swap_in=swap_in,
+                   batch_size=plan.calib_batch if plan is not None else calibration.batch_size, progress=progress,
+                   desc="streaming compression" if streamed else "sequential calibration", on_layer=layer_done)
     elif config.parallel == "matrices":
         # This process's round-robin share, one thread per local device; other processes' units arrive through
         # the artifact directory (a filesystem all processes see) after the barrier.
@@ -255,25 +301,31 @@ def compress(
             done = reused_units(artifact)
             # Staged units may be rewritten by process 0's finalize(): nobody may still be reading them then.
             multihost_utils.sync_global_devices("cospadi_jax.compress: all units read")
+    factors_by_path: dict[str, Factors] = {}
     bar = tqdm(units, desc=f"compress ({config.name}, CR {config.ratio})", unit="group",
-               disable=not progress or config.parallel == "matrices")
+               disable=not progress or config.parallel == "matrices" or sequential or streamed)
     for unit_index, paths in enumerate(bar):
         bar.set_postfix_str(paths[0] if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1})")
         factors, unit_rows = done[unit_index] if unit_index in done else fit(unit_index)
-        if not sequential:  # sequential calibration swapped every unit in already
+        if streamed:
+            factors_by_path.update(zip(paths, factors) if keep_factors else ())
+        elif not sequential:  # sequential calibration swapped every unit in already
             for path, f in zip(paths, factors):
                 replace_projection(target, path, f, mode=build_mode)
         report.matrices.extend(unit_rows)
         if on_unit is not None:
             on_unit(unit_index, unit_rows)
     if refine.steps:
-        _refine(model, target, windows, refine, config, seed, units, report, grams, heldout_grams, artifact, on_refined,
-                progress)
+        refine_compressed(model, target, windows, refine, quantization=config.quantization, seed=seed, units=units,
+                          report=report, grams=grams, heldout_grams=heldout_grams, artifact=artifact,
+                          on_refined=on_refined, progress=progress)
         if build_mode != config.mode:
             set_dict_mode(target, config.mode)
     report.seconds = time.perf_counter() - t_start
+    if streamed:
+        report.config["peak_rss_gib"] = peak_rss_gib()
     warn_about(report, config)
-    return target, report
+    return (factors_by_path if streamed else target), report
 
 
 def _method_config(config: MethodConfig | None, overrides: dict[str, Any]) -> MethodConfig:
@@ -340,44 +392,3 @@ def allocate_units(model: CausalLM, config: MethodConfig, allocation: Allocation
              allocation.allocation, min(result["ratios"]), max(result["ratios"]), result["realised_ratio"],
              result["uniform_realised_ratio"], result["objective"]["uniform"], result["objective"]["allocated"])
     return result
-
-
-def _refine(dense: CausalLM, target: CausalLM, windows: np.ndarray, refine: RefineConfig,
-            config: MethodConfig, seed: int, units: list[list[str]], report: CompressionReport, grams: Grams | None,
-            heldout_grams: Grams | None, artifact: Any, on_refined: Any, progress: bool) -> None:
-    """Refine ``target`` in place (refine.refine_layers), resuming from and saving to ``artifact``; the report
-    rows of refined matrices then give the refined factors' errors."""
-    shared = frozenset(p for unit in units if len(unit) > 1 for p in unit)
-    layers = sorted({int(p.split(".")[2]) for unit in units for p in unit})
-    done = artifact.refined_layers() if artifact is not None else {}
-    records = {int(r["layer"]): r for r, _ in done.values()}
-
-    def on_layer(record: Any, factors: dict[str, Factors]) -> None:
-        records[record.layer] = asdict(record)
-        if artifact is not None:
-            artifact.save_refined(record.layer, factors, asdict(record))
-        if on_refined is not None:
-            on_refined(record)
-
-    refine_layers(dense, target, windows, refine, seed=seed, layers=layers, shared=shared,
-                  quantization=config.quantization, done={l: f for l, (_, f) in done.items()}, on_layer=on_layer,
-                  progress=progress)
-    report.refinement = [records[l] for l in sorted(records)]
-    for row in report.matrices:
-        layer = int(row.path.split(".")[2])
-        if records.get(layer, {}).get("status") != "refined":
-            continue
-        W, W_hat = projection_weight(dense, row.path), _dense_of(get_module(target, row.path))
-        row.functional_error_heldout_fitted = row.functional_error_heldout
-        if grams is not None:
-            row.functional_error_calib = functional_error(W, W_hat, grams.gram(row.path))
-        if heldout_grams is not None:
-            row.functional_error_heldout = functional_error(W, W_hat, heldout_grams.gram(row.path))
-        row.weight_error = weight_error(W, W_hat)
-
-
-def _dense_of(module: Any) -> np.ndarray:
-    """W̃ [d_in, d_out] (float64) of a factored module."""
-    if hasattr(module, "coefficients"):
-        return np.asarray(module.D[...], np.float64) @ np.asarray(module.coefficients(), np.float64)
-    return np.asarray(module.A[...], np.float64) @ np.asarray(module.B[...], np.float64)

@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 from .methods.base import DictFactors, Factors, LowRankFactors
-from .models.paths import get_module, parse_projection_path
+from .models.paths import get_module, projection_module_path
 from .models.transformer import Linear
 from .sparse import spmm
 
@@ -160,12 +160,12 @@ def factored_module(factors: Factors, bias: jax.Array | None, *, dtype: Any, mod
 
 
 def replace_projection(model: nnx.Module, path: str, factors: Factors, *, mode: str = "dense") -> nnx.Module:
-    """Swap the projection at HF ``path`` (e.g. ``model.layers.3.mlp.up_proj``) for its factors, in place.
+    """Swap the projection at HF ``path`` (e.g. ``model.layers.3.mlp.up_proj``) for its factors, in place; ``model``
+    is the whole model or the path's decoder layer (as a layer source yields it).
 
     The original bias (Qwen2 q/k/v) is kept. Returns the new module.
     """
-    parse_projection_path(path)
-    parent_path, _, name = path.rpartition(".")
+    parent_path, _, name = projection_module_path(model, path).rpartition(".")
     parent = get_module(model, parent_path)
     old = getattr(parent, name)
     if not isinstance(old, Linear):

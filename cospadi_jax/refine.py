@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import jax
@@ -41,8 +41,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from .layers import DictLinear, LowRankLinear, quantize_coefficients
-from .methods.base import DictFactors, Factors, LowRankFactors
-from .models.paths import get_module
+from .methods.base import DictFactors, Factors, LowRankFactors, functional_error, weight_error
+from .models.paths import get_module, projection_weight
 from .models.transformer import CausalLM
 
 log = logging.getLogger(__name__)
@@ -310,3 +310,47 @@ def _full_loss(graphdef: Any, params: Any, rest: Any, x: jax.Array, y: jax.Array
 
 _merged_forward = jax.jit(lambda graphdef, params, rest, h, cos, sin, mask:
                           nnx.merge(graphdef, params, rest)(h, cos, sin, mask), static_argnums=0)
+
+
+def refine_compressed(dense: CausalLM, target: CausalLM, windows: np.ndarray, refine: RefineConfig, *,
+                      quantization: str | None, seed: int, units: list[list[str]], report: Any, grams: Any,
+                      heldout_grams: Any, artifact: Any, on_refined: Any, progress: bool) -> None:
+    """Refinement as ``compress()`` runs it: ``target`` refined in place (:func:`refine_layers`), resumed from and
+    saved to ``artifact``; the rows of ``report`` (a CompressionReport) for refined matrices then give the refined
+    factors' errors on the calibration and held-out Grams, and ``report.refinement`` one record per layer.
+
+    units: projection paths per fitting unit (a shared group's tensors stay as fitted); windows: [n, T] token ids."""
+    shared = frozenset(p for unit in units if len(unit) > 1 for p in unit)
+    layers = sorted({int(p.split(".")[2]) for unit in units for p in unit})
+    done = artifact.refined_layers() if artifact is not None else {}
+    records = {int(r["layer"]): r for r, _ in done.values()}
+
+    def on_layer(record: Any, factors: dict[str, Factors]) -> None:
+        records[record.layer] = asdict(record)
+        if artifact is not None:
+            artifact.save_refined(record.layer, factors, asdict(record))
+        if on_refined is not None:
+            on_refined(record)
+
+    refine_layers(dense, target, windows, refine, seed=seed, layers=layers, shared=shared,
+                  quantization=quantization, done={l: f for l, (_, f) in done.items()}, on_layer=on_layer,
+                  progress=progress)
+    report.refinement = [records[l] for l in sorted(records)]
+    for row in report.matrices:
+        layer = int(row.path.split(".")[2])
+        if records.get(layer, {}).get("status") != "refined":
+            continue
+        W, W_hat = projection_weight(dense, row.path), _dense_of(get_module(target, row.path))
+        row.functional_error_heldout_fitted = row.functional_error_heldout
+        if grams is not None:
+            row.functional_error_calib = functional_error(W, W_hat, grams.gram(row.path))
+        if heldout_grams is not None:
+            row.functional_error_heldout = functional_error(W, W_hat, heldout_grams.gram(row.path))
+        row.weight_error = weight_error(W, W_hat)
+
+
+def _dense_of(module: Any) -> np.ndarray:
+    """W̃ [d_in, d_out] (float64) of a factored module."""
+    if hasattr(module, "coefficients"):
+        return np.asarray(module.D[...], np.float64) @ np.asarray(module.coefficients(), np.float64)
+    return np.asarray(module.A[...], np.float64) @ np.asarray(module.B[...], np.float64)

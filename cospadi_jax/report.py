@@ -103,6 +103,7 @@ class CompressionReport:
     units_reused: int = 0  # read back from the artifact of an interrupted run instead of being fitted
     refinement: list[dict] = field(default_factory=list)  # one refine.LayerRefinement per refined layer
     allocation: dict | None = None  # allocation.allocate's result (per-unit ratios); None when uniform
+    memory_plan: Any = None  # streaming.MemoryPlan of a streamed run (written as config["streaming"])
 
     @property
     def realised_ratio(self) -> float:

@@ -1,26 +1,27 @@
-"""Layer-by-layer streaming compression, for models whose weights do not fit in host memory.
+"""Streaming compression's memory plan and rules, for models whose weights do not fit in host memory.
 
 A Llama-3-8B in bfloat16 is 16 GB of weights; with float64 calibration Grams and the fitting buffers it does not fit
-a 24 GB host as a whole. Here only these live at once: the calibration hidden states [n, T, hidden], one decoder
-layer's weights, that layer's Grams (float64), and the buffers of the matrix being fitted. Layers come from a
-:class:`~cospadi_jax.sources.LayerSource` (an in-memory model, a Hugging Face safetensors directory read one layer
-at a time, or seeded random weights built from a config one layer at a time), are calibrated on the hidden states
-of the *original* model (exactly what :func:`cospadi_jax.compress.compress` does), or of the compressed prefix
-under the sequential rule, compressed unit by unit into an artifact, and dropped. The layer loop is
-:func:`cospadi_jax.sequential.fit_blocks`, the one sequential calibration runs, and the unit step
-:func:`cospadi_jax.compress.fit_and_save`, the one every path runs.
+a 24 GB host as a whole. :func:`cospadi_jax.compress.compress` with ``budget_gib=`` streams it: only these live at
+once: the calibration hidden states [n, T, hidden], one decoder layer's weights, that layer's Grams (float64), and
+the buffers of the matrix being fitted. Layers come from a :class:`~cospadi_jax.sources.LayerSource` (an in-memory
+model, a Hugging Face safetensors directory read one layer at a time, or seeded random weights built from a config
+one layer at a time), are calibrated on the hidden states of the *original* model (the Grams that ``compress()``
+collects up front for an in-memory model), or of the compressed prefix under the sequential rule, compressed unit
+by unit into an artifact, and dropped. It is the same orchestrator: the layer loop
+:func:`cospadi_jax.sequential.fit_blocks` (the one sequential calibration runs) and the unit step
+:func:`cospadi_jax.compress.fit_and_save`.
 
-Chunk sizes come from one memory budget (:func:`plan_memory`): windows per calibration forward batch and columns
-per OMP chunk, reported with the estimate of every resident buffer. The same seed gives the same factors as
-``compress()`` on the whole model (every unit keeps its global index and key).
+This module holds what only streaming needs: the chunk sizes from one memory budget (:func:`plan_memory`: windows
+per calibration forward batch and columns per OMP chunk, reported with the estimate of every resident buffer), the
+checks of what streaming refuses (:func:`check_streamed`), and the copies that sequential swaps factors into
+(:class:`ClonedLayers`). The same seed gives the same factors as ``compress()`` on the whole model in memory (every
+unit keeps its global index and key).
 """
 
 from __future__ import annotations
 
 import resource
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -28,17 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .calib.grams import Grams
-from .sequential import fit_blocks
-from .compress import fit_and_save, reused_units, unit_budget, work_units
-from .report import CompressionReport, warn_about
-from .layers import factored_module
-from .methods import MethodConfig, method_class
-from .methods.base import Factors
+from .budget import budget
+from .methods import MethodConfig
 from .models.config import DecoderConfig, projection_shapes
-from .sources import LayerSource
-from .models.paths import GRAM_SOURCE, get_module, parse_projection_path
+from .models.paths import GRAM_SOURCE
 from .models.transformer import DecoderLayer
+from .sources import LayerSource
 from .sparse.omp import omp_chunk_size
 
 GIB = 2**30
@@ -76,7 +72,7 @@ def plan_memory(cfg: DecoderConfig, comp: MethodConfig, n_windows: int, seqlen: 
     """
     item = jnp.dtype(dtype).itemsize
     shapes = {t: s for t, s in projection_shapes(cfg).items() if t in comp.proj_types}
-    budgets = {t: unit_budget(comp, *s, 1) for t, s in shapes.items()}
+    budgets = {t: budget(*s, comp.ratio, group_size=1, **comp.budget_options()) for t, s in shapes.items()}
     layer_params = sum(a * b for a, b in projection_shapes(cfg).values()) + 2 * cfg.hidden_size
     gram_sources = set(GRAM_SOURCE.values())  # calibration collects all four (q/k/v share one, gate/up one)
 
@@ -113,90 +109,29 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def compress_streaming(
-    source: LayerSource,
-    windows: np.ndarray,
-    *,
-    config: MethodConfig,
-    budget_gib: float,
-    seed: int = 42,
-    artifact: Any = None,
-    keep_factors: bool = True,
-    progress: bool = True,
-    on_layer: Callable[[int, dict[str, Any]], None] | None = None,
-    sequential: bool = False,
-) -> tuple[CompressionReport, dict[str, Factors], MemoryPlan]:
-    """Calibrate and compress ``source`` one layer at a time; returns (report, factors by path, memory plan).
-
-    windows: [n, seqlen] int32 calibration token ids. ``config.group_size`` must be 1 (a shared group would need
-    several layers resident: use :func:`cospadi_jax.compress.compress`). Units are saved to ``artifact`` as they
-    finish (and reused when it already holds them); ``keep_factors=False`` drops them from memory after saving,
-    which a model larger than the host needs. ``on_layer(index, stats)`` gets per-layer timings and the peak RSS.
-    ``sequential``: each layer's Grams on the hidden states of the compressed layers before it
-    (:mod:`cospadi_jax.sequential`); the layer's factors are swapped in before the hidden states advance.
-    """
-    cfg = source.config
+def check_streamed(config: MethodConfig, refine: Any, allocation: Any, grams: Any, heldout_grams: Any,
+                   inplace: bool, keep_factors: bool, artifact: Any) -> None:
+    """Refuse, before any work, what a streamed run (one layer resident) cannot do."""
     if config.group_size != 1:
-        raise ValueError("streaming compression fits one layer at a time: use group_size=1, or compress() for "
-                         "shared dictionaries across layers.")
-    if getattr(config, "ksvd_snapshots", None):
-        raise ValueError("method.ksvd_snapshots is for compress() and the Hydra app, which evaluate each snapshot "
-                         "as a run; streaming compression keeps one layer resident: run without snapshots.")
+        raise ValueError("streaming compression fits one layer at a time: use group_size=1, or compress() without "
+                         "budget_gib for shared dictionaries across layers.")
+    refused = {"method.ksvd_snapshots": getattr(config, "ksvd_snapshots", None), "refine.steps": refine.steps,
+               "a non-uniform budget.allocation": allocation.allocation != "uniform",
+               "precomputed grams=/heldout_grams=": grams is not None or heldout_grams is not None,
+               "inplace=True": inplace}
+    named = [k for k, v in refused.items() if v]
+    if named:
+        raise ValueError(f"streaming compression (budget_gib=) keeps one layer resident, so it takes no "
+                         f"{', '.join(named)}: each needs the whole model (or collects its Grams itself); run "
+                         "compress() without budget_gib, or without those.")
     if not keep_factors and artifact is None:
         raise ValueError("keep_factors=False without an artifact would throw the factors away; pass an artifact.")
-    config.validate(cfg.num_hidden_layers)  # once, with the layer range, before the memory plan reads the budget
-    windows = np.asarray(windows, np.int32)
-    plan = plan_memory(cfg, config, len(windows), windows.shape[1], budget_gib=budget_gib, dtype=source.dtype)
-    if hasattr(config, "omp_memory_mb"):  # K-SVD's OMP chunk sized by the plan
-        config = replace(config, omp_memory_mb=plan.omp_memory_mb)
-    # Not build(), which would validate again: the config is validated above, and the plan's chunk (16 to 4096
-    # MiB) is a valid omp_memory_mb; the plan needs a validated config, and the method needs the planned one.
-    method = method_class(config.name)(config)
-    units = work_units(config, cfg.num_hidden_layers)
-    unit_of = {paths[0]: i for i, paths in enumerate(units)}
-    key = jax.random.key(seed)
-    done = reused_units(artifact, len(units))
-    report = CompressionReport(config={**asdict(config), "seed": seed, "streaming": asdict(plan)},
-                               calibration={"nsamples": len(windows), "seqlen": windows.shape[1]},
-                               units=len(units), units_reused=len(done))
-    factors_by_path: dict[str, Factors] = {}
-    fitted = dict(done)  # unit -> (factors, rows); a unit's factors are dropped once swapped in unless kept
-    t_start = time.perf_counter()
-
-    def fit_block(indices: list[int], grams: Grams, layers: dict[int, DecoderLayer]) -> None:
-        for i in indices:
-            paths = units[i]
-            layer = layers[parse_projection_path(paths[0])[0]]
-            fitted[i] = fit_and_save(i, [_weight(layer, p) for p in paths], paths, method, config, grams, None, key,
-                                     None, artifact)
-
-    def swap_in(i: int, layers: dict[int, DecoderLayer]) -> None:
-        for path, f in zip(units[i], fitted[i][0]):
-            _swap_in(layers[parse_projection_path(path)[0]], path, f, config.mode)
-
-    def layer_done(index: int, stats: dict[str, float]) -> None:
-        for i in (i for p, i in unit_of.items() if parse_projection_path(p)[0] == index):
-            factors, rows = fitted[i]
-            report.matrices.extend(rows)
-            if keep_factors:
-                factors_by_path.update(zip(units[i], factors))
-            fitted[i] = ([], rows)  # the factors are in the artifact (and in factors_by_path if kept)
-        if on_layer is not None:
-            on_layer(index, {**stats, "peak_rss_gib": peak_rss_gib()})
-
-    # The sequential rule swaps factors into the layer: never into the source's own (an in-memory model's) layer.
-    layers_from = _ClonedLayers(source) if sequential else source
-    fit_blocks(layers_from, windows, units, fit_block, done=done, batch_size=plan.calib_batch,
-               compressed_inputs=sequential, swap_in=swap_in, progress=progress, desc="streaming compression",
-               on_layer=layer_done)
-    report.matrices.sort(key=lambda row: unit_of[row.path])  # the order of compress(): projection type, then layer
-    report.seconds = time.perf_counter() - t_start
-    report.config["peak_rss_gib"] = peak_rss_gib()
-    warn_about(report, config)
-    return report, factors_by_path, plan
+    if jax.process_count() > 1:
+        raise ValueError("streaming compression runs on one process; use compress() without budget_gib (and "
+                         "method.parallel=matrices) across processes")
 
 
-class _ClonedLayers:
+class ClonedLayers:
     """A layer source whose layers are copies, so that swapping factors in leaves the source's own intact."""
 
     def __init__(self, source: LayerSource):
@@ -207,18 +142,3 @@ class _ClonedLayers:
 
     def layer(self, index: int) -> DecoderLayer:
         return nnx.clone(self.source.layer(index))
-
-
-def _swap_in(layer: DecoderLayer, path: str, factors: Factors, mode: str) -> None:
-    """Replace one projection of a standalone layer by its factored module (the bias is kept)."""
-    parent_path, _, name = path.split(".", 3)[3].rpartition(".")  # "mlp", "up_proj"
-    parent = get_module(layer, parent_path)
-    old = getattr(parent, name)
-    bias = None if old.bias is None else old.bias[...]
-    setattr(parent, name, factored_module(factors, bias, dtype=old.dtype, mode=mode))
-
-
-def _weight(layer: DecoderLayer, path: str) -> np.ndarray:
-    """W [d_in, d_out] float32 of one projection of a standalone layer ("model.layers.3.mlp.up_proj")."""
-    relative = path.split(".", 3)[3]  # "mlp.up_proj"
-    return np.asarray(jax.device_get(get_module(layer, relative).kernel[...]), dtype=np.float32)

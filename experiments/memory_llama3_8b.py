@@ -85,7 +85,8 @@ def main() -> None:
     from cospadi_jax.models import decoder_config_from_hf
     from cospadi_jax.models.paths import PROJECTION_TYPES
     from cospadi_jax.sources import CheckpointLayerSource, RandomLayerSource
-    from cospadi_jax.streaming import compress_streaming, peak_rss_gib
+    from cospadi_jax.compress import compress
+    from cospadi_jax.streaming import peak_rss_gib
 
     sampler = RssSampler()
     sampler.start()
@@ -108,8 +109,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         artifact = ArtifactWriter(Path(tmp) / "artifact", {"config_fingerprint": "memory-run"})
-        report, _, plan = compress_streaming(source, windows, config=config, seed=args.seed, budget_gib=args.budget_gib,
-                                             artifact=artifact, keep_factors=False, on_layer=on_layer)
+        _, report = compress(source, windows=windows, config=config, seed=args.seed, budget_gib=args.budget_gib,
+                             artifact=artifact, keep_factors=False, on_layer=on_layer)
+        plan = report.memory_plan
         artifact_gib = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file()) / 2**30
     samples = sampler.stop()
     print(plan.describe())

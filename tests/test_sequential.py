@@ -16,7 +16,6 @@ from cospadi_jax.models import get_module, random_model
 from cospadi_jax.refine import factors_of
 from cospadi_jax.sequential import blocks
 from cospadi_jax.sources import ModelLayerSource
-from cospadi_jax.streaming import compress_streaming
 
 FAST = dict(ratio=0.3, progress=False)
 KSVD = dict(ksvd_iterations=2, power_iterations=3)  # CoSpaDi's knobs: the low-rank methods have none
@@ -136,8 +135,8 @@ def test_streaming_sequential_equals_compress_sequential(tiny):
     seq, _ = compress(model, windows=windows, calibration=CalibrationSpec(sequential=True, heldout_source=None,
                                                                           batch_size=len(windows)),
                       config=config, progress=False)
-    _, factors, _ = compress_streaming(ModelLayerSource(model), windows, config=config, budget_gib=4.0,
-                                       sequential=True, progress=False)
+    factors, _ = compress(ModelLayerSource(model), windows=windows, config=config, budget_gib=4.0,
+                          calibration=CalibrationSpec(sequential=True, heldout_source=None), progress=False)
     a = _factors(seq)
     for p, f in factors.items():
         np.testing.assert_allclose(f.A, a[p].A, rtol=0, atol=1e-6, err_msg=p)

@@ -111,11 +111,10 @@ def test_snapshots_need_an_artifact_and_refuse_levers_that_break_them(tiny):
     with pytest.raises(ValueError, match="would be no run's result"):
         compress(model, allocation=AllocationConfig(allocation="greedy"), **knobs)
     from cospadi_jax.sources import ModelLayerSource
-    from cospadi_jax.streaming import compress_streaming
 
-    with pytest.raises(ValueError, match="streaming compression keeps one layer resident"):
-        compress_streaming(ModelLayerSource(model), np.zeros((2, 8), np.int32), budget_gib=1.0,
-                           config=method_config("cospadi", ratio=0.3, ksvd_iterations=2, ksvd_snapshots=[1]))
+    with pytest.raises(ValueError, match="keeps one layer resident, so it takes no method.ksvd_snapshots"):
+        compress(ModelLayerSource(model), windows=np.zeros((2, 8), np.int32), budget_gib=1.0,
+                 config=method_config("cospadi", ratio=0.3, ksvd_iterations=2, ksvd_snapshots=[1]))
 
 
 def test_app_evaluates_each_snapshot_as_its_own_run(tiny_dir, tmp_path):  # noqa: F811

@@ -13,10 +13,7 @@ from cospadi_jax.methods import method_config
 from cospadi_jax.models import decoder_config_from_hf, get_module, load_model, random_model
 from cospadi_jax.models.convert import CheckpointMismatchError
 from cospadi_jax.sources import CheckpointLayerSource, ModelLayerSource, RandomLayerSource
-from cospadi_jax.streaming import (
-    compress_streaming,
-    plan_memory,
-)
+from cospadi_jax.streaming import plan_memory
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +30,10 @@ def test_streaming_equals_whole_model_compress(tiny, tmp_path, method):
     compressed, whole = compress(model, grams=collect_grams(model, windows, progress=False), config=config,
                                  progress=False)
     artifact = ArtifactWriter(tmp_path / "artifact", {"config_fingerprint": method})
-    report, factors, plan = compress_streaming(ModelLayerSource(model), windows, config=config, budget_gib=4.0,
-                                               artifact=artifact, progress=False)
-    assert plan.calib_batch == len(windows)
+    factors, report = compress(ModelLayerSource(model), windows=windows, config=config, budget_gib=4.0,
+                               artifact=artifact, progress=False)
+    assert report.memory_plan.calib_batch == len(windows)
+    assert report.config["streaming"]["calib_batch"] == len(windows)
     from cospadi_jax.methods import base
 
     assert not base._WHITENING_CACHE  # each layer's whitening factors are freed once the layer is done
@@ -49,9 +47,10 @@ def test_streaming_equals_whole_model_compress(tiny, tmp_path, method):
                                        np.asarray(getattr(reference, name)[...]), rtol=0, atol=1e-6,
                                        err_msg=f"{row.path} {name}")
     # Every unit reached the artifact: a second streaming run reuses them all (nothing refitted).
-    again, _, _ = compress_streaming(ModelLayerSource(model), windows, config=config, budget_gib=4.0,
-                                     artifact=artifact, keep_factors=False, progress=False)
+    kept, again = compress(ModelLayerSource(model), windows=windows, config=config, budget_gib=4.0,
+                           artifact=artifact, keep_factors=False, progress=False)
     assert [r.seconds for r in again.matrices] == [r.seconds for r in report.matrices]
+    assert kept == {} and again.units_reused == again.units
 
 
 def test_memory_plan_for_llama3_8b_shapes():
@@ -77,9 +76,18 @@ def test_streaming_rejects_groups_and_discarding_without_artifact(tiny):
     model, windows = tiny
     source = RandomLayerSource(model.config, seed=0)
     with pytest.raises(ValueError, match="group_size=1"):
-        compress_streaming(source, windows, config=method_config(group_size=2), budget_gib=4.0)
+        compress(source, windows=windows, config=method_config(group_size=2), budget_gib=4.0)
     with pytest.raises(ValueError, match="pass an artifact"):
-        compress_streaming(source, windows, config=method_config(), budget_gib=4.0, keep_factors=False)
+        compress(source, windows=windows, config=method_config(), budget_gib=4.0, keep_factors=False)
+    from cospadi_jax.refine import RefineConfig
+
+    with pytest.raises(ValueError, match="takes no refine.steps, precomputed grams"):
+        compress(source, windows=windows, config=method_config(), budget_gib=4.0, refine=RefineConfig(steps=2),
+                 grams=collect_grams(model, windows, progress=False))
+    with pytest.raises(TypeError, match="with budget_gib= a LayerSource"):
+        compress(source, windows=windows, config=method_config())
+    with pytest.raises(ValueError, match="need calibration windows"):
+        compress(source, config=method_config(), budget_gib=4.0)
 
 
 def test_checkpoint_source_reads_one_layer_at_a_time_like_a_full_load(tmp_path):

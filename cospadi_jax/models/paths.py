@@ -41,9 +41,20 @@ def get_module(model: nnx.Module, path: str) -> Any:
     return node
 
 
-def projection_weight(model: nnx.Module, path: str) -> np.ndarray:
-    """W of one projection in the paper's orientation: [d_in, d_out] float32 numpy (= HF weight.T)."""
+def projection_module_path(root: nnx.Module, path: str) -> str:
+    """Projection ``path`` relative to ``root``: the whole model (the path itself, its layer index checked), or
+    the decoder layer the path names (a standalone layer, as a :class:`~cospadi_jax.sources.LayerSource` yields:
+    ``"model.layers.3.mlp.up_proj"`` -> ``"mlp.up_proj"``)."""
     layer, _ = parse_projection_path(path)
-    if layer >= model.config.num_hidden_layers:
-        raise ValueError(f"layer index {layer} out of range: the model has {model.config.num_hidden_layers} layers")
-    return np.asarray(jax.device_get(get_module(model, path).kernel[...]), dtype=np.float32)
+    if not hasattr(root, "model"):
+        return path.split(".", 3)[3]
+    if layer >= root.config.num_hidden_layers:
+        raise ValueError(f"layer index {layer} out of range: the model has {root.config.num_hidden_layers} layers")
+    return path
+
+
+def projection_weight(root: nnx.Module, path: str) -> np.ndarray:
+    """W of one projection in the paper's orientation: [d_in, d_out] float32 numpy (= HF weight.T); ``root`` is
+    the model or the projection's decoder layer (:func:`projection_module_path`)."""
+    return np.asarray(jax.device_get(get_module(root, projection_module_path(root, path)).kernel[...]),
+                      dtype=np.float32)
