@@ -90,7 +90,7 @@ def fit_and_save(unit_index: int, Ws: list[np.ndarray], paths: list[str], method
                  artifact: Any) -> tuple[list[Factors], list[MatrixReport]]:
     """:func:`fit_unit` with the unit's key folded from the run's ``key`` and its global index (so a unit gets the
     same key whichever path fits it), saved to ``artifact`` when one is given. The unit step of every path of
-    (``compress`` in memory, sequential and streamed)."""
+    ``compress`` (in memory, sequential and streamed)."""
     factors, rows = fit_unit(Ws, paths, method, config, grams, heldout_grams, jax.random.fold_in(key, unit_index),
                              ratio)
     snapshots = sorted({t for f in factors for t in getattr(f, "snapshots", {})})

@@ -107,3 +107,23 @@ def test_checkpoint_source_reads_one_layer_at_a_time_like_a_full_load(tmp_path):
     source._file_of.pop("model.layers.1.mlp.up_proj.weight")  # a shard without that tensor
     with pytest.raises(CheckpointMismatchError, match="up_proj"):
         source.layer(1)
+
+
+def test_streamed_checkpoint_with_a_tokenizer_equals_compress_in_memory(tmp_path):
+    """One entry point: a safetensors directory streamed through compress(source, tokenizer, budget_gib=) samples
+    the calibration spec's windows and gives the factors of compress() on the loaded model."""
+    from cospadi_jax.calib.spec import CalibrationSpec
+
+    model_dir = save_tiny_model_with_tokenizer(tmp_path / "tiny", layers=2)
+    model, tokenizer = load_model(str(model_dir))
+    spec = CalibrationSpec(nsamples=4, seqlen=16, heldout_source=None)
+    config = method_config("svd_llm", ratio=0.3)
+    compressed, whole = compress(model, tokenizer, config=config, calibration=spec, progress=False)
+    factors, streamed = compress(CheckpointLayerSource(model_dir), tokenizer, config=config, calibration=spec,
+                                 budget_gib=4.0, progress=False)
+    assert streamed.calibration == {"nsamples": 4, "seqlen": 16}
+    assert [r.path for r in streamed.matrices] == [r.path for r in whole.matrices] == list(factors)
+    for path, f in factors.items():
+        np.testing.assert_allclose(f.A @ f.B, np.asarray(get_module(compressed, path).A[...])
+                                   @ np.asarray(get_module(compressed, path).B[...]), rtol=0, atol=1e-5,
+                                   err_msg=path)
