@@ -7,6 +7,7 @@ wrong type is an error from OmegaConf, and impossible values are errors from :fu
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -214,18 +215,35 @@ def validate(cfg: RunConfig, n_layers: int | None = None) -> None:
     cfg.budget.validate()
 
 
-def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+def compose_config(overrides: Sequence[str] = (), *, return_hydra_config: bool = False) -> DictConfig:
     """The app's config as ``python -m cospadi_jax.run <overrides>`` composes it, for callers that run or read it
-    in-process (``cospadi_jax.demo``, ``experiments/*.py``). Composes inside the active Hydra context when there
-    is one (a test's ``initialize_config_module``), since Hydra refuses a second one."""
+    in-process (``cospadi_jax.demo``, ``experiments/*.py``); with ``return_hydra_config`` also its ``hydra`` node
+    (sweep parameters, sweep directory). Composes inside the active Hydra context when there is one (a test's
+    ``initialize_config_module``), since Hydra refuses a second one."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
     register_configs()
     if GlobalHydra.instance().is_initialized():
-        return compose("config", overrides=list(overrides))
+        return compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
     with initialize_config_module(config_module="cospadi_jax.conf", version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+        return compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
+def sweep_points(experiment: str) -> list[list[tuple[str, Any]]]:
+    """The jobs of ``python -m cospadi_jax.run -m experiment=<experiment>``: one list of (key, value) overrides per
+    job, the cartesian product of the experiment's ``hydra.sweeper.params`` as Hydra's basic sweeper builds it
+    (``[[]]`` for an experiment without sweep parameters). A value is Python's (``None`` is Hydra's null)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    hydra_cfg = compose_config([f"experiment={experiment}"], return_hydra_config=True).hydra
+    params = OmegaConf.to_container(hydra_cfg.sweeper.params) if hydra_cfg.sweeper.params else {}
+    if not params:
+        return [[]]
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
+    axes = [[(o.get_key_element(), value) for value in o.sweep_iterator()] if o.is_sweep_override()
+            else [(o.get_key_element(), o.value())] for o in parsed]
+    return [list(point) for point in itertools.product(*axes)]
 
 
 # The nodes an experiment's setting can change for a job (not task, output paths or Hydra's own node).

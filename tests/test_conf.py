@@ -8,20 +8,18 @@ experiments name hub models and datasets, which are only fetched at run time): s
 
 from __future__ import annotations
 
-import itertools
 import re
 import socket
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_module
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 import cospadi_jax.conf
-from cospadi_jax.config import RunConfig, register_configs, validate
+from cospadi_jax.config import RunConfig, register_configs, sweep_points, validate
 from cospadi_jax.methods import METHODS
 
 CONF_DIR = Path(cospadi_jax.conf.__file__).parent
@@ -128,25 +126,14 @@ def test_every_registered_method_has_a_config():
     assert set(METHODS) <= shipped, f"registered methods without a conf/method file: {set(METHODS) - shipped}"
 
 
-def _sweep_points(params) -> list[list[str]]:
-    """The override lists of every job of a Hydra sweep (the cartesian product, as the basic sweeper builds it)."""
-    if not params:
-        return [[]]
-    overrides = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
-    axes = [[(o.get_key_element(), value) for value in o.sweep_iterator()] if o.is_sweep_override()
-            else [(o.get_key_element(), o.value())] for o in overrides]
-    return [list(point) for point in itertools.product(*axes)]
-
-
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_at_every_sweep_point(experiment):
     hydra_cfg = compose("config", overrides=[f"experiment={experiment}"], return_hydra_config=True).hydra
     results_dir = hydra_cfg.sweep.dir  # results, or the experiment's own (experiments/results/paper_setting/...)
     _check([f"experiment={experiment}"], results_dir)
-    params = OmegaConf.to_container(hydra_cfg.sweeper.params) if hydra_cfg.sweeper.params else None
-    points = _sweep_points(params)
+    points = sweep_points(experiment)
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        assert params, f"{experiment} is a multirun without sweep parameters"
+        assert hydra_cfg.sweeper.params, f"{experiment} is a multirun without sweep parameters"
     names = set()
     for point in points:
         # None is Hydra's null (a sweep over method.quantization=null,bf16,...), not the string 'None'

@@ -171,3 +171,47 @@ def test_bit_widths_come_from_requantized_evaluations_of_the_methods_runs(tmp_pa
     assert [j[-2] for j in jobs] == ["eval.requantize=bf16-14bit", "eval.requantize=bf16-12bit",
                                      "eval.requantize=bf16-10bit"]
     assert all(j[3:5] == ["task=evaluate", f"artifact={tmp_path / 'methods' / 'cospadi-0.2'}"] for j in jobs)
+
+
+def _runs_script():
+    import importlib.util
+    import sys
+
+    if "paper_setting_runs" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "paper_setting_runs", Path(__file__).resolve().parent.parent / "experiments" / "paper_setting_runs.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["paper_setting_runs"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["paper_setting_runs"]
+
+
+def test_session_sized_runs_restate_a_reduced_setting_only_where_it_applies(tmp_path):
+    """experiments/paper_setting_runs.py: every point of the sweep, T only on K-SVD methods, snapshots cut below T,
+    the calibration axes of calib_size left to the sweep, names that say the setting, finished jobs skipped."""
+    runs = _runs_script()
+    jobs = runs.plan_jobs("methods", ksvd_iterations=4, nsamples=32, seqlen=512, root=tmp_path)
+    assert len(jobs) == 30 and len({j.run_name for j in jobs}) == 30
+    for job in jobs:
+        assert job.output_dir == tmp_path / "methods" / job.run_name
+        assert "-n32x512-" in job.run_name
+        ksvd = any(o.startswith("method=cospadi") for o in job.overrides)  # cospadi, _grouped, _free
+        assert ("method.ksvd_iterations=4" in job.overrides) == ksvd, job.overrides
+        assert ("-T4-" in job.run_name) == ksvd, job.run_name
+    paper = runs.plan_jobs("methods", where={"method": "svd_llm", "method.ratio": "0.2"})
+    assert [j.overrides for j in paper] == [("experiment=paper_smollm2_methods", "method=svd_llm", "method.ratio=0.2")]
+    assert "-n256x1024-" in paper[0].run_name  # the paper's setting by default
+
+    (snapshots,) = runs.plan_jobs("ksvd_iterations", ksvd_iterations=10, where={"method.ratio": "0.4"}, root=tmp_path)
+    assert "method.ksvd_snapshots=[0,1,2,5]" in snapshots.overrides
+    calib = runs.plan_jobs("calib_size", ksvd_iterations=4, nsamples=32, seqlen=512, root=tmp_path)
+    assert len(calib) == 20  # 5 nsamples x 2 seqlen x {CoSpaDi, SVD-LLM}: the sweep's axes, never restated
+    for job in calib:
+        keys = [o.split("=", 1)[0] for o in job.overrides]
+        assert keys.count("calib.nsamples") == keys.count("calib.seqlen") == 1, job.overrides
+    assert len({j.run_name.split("-n")[-1].split("-")[0] for j in calib}) == 10
+    (jobs[0].output_dir).mkdir(parents=True)
+    (jobs[0].output_dir / "metrics.json").write_text("{}")
+    assert jobs[0].finished and not jobs[1].finished
+    with pytest.raises(ValueError, match="unknown sweep 'method'"):
+        runs.plan_jobs("method")

@@ -1,0 +1,156 @@
+"""Run the jobs of issue 15's paper-setting sweeps one at a time, resumably, within a session's time.
+
+    python experiments/paper_setting_runs.py methods --list                    # the jobs, finished or not
+    python experiments/paper_setting_runs.py methods --where method.ratio=0.2 --deadline-minutes 150 --commit
+    python experiments/paper_setting_runs.py rho --ksvd-iterations 4 --nsamples 32 --seqlen 512   # a reduced setting
+
+``<sweep>`` names ``experiment=paper_smollm2_<sweep>`` (methods, ksvd_iterations, power_iterations, rho,
+dict_update, calib_size, ug, ug_uniform). Its jobs are the points of the experiment's Hydra sweep
+(:func:`cospadi_jax.config.sweep_points`), each run as its own ``python -m cospadi_jax.run hydra.mode=RUN
+experiment=... <point> <setting>`` process (the Hydra app, nothing re-implemented; one process per job frees its
+memory). What this adds to ``-m``:
+
+- **Resumable across sessions.** A job whose directory holds ``metrics.json`` is finished and skipped; a killed one
+  resumes from its artifact (the app's resume, bit-identical).
+- **Session-sized.** ``--deadline-minutes``: no job starts after that many minutes; ``--where key=value`` picks a
+  part of the sweep. Progress and an ETA (the mean of this call's finished jobs) are printed after every job.
+- **Committed as it goes.** ``--commit`` commits each finished job's ``metrics.json`` (and its snapshots' and
+  evaluations', which .gitignore keeps) at once, so a new work tree loses nothing.
+- **A reduced setting, said in every name.** ``--ksvd-iterations``, ``--nsamples``, ``--seqlen`` replace the
+  paper's T = 60 and 256 x 1024 where the machine cannot afford them: T only on jobs whose method has K-SVD (a
+  low-rank config refuses the key), K-SVD snapshots cut to those below T, and neither where the sweep itself sets
+  the key (calib_size's axes). Run names carry T and the calibration size, so reduced runs never share a directory
+  with paper-setting runs, and ``experiments/paper_setting.py`` refuses a figure that mixes T values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cospadi_jax.config import compose_config, sweep_points
+from cospadi_jax.methods import method_class
+
+SWEEPS = ("methods", "ksvd_iterations", "power_iterations", "rho", "dict_update", "calib_size", "ug", "ug_uniform")
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Job:
+    overrides: tuple[str, ...]  # after ``python -m cospadi_jax.run hydra.mode=RUN``
+    run_name: str
+    output_dir: Path
+
+    @property
+    def finished(self) -> bool:
+        return (self.output_dir / "metrics.json").is_file()
+
+
+def _value(value: object) -> str:
+    return "null" if value is None else str(value)
+
+
+def plan_jobs(sweep: str, *, ksvd_iterations: int | None = None, nsamples: int | None = None,
+              seqlen: int | None = None, where: dict[str, str] | None = None, root: Path | None = None) -> list[Job]:
+    """The jobs of ``experiment=paper_smollm2_<sweep>`` in sweep order, each composed and validated by Hydra.
+
+    ``ksvd_iterations``/``nsamples``/``seqlen``: a reduced setting (see the module docstring); ``where``: keep the
+    points whose override ``key`` has the string value given; ``root``: write under ``<root>/<sweep dir>/`` instead
+    of ``experiments/results/paper_setting/<sweep dir>/`` (tests)."""
+    if sweep not in SWEEPS:
+        raise ValueError(f"unknown sweep {sweep!r}: use one of {SWEEPS}")
+    experiment = f"experiment=paper_smollm2_{sweep}"
+    where = where or {}
+    jobs = []
+    for point in sweep_points(f"paper_smollm2_{sweep}"):
+        point_overrides = [f"{k}={_value(v)}" for k, v in point]
+        given = dict(o.split("=", 1) for o in point_overrides)
+        if any(given.get(k) != v for k, v in where.items()):
+            continue
+        cfg = compose_config([experiment, *point_overrides])
+        setting = []
+        fields = {f.name for f in dataclasses.fields(method_class(cfg.method.name).config_class)}
+        if ksvd_iterations is not None and "ksvd_iterations" in fields and "method.ksvd_iterations" not in given:
+            setting.append(f"method.ksvd_iterations={ksvd_iterations}")
+            snapshots = [t for t in (cfg.method.get("ksvd_snapshots") or []) if t < ksvd_iterations]
+            if cfg.method.get("ksvd_snapshots"):
+                setting.append(f"method.ksvd_snapshots=[{','.join(map(str, snapshots))}]")
+        for key, value in (("calib.nsamples", nsamples), ("calib.seqlen", seqlen)):
+            if value is not None and key not in given:
+                setting.append(f"{key}={value}")
+        if root is not None:
+            sweep_dir = Path(cfg.output_dir).parent.name
+            setting.append(f"output_dir={Path(root) / sweep_dir}/${{run_name}}")
+        cfg = compose_config([experiment, *point_overrides, *setting])
+        output_dir = Path(cfg.output_dir)
+        jobs.append(Job((experiment, *point_overrides, *setting), cfg.run_name,
+                        output_dir if output_dir.is_absolute() else REPO / output_dir))
+    return jobs
+
+
+def commit(job: Job) -> bool:
+    """Commit the job's kept files (.gitignore keeps metrics.json, evaluation-*.json and the snapshots') and
+    nothing else: other staged changes stay staged."""
+    path = str(job.output_dir)
+    subprocess.run(["git", "add", "--", path], cwd=REPO, check=True)
+    staged = subprocess.run(["git", "diff", "--cached", "--quiet", "--", path], cwd=REPO).returncode != 0
+    if staged:
+        subprocess.run(["git", "commit", "-qm", f"Issue 15 run, SmolLM2: {job.run_name}", "--", path], cwd=REPO,
+                       check=True)
+    return staged
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep", choices=SWEEPS)
+    parser.add_argument("--list", action="store_true", help="print the jobs and their state; run nothing")
+    parser.add_argument("--where", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="only the sweep points with these values (e.g. method.ratio=0.2 method=cospadi)")
+    parser.add_argument("--ksvd-iterations", type=int, help="reduced setting: K-SVD T (paper: 60)")
+    parser.add_argument("--nsamples", type=int, help="reduced setting: calibration windows (paper: 256)")
+    parser.add_argument("--seqlen", type=int, help="reduced setting: calibration window length (paper: 1024)")
+    parser.add_argument("--deadline-minutes", type=float, help="start no job after this many minutes")
+    parser.add_argument("--commit", action="store_true", help="git-commit each finished job's metrics at once")
+    args = parser.parse_args(argv)
+    where = dict(w.split("=", 1) for w in args.where)
+    jobs = plan_jobs(args.sweep, ksvd_iterations=args.ksvd_iterations, nsamples=args.nsamples, seqlen=args.seqlen,
+                     where=where)
+    todo = [j for j in jobs if not j.finished]
+    print(f"{args.sweep}: {len(jobs)} jobs, {len(jobs) - len(todo)} finished, {len(todo)} to run")
+    if args.list:
+        for job in jobs:
+            print(f"  [{'done' if job.finished else 'todo'}] {job.run_name}\n         "
+                  f"python -m cospadi_jax.run hydra.mode=RUN {' '.join(job.overrides)}")
+        return 0
+    t_start, durations, failed = time.monotonic(), [], []
+    for i, job in enumerate(todo, 1):
+        elapsed = (time.monotonic() - t_start) / 60
+        if args.deadline_minutes is not None and elapsed >= args.deadline_minutes:
+            print(f"deadline: {elapsed:.0f} min >= {args.deadline_minutes:g}; {len(todo) - i + 1} jobs left")
+            break
+        print(f"[{i}/{len(todo)}] {job.run_name}", flush=True)
+        t0 = time.monotonic()
+        rc = subprocess.run([sys.executable, "-m", "cospadi_jax.run", "hydra.mode=RUN", *job.overrides],
+                            cwd=REPO).returncode
+        durations.append(time.monotonic() - t0)
+        if rc != 0 or not job.finished:
+            failed.append(job.run_name)
+            print(f"  FAILED (exit {rc}): {job.run_name}; its artifact resumes on the next call", flush=True)
+            continue
+        committed = commit(job) if args.commit else False
+        eta = sum(durations) / len(durations) * (len(todo) - i) / 60
+        print(f"  finished in {durations[-1] / 60:.1f} min{', committed' if committed else ''}; "
+              f"{len(todo) - i} left, ETA {eta:.0f} min", flush=True)
+    if failed:
+        print(f"{len(failed)} failed: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
