@@ -66,27 +66,34 @@ def plan_jobs(sweep: str, *, ksvd_iterations: int | None = None, nsamples: int |
         raise ValueError(f"unknown sweep {sweep!r}: use one of {SWEEPS}")
     experiment = f"experiment=paper_smollm2_{sweep}"
     where = where or {}
+    base = compose_config([experiment])
+    has_ksvd: dict[str, bool] = {}  # method label -> whether its config has K-SVD knobs
+
+    def ksvd(label: str) -> bool:
+        if label not in has_ksvd:
+            name = compose_config([f"method={label}"]).method.name
+            has_ksvd[label] = "ksvd_iterations" in {f.name for f in dataclasses.fields(method_class(name).config_class)}
+        return has_ksvd[label]
+
     jobs = []
     for point in sweep_points(f"paper_smollm2_{sweep}"):
         point_overrides = [f"{k}={_value(v)}" for k, v in point]
         given = dict(o.split("=", 1) for o in point_overrides)
         if any(given.get(k) != v for k, v in where.items()):
             continue
-        cfg = compose_config([experiment, *point_overrides])
         setting = []
-        fields = {f.name for f in dataclasses.fields(method_class(cfg.method.name).config_class)}
-        if ksvd_iterations is not None and "ksvd_iterations" in fields and "method.ksvd_iterations" not in given:
+        if ksvd_iterations is not None and ksvd(given.get("method", base.method.label)) \
+                and "method.ksvd_iterations" not in given:
             setting.append(f"method.ksvd_iterations={ksvd_iterations}")
-            snapshots = [t for t in (cfg.method.get("ksvd_snapshots") or []) if t < ksvd_iterations]
-            if cfg.method.get("ksvd_snapshots"):
-                setting.append(f"method.ksvd_snapshots=[{','.join(map(str, snapshots))}]")
+            if base.method.get("ksvd_snapshots"):
+                kept = [t for t in base.method.ksvd_snapshots if t < ksvd_iterations]
+                setting.append(f"method.ksvd_snapshots=[{','.join(map(str, kept))}]")
         for key, value in (("calib.nsamples", nsamples), ("calib.seqlen", seqlen)):
             if value is not None and key not in given:
                 setting.append(f"{key}={value}")
         if root is not None:
-            sweep_dir = Path(cfg.output_dir).parent.name
-            setting.append(f"output_dir={Path(root) / sweep_dir}/${{run_name}}")
-        cfg = compose_config([experiment, *point_overrides, *setting])
+            setting.append(f"output_dir={Path(root) / Path(base.output_dir).parent.name}/${{run_name}}")
+        cfg = compose_config([experiment, *point_overrides, *setting])  # Hydra composes and names the job
         output_dir = Path(cfg.output_dir)
         jobs.append(Job((experiment, *point_overrides, *setting), cfg.run_name,
                         output_dir if output_dir.is_absolute() else REPO / output_dir))
