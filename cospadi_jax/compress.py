@@ -18,7 +18,6 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from .allocation import AllocationConfig, Unit, allocate
-from .budget import Budget, budget
 from .calib.grams import Grams, collect_grams
 from .calib.spec import CalibrationSpec, calibration_grams
 from .data.calibration import sample_windows
@@ -49,14 +48,6 @@ def work_units(cfg: MethodConfig, n_layers: int) -> list[list[str]]:
     return units
 
 
-def unit_budget(config: MethodConfig, d_in: int, d_out: int, group_size: int, ratio: float | None = None
-                ) -> Budget:
-    """The budget of a unit of ``group_size`` [d_in, d_out] matrices at ``ratio`` (default: the config's; a
-    non-uniform allocation passes the unit's own), of the kind of method ``config.name``."""
-    return budget(d_in, d_out, config.ratio if ratio is None else ratio, group_size=group_size,
-                  **config.budget_options())
-
-
 def fit_unit(Ws: list[np.ndarray], paths: list[str], method: Method, config: MethodConfig, grams: Grams | None,
              heldout_grams: Grams | None, key: jax.Array, ratio: float | None = None
              ) -> tuple[list[Factors], list[MatrixReport]]:
@@ -79,7 +70,7 @@ def fit_unit(Ws: list[np.ndarray], paths: list[str], method: Method, config: Met
         if not np.all(np.isfinite(g)):
             raise ValueError(f"calibration Gram for {p} contains NaN/inf; recompute the calibration statistics.")
     stats = UnitStats(mean_abs=grams.mean_abs(paths[0]) if method.needs_mean_abs else None)
-    unit_b = unit_budget(config, *Ws[0].shape, len(Ws), ratio)
+    unit_b = config.unit_budget(*Ws[0].shape, len(Ws), ratio)
     factors_list = method.fit_group(Ws, unit_grams, unit_b, key, stats)
     seconds = (time.perf_counter() - t0) / len(paths)
     return matrix_rows(paths, Ws, factors_list, unit_grams, heldout_grams, unit_b, seconds, config)
@@ -97,7 +88,7 @@ def fit_and_save(unit_index: int, Ws: list[np.ndarray], paths: list[str], method
     if snapshots and artifact is None:
         raise ValueError("ksvd_snapshots are saved as artifacts of their own: pass artifact=ArtifactWriter(...)")
     unit_grams = [grams.gram(p) if grams is not None else None for p in paths] if snapshots else []
-    unit_b = unit_budget(config, *Ws[0].shape, len(Ws), ratio) if snapshots else None
+    unit_b = config.unit_budget(*Ws[0].shape, len(Ws), ratio) if snapshots else None
     for t in snapshots:  # before the unit itself: a unit listed as finished has every snapshot saved
         snap_factors = [f.snapshots.pop(t) for f in factors]
         snap_seconds = sum(snap_factors[0].info["phase_seconds"].values()) / len(paths)

@@ -123,7 +123,7 @@ def _check_model_fits(cfg: RunConfig, model: Any, tokenizer: Any) -> None:
 
 def _log_estimate(model: Any, config: Any, skip: set[int]) -> None:
     """For K-SVD methods, the fitting time measured by a probe on this machine, before the work starts."""
-    from .compress import unit_budget, work_units
+    from .compress import work_units
     from .estimate import estimate_fit_seconds
     from .methods import CoSpaDi, build
     from .models.paths import get_module
@@ -135,7 +135,7 @@ def _log_estimate(model: Any, config: Any, skip: set[int]) -> None:
     for index, paths in enumerate(work_units(config, model.config.num_hidden_layers)):
         if index not in skip:
             d_in, d_out = get_module(model, paths[0]).kernel.get_value().shape
-            b = unit_budget(config, d_in, d_out, len(paths))
+            b = config.unit_budget(d_in, d_out, len(paths))
             units.append((d_in, d_out * len(paths), b.n_atoms, b.sparsity))
     if not units:
         return

@@ -29,7 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .budget import budget
 from .methods import MethodConfig
 from .models.config import DecoderConfig, projection_shapes
 from .models.paths import GRAM_SOURCE
@@ -72,7 +71,7 @@ def plan_memory(cfg: DecoderConfig, comp: MethodConfig, n_windows: int, seqlen: 
     """
     item = jnp.dtype(dtype).itemsize
     shapes = {t: s for t, s in projection_shapes(cfg).items() if t in comp.proj_types}
-    budgets = {t: budget(*s, comp.ratio, group_size=1, **comp.budget_options()) for t, s in shapes.items()}
+    budgets = {t: comp.unit_budget(*s) for t, s in shapes.items()}
     layer_params = sum(a * b for a, b in projection_shapes(cfg).values()) + 2 * cfg.hidden_size
     gram_sources = set(GRAM_SOURCE.values())  # calibration collects all four (q/k/v share one, gate/up one)
 

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Optional
 import jax
 import numpy as np
 
+from ..budget import Budget, budget
 from ..models.paths import PROJECTION_TYPES
 from ..sparse.whitening import unwhiten_dictionary, whiten
 
@@ -161,6 +162,12 @@ class MethodConfig:
         from . import method_class
 
         return {"kind": method_class(self.name).budget_kind}
+
+    def unit_budget(self, d_in: int, d_out: int, group_size: int = 1, ratio: float | None = None) -> Budget:
+        """The budget of a unit of ``group_size`` [d_in, d_out] matrices at ``ratio`` (default: this config's; a
+        non-uniform allocation passes the unit's own), of this method's kind."""
+        return budget(d_in, d_out, self.ratio if ratio is None else ratio, group_size=group_size,
+                      **self.budget_options())
 
     def check_layers(self, n_layers: int | None) -> None:
         """The layer selection and grouping against the model's ``n_layers`` (None: what needs no model)."""
