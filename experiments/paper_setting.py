@@ -10,7 +10,8 @@ CoSpaDi runs re-scored with ``task=evaluate eval.requantize=<width>``, which ``-
 per CR serves every width) and writes, deterministically:
 
 - ``<root>/figures/<deliverable>.png``: one figure per deliverable that has points. Every title states the K-SVD
-  T of its points; a figure whose points have different T is refused (:class:`MixedTError`) unless T is its axis;
+  T and calibration size of its points; a figure whose points differ in either is refused (:class:`MixedTError`,
+  :class:`MixedCalibrationError`) unless that is its axis;
 - ``<root>/results.md``: a table per deliverable and the claims table (with links to the figures);
 - ``<root>/claims.json``: ``[{"claim", "paper", "ours", "holds"}]``, one row per claim of method.md §8 (claim 4
   in four rows). ``ours`` and ``holds`` are computed from the metrics present; with none (or too few) ``holds`` is
@@ -39,8 +40,8 @@ if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paper_setting_claims import CLAIMS, evaluate_claims  # noqa: E402
 from paper_setting_data import (  # noqa: E402,F401  (re-exported for the notebook and the tests)
-    BITS, COLOURS, DELIVERABLES, DISPLAY, PPL_SOURCE, ROOT, TASK, MixedTError, Point, bits_table, figure_T, fmt,
-    group, ksvd_curve, load_points, point_from_metrics, ug_table, unique)
+    BITS, COLOURS, DELIVERABLES, DISPLAY, PPL_SOURCE, ROOT, TASK, MixedCalibrationError, MixedTError, Point,
+    bits_table, figure_setting, fmt, group, ksvd_curve, load_points, point_from_metrics, ug_table, unique)
 
 # ----------------------------------------------------------------------------------------------- figures
 
@@ -92,7 +93,7 @@ def plot_methods(points: list[Point], out: Path) -> str | None:
     if not points:
         return None
     unique(points, lambda p: (p.method, p.ratio), "methods")
-    fig, axes = _ppl_acc_axes(f"{DELIVERABLES['methods']}, SmolLM2-135M, {figure_T(points, 'methods')}",
+    fig, axes = _ppl_acc_axes(f"{DELIVERABLES['methods']}, SmolLM2-135M, {figure_setting(points, 'methods')}",
                               "compression ratio (fraction removed)")
     lines: dict[str, list] = defaultdict(list)
     for p in points:
@@ -109,7 +110,8 @@ def plot_ksvd(points: list[Point], out: Path) -> str | None:
         return None
     ts = sorted({t for c in curve.values() for t in c})
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    fig.suptitle(f"{DELIVERABLES['ksvd_iterations']}, SmolLM2-135M, K-SVD T = {ts[0]}..{ts[-1]} (the x axis)")
+    fig.suptitle(f"{DELIVERABLES['ksvd_iterations']}, SmolLM2-135M, K-SVD T = {ts[0]}..{ts[-1]} (the x axis), "
+                 f"{figure_setting(points, 'ksvd_iterations', axis='T')}")
     for ratio, by_t in curve.items():
         lab = f"CR {ratio:g}"
         axes[0].plot(list(by_t), [p.ppl for p in by_t.values()], marker="o", label=lab)
@@ -132,7 +134,7 @@ def _axis_plot(points: list[Point], out: Path, name: str, axis: str, xlabel: str
     if not points:
         return None
     unique(points, lambda p: (p.method, p.ratio, getattr(p, axis)), name)
-    fig, axes = _ppl_acc_axes(f"{DELIVERABLES[name]}, SmolLM2-135M, {figure_T(points, name)}", xlabel)
+    fig, axes = _ppl_acc_axes(f"{DELIVERABLES[name]}, SmolLM2-135M, {figure_setting(points, name)}", xlabel)
     lines: dict[str, list] = defaultdict(list)
     for p in points:
         lines[f"{DISPLAY.get(p.method, p.method)}, CR {p.ratio:g}"].append((getattr(p, axis), p))
@@ -167,7 +169,7 @@ def plot_rho(points: list[Point], out: Path) -> str | None:
     handles = left.get_legend_handles_labels(), right.get_legend_handles_labels()
     left.legend(handles[0][0] + handles[1][0], handles[0][1] + handles[1][1], fontsize=7, loc="upper center")
     left.grid(alpha=0.3)
-    left.set_title(f"{DELIVERABLES['rho']}, CoSpaDi on SmolLM2-135M, {figure_T(points, 'rho')}")
+    left.set_title(f"{DELIVERABLES['rho']}, CoSpaDi on SmolLM2-135M, {figure_setting(points, 'rho')}")
     return _save(fig, out, "rho")
 
 
@@ -187,7 +189,7 @@ def plot_dict_update(points: list[Point], out: Path) -> str | None:
         bottom = [b + x for b, x in zip(bottom, h)]
     ax.set(ylabel="fitting time per phase, summed over matrices (s)")
     ax.legend(fontsize=8)
-    ax.set_title(f"{DELIVERABLES['dict_update']}, SmolLM2-135M, {figure_T(pts, 'dict_update')}")
+    ax.set_title(f"{DELIVERABLES['dict_update']}, SmolLM2-135M, {figure_setting(pts, 'dict_update')}")
     return _save(fig, out, "dict_update")
 
 
@@ -195,8 +197,8 @@ def plot_calib(points: list[Point], out: Path) -> str | None:
     if not points:
         return None
     unique(points, lambda p: (p.method, p.ratio, p.nsamples, p.seqlen), "calib_size")
-    fig, axes = _ppl_acc_axes(f"{DELIVERABLES['calib_size']}, SmolLM2-135M, {figure_T(points, 'calib_size')}",
-                              "calibration windows (nsamples)")
+    fig, axes = _ppl_acc_axes(f"{DELIVERABLES['calib_size']}, SmolLM2-135M, "
+                              f"{figure_setting(points, 'calib_size', axis='calib')}", "calibration windows (nsamples)")
     lines: dict[str, list] = defaultdict(list)
     for p in points:
         lines[f"{DISPLAY.get(p.method, p.method)}, seqlen {p.seqlen}, CR {p.ratio:g}"].append((p.nsamples, p))
@@ -213,7 +215,8 @@ def plot_bits(points: list[Point], out: Path) -> str | None:
     if not rows:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    fig.suptitle(f"{DELIVERABLES['bits']}, CoSpaDi on SmolLM2-135M, {figure_T(points, 'bits')}; relative to 16-bit")
+    fig.suptitle(f"{DELIVERABLES['bits']}, CoSpaDi on SmolLM2-135M, {figure_setting(points, 'bits')}; "
+                 "relative to 16-bit")
     for ratio in sorted({r["ratio"] for r in rows}):
         rs = [r for r in rows if r["ratio"] == ratio]
         axes[0].plot([r["bits"] for r in rs], [r["rel_ppl"] for r in rs], marker="o", label=f"CR {ratio:g}")
@@ -234,7 +237,7 @@ def plot_ug(points: list[Point], out: Path) -> str | None:
     if not rows:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    fig.suptitle(f"{DELIVERABLES['ug']}, SmolLM2-135M, {figure_T(points, 'ug')}")
+    fig.suptitle(f"{DELIVERABLES['ug']}, SmolLM2-135M, {figure_setting(points, 'ug')}")
     labels = [f"{DISPLAY.get(r['method'], r['method'])}\nUG {r['ug_ratio']:g} / global {r['global_ratio']:.3f}"
               for r in rows]
     x = range(len(rows))

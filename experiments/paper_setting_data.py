@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from cospadi_jax.layers import VALUE_BITS
+from cospadi_jax.methods import method_class
 
 ROOT = Path(__file__).resolve().parent / "results" / "paper_setting"
 # Deliverable (directory under the root, hydra.sweep.dir of experiment=paper_smollm2_<name>) -> figure title.
@@ -47,6 +48,10 @@ class MixedTError(ValueError):
     """One figure would mix points fitted with different K-SVD iteration counts."""
 
 
+class MixedCalibrationError(ValueError):
+    """One figure would mix data-aware points fitted on calibration sets of different sizes."""
+
+
 @dataclass
 class Point:
     """One run (or one K-SVD snapshot of a run): its setting and its scores, from one metrics.json."""
@@ -65,6 +70,7 @@ class Point:
     proj_types: tuple[str, ...]
     nsamples: int
     seqlen: int
+    data_aware: bool  # fitted on the calibration Grams (False: nsamples x seqlen never reached the fit)
     ppl: float | None
     acc: float | None
     acc_stderr: float | None
@@ -107,7 +113,8 @@ def point_from_metrics(metrics: dict[str, Any], deliverable: str, path: str, sna
         power_iterations=method.get("power_iterations") if ksvd else None,
         rho=method.get("rho") if ksvd else None, dict_update=method.get("dict_update") if ksvd else None,
         quantization=method.get("quantization"), proj_types=tuple(method.get("proj_types") or ALL_PROJECTIONS),
-        nsamples=calib["nsamples"], seqlen=calib["seqlen"], ppl=ppl, acc=acc, acc_stderr=stderr,
+        nsamples=calib["nsamples"], seqlen=calib["seqlen"], data_aware=method_class(method["name"]).data_aware,
+        ppl=ppl, acc=acc, acc_stderr=stderr,
         dense_ppl=dense_ppl, dense_acc=dense_acc, snapshot=snapshot, objective=objective,
         phase_seconds=dict(sorted((metrics.get("engine") or {}).get("phase_seconds", {}).items())),
         fit_seconds=timings.get("fit_s_cumulative", timings.get("compress_s")),
@@ -167,16 +174,31 @@ def group(points: Iterable[Point]) -> dict[str, list[Point]]:
     return by
 
 
-def figure_T(points: Iterable[Point], what: str) -> str:
-    """The K-SVD T of a figure's points, for its title; raises :class:`MixedTError` if they differ."""
+def figure_setting(points: Iterable[Point], what: str, axis: str | None = None) -> str:
+    """The fitting setting a figure's points share, for its title: K-SVD T and the calibration size (windows x
+    tokens) of its data-aware points. Raises :class:`MixedTError` or :class:`MixedCalibrationError` where they
+    differ, except along the figure's own ``axis`` ("T" or "calib"), which the title then leaves out."""
     points = list(points)
-    ts = sorted({p.T for p in points if p.T is not None})
-    if len(ts) > 1:
-        examples = {t: next(p.path for p in points if p.T == t) for t in ts}
-        raise MixedTError(f"{what}: its points were fitted with different K-SVD T {ts} (e.g. {examples}); a figure "
-                          "is drawn at one T. Rerun the other points at one T, or move them out of this "
-                          "deliverable's directory.")
-    return f"K-SVD T = {ts[0]}" if ts else "no K-SVD (low-rank methods only)"
+    parts = []
+    if axis != "T":
+        ts = sorted({p.T for p in points if p.T is not None})
+        if len(ts) > 1:
+            examples = {t: next(p.path for p in points if p.T == t) for t in ts}
+            raise MixedTError(f"{what}: its points were fitted with different K-SVD T {ts} (e.g. {examples}); a "
+                              "figure is drawn at one T. Rerun the other points at one T, or move them out of this "
+                              "deliverable's directory.")
+        parts.append(f"K-SVD T = {ts[0]}" if ts else "no K-SVD (low-rank methods only)")
+    if axis != "calib":
+        sizes = sorted({(p.nsamples, p.seqlen) for p in points if p.data_aware})
+        if len(sizes) > 1:
+            examples = {f"{n}x{l}": next(p.path for p in points if p.data_aware and (p.nsamples, p.seqlen) == (n, l))
+                        for n, l in sizes}
+            raise MixedCalibrationError(
+                f"{what}: its points were calibrated on different sizes (windows x tokens) {examples}; a figure is "
+                "drawn at one calibration size. Rerun the other points at one size (calib.nsamples, calib.seqlen), "
+                "or move them out of this deliverable's directory.")
+        parts.append(f"calibration {sizes[0][0]} x {sizes[0][1]} tokens" if sizes else "no calibration (data-free methods only)")
+    return ", ".join(parts)
 
 
 def unique(points: list[Point], key: Callable[[Point], Any], what: str) -> dict[Any, Point]:

@@ -59,6 +59,7 @@ def test_figures_are_written_and_every_title_states_T(tmp_path, monkeypatch):
     for name, title in titles.items():
         expected = "K-SVD T = 0..100 (the x axis)" if name == "ksvd_iterations" else "K-SVD T = 60"
         assert expected in title, (name, title)
+        assert ("calibration 256 x 1024 tokens" in title) == (name != "calib_size"), (name, title)
     md = (tmp_path / "results.md").read_text()
     assert "![rho](figures/rho.png)" in md and "| cospadi | 0.2 |" in md
 
@@ -69,9 +70,27 @@ def test_mixed_T_in_one_figure_is_refused(tmp_path):
     with pytest.raises(ps.MixedTError, match=r"methods: .*different K-SVD T \[1, 60\]"):
         ps.write_all(tmp_path)
     # low-rank points have no T and do not count as another one
-    ps.figure_T([ps.point_from_metrics(metrics("svd_llm", T=1), "methods", "x")], "methods")
+    ps.figure_setting([ps.point_from_metrics(metrics("svd_llm", T=1), "methods", "x")], "methods")
     write(tmp_path, "methods", "b", metrics("svd_llm", 0.3, T=1))
     assert "methods" in ps.write_all(tmp_path)["figures"]
+
+
+def test_mixed_calibration_size_in_one_figure_is_refused(tmp_path):
+    """A reduced-setting (32 x 512) SVD-LLM point must not sit silently beside paper-setting (256 x 1024) ones."""
+    write(tmp_path, "methods", "a", metrics("svd_llm", 0.2))
+    write(tmp_path, "methods", "b", metrics("svd_llm", 0.3, nsamples=32, seqlen=512))
+    with pytest.raises(ps.MixedCalibrationError, match=r"methods: .*different sizes .*'32x512'.*'256x1024'"):
+        ps.write_all(tmp_path)
+    # plain SVD never reads the calibration, so its configured size does not count
+    write(tmp_path, "methods", "b", metrics("svd", 0.3, nsamples=32, seqlen=512))
+    assert "methods" in ps.write_all(tmp_path)["figures"]
+    # along the calibration-size axis mixed sizes are the point; T must still agree
+    for i, (n, l) in enumerate([(16, 256), (256, 1024)]):
+        write(tmp_path, "calib_size", f"c{i}", metrics("cospadi", 0.2, nsamples=n, seqlen=l))
+    assert "calib_size" in ps.write_all(tmp_path)["figures"]
+    write(tmp_path, "calib_size", "c2", metrics("cospadi", 0.2, T=1, nsamples=64, seqlen=256))
+    with pytest.raises(ps.MixedTError, match="calib_size"):
+        ps.write_all(tmp_path)
 
 
 def test_claims_json_schema_with_no_results(tmp_path):
