@@ -15,7 +15,8 @@ memory). What this adds to ``-m``:
 - **Session-sized.** ``--deadline-minutes``: no job starts after that many minutes; ``--where key=value`` picks a
   part of the sweep. Progress and an ETA (the mean of this call's finished jobs) are printed after every job.
 - **Committed as it goes.** ``--commit`` commits each finished job's ``metrics.json`` (and its snapshots' and
-  evaluations', which .gitignore keeps) at once, so a new work tree loses nothing.
+  evaluations', which .gitignore keeps) at once, so a new work tree loses nothing; it first commits any finished
+  job that a killed earlier call left uncommitted.
 - **A reduced setting, said in every name.** ``--ksvd-iterations``, ``--nsamples``, ``--seqlen`` replace the
   paper's T = 60 and 256 x 1024 where the machine cannot afford them: T only on jobs whose method has K-SVD (a
   low-rank config refuses the key), K-SVD snapshots cut to those below T, and neither where the sweep itself sets
@@ -130,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
                      where=where)
     todo = [j for j in jobs if not j.finished]
     print(f"{args.sweep}: {len(jobs)} jobs, {len(jobs) - len(todo)} finished, {len(todo)} to run")
+    if args.commit:  # a call killed between a job's end and its commit left it finished but uncommitted
+        late = [j.run_name for j in jobs if j.finished and commit(j)]
+        if late:
+            print(f"committed {len(late)} finished jobs an earlier call had not: {', '.join(late)}")
     if args.list:
         for job in jobs:
             print(f"  [{'done' if job.finished else 'todo'}] {job.run_name}\n         "

@@ -234,3 +234,30 @@ def test_session_sized_runs_restate_a_reduced_setting_only_where_it_applies(tmp_
     assert jobs[0].finished and not jobs[1].finished
     with pytest.raises(ValueError, match="unknown sweep 'method'"):
         runs.plan_jobs("method")
+
+
+def test_commit_sweeps_up_finished_jobs_an_earlier_call_left_uncommitted(tmp_path, monkeypatch):
+    """A runner killed between a job's end and its commit must not leave that job's metrics uncommitted for good:
+    the next ``--commit`` call (even ``--list``) commits them, and only them."""
+    import subprocess
+
+    runs = _runs_script()
+    for who in ("AUTHOR", "COMMITTER"):
+        monkeypatch.setenv(f"GIT_{who}_NAME", "test")
+        monkeypatch.setenv(f"GIT_{who}_EMAIL", "test@example.org")
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "commit", "-q", "--allow-empty", "-m", "root"], cwd=tmp_path, check=True)
+    monkeypatch.setattr(runs, "REPO", tmp_path)
+    jobs = [runs.Job(("experiment=x",), f"run{i}", tmp_path / "methods" / f"run{i}") for i in range(3)]
+    monkeypatch.setattr(runs, "plan_jobs", lambda *a, **k: jobs)
+    for job in jobs[:2]:
+        job.output_dir.mkdir(parents=True)
+        (job.output_dir / "metrics.json").write_text("{}")
+    (tmp_path / "unrelated.txt").write_text("staged elsewhere")
+    subprocess.run(["git", "add", "unrelated.txt"], cwd=tmp_path, check=True)
+    assert runs.main(["methods", "--list", "--commit"]) == 0
+    log = subprocess.run(["git", "log", "--format=%s", "--name-only"], cwd=tmp_path, check=True,
+                         capture_output=True, text=True).stdout
+    assert "methods/run0/metrics.json" in log and "methods/run1/metrics.json" in log and "run2" not in log
+    assert "unrelated.txt" not in log  # other staged changes stay staged
+    assert runs.commit(jobs[0]) is False  # nothing left to commit: idempotent
