@@ -174,6 +174,15 @@ def group(points: Iterable[Point]) -> dict[str, list[Point]]:
     return by
 
 
+def _distinct(points: list[Point], value: Callable[[Point], Any]) -> dict[Any, str]:
+    """Each distinct non-None ``value(p)``, sorted -> the path of its first point (an example for an error)."""
+    seen: dict[Any, str] = {}
+    for p in points:
+        if (v := value(p)) is not None:
+            seen.setdefault(v, p.path)
+    return dict(sorted(seen.items()))
+
+
 def figure_setting(points: Iterable[Point], what: str, axis: str | None = None) -> str:
     """The fitting setting a figure's points share, for its title: K-SVD T and the calibration size (windows x
     tokens) of its data-aware points. Raises :class:`MixedTError` or :class:`MixedCalibrationError` where they
@@ -181,23 +190,22 @@ def figure_setting(points: Iterable[Point], what: str, axis: str | None = None) 
     points = list(points)
     parts = []
     if axis != "T":
-        ts = sorted({p.T for p in points if p.T is not None})
+        ts = _distinct(points, lambda p: p.T)
         if len(ts) > 1:
-            examples = {t: next(p.path for p in points if p.T == t) for t in ts}
-            raise MixedTError(f"{what}: its points were fitted with different K-SVD T {ts} (e.g. {examples}); a "
+            raise MixedTError(f"{what}: its points were fitted with different K-SVD T {list(ts)} (e.g. {ts}); a "
                               "figure is drawn at one T. Rerun the other points at one T, or move them out of this "
                               "deliverable's directory.")
-        parts.append(f"K-SVD T = {ts[0]}" if ts else "no K-SVD (low-rank methods only)")
+        parts.append(f"K-SVD T = {next(iter(ts))}" if ts else "no K-SVD (low-rank methods only)")
     if axis != "calib":
-        sizes = sorted({(p.nsamples, p.seqlen) for p in points if p.data_aware})
+        sizes = _distinct(points, lambda p: (p.nsamples, p.seqlen) if p.data_aware else None)
         if len(sizes) > 1:
-            examples = {f"{n}x{l}": next(p.path for p in points if p.data_aware and (p.nsamples, p.seqlen) == (n, l))
-                        for n, l in sizes}
+            examples = {f"{n}x{l}": path for (n, l), path in sizes.items()}
             raise MixedCalibrationError(
                 f"{what}: its points were calibrated on different sizes (windows x tokens) {examples}; a figure is "
                 "drawn at one calibration size. Rerun the other points at one size (calib.nsamples, calib.seqlen), "
                 "or move them out of this deliverable's directory.")
-        parts.append(f"calibration {sizes[0][0]} x {sizes[0][1]} tokens" if sizes else "no calibration (data-free methods only)")
+        parts.append("calibration {} x {} tokens".format(*next(iter(sizes))) if sizes
+                     else "no calibration (data-free methods only)")
     return ", ".join(parts)
 
 
