@@ -65,10 +65,9 @@ def _evaluate(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, Any]:
 def _dense_baseline(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, Any]:
     """:func:`_evaluate` on the dense model, read from ``eval.dense_cache_dir`` when this model, tokenizer and
     eval config were scored before. The key is stored in the file and compared on load, so a file from another
-    setting is never reused. Multi-process runs always evaluate (every process must join the collectives)."""
-    import jax
-
-    if not cfg.eval.dense_cache_dir or jax.process_count() > 1:
+    setting is never reused. In a multi-process run the cache is used only when every process can read it (each
+    one's answer is gathered), because evaluating means every process joins the collectives; process 0 writes it."""
+    if not cfg.eval.dense_cache_dir:
         return _evaluate(model, tokenizer, cfg)
     from .calib.cache import model_fingerprint
     from .data.calibration import tokenizer_fingerprint
@@ -77,22 +76,38 @@ def _dense_baseline(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, Any
     key = {"model": model_fingerprint(model), "tokenizer": tokenizer_fingerprint(tokenizer), "eval": eval_conf,
            "versions": {n: environment()["versions"][n] for n in ("cospadi-jax", "lm-eval")}}
     path = Path(cfg.eval.dense_cache_dir) / f"dense-{fingerprint(key)}.json"
+    stored = None
     if path.is_file():
         try:
             stored = json.loads(path.read_text())
         except ValueError:
-            stored = {}
-        if stored.get("key") == key:
-            log.info("dense baseline read from %s", path)
-            return stored["scores"]
-        log.warning("%s is unreadable or holds another setting's dense scores; re-evaluating", path)
-    if not can_create_in(path.parent):  # checked before the evaluation, not after it
+            stored = None
+        if not isinstance(stored, dict) or stored.get("key") != key:
+            log.warning("%s is unreadable or holds another setting's dense scores; re-evaluating", path)
+            stored = None
+    if _on_every_process(stored is not None):
+        log.info("dense baseline read from %s", path)
+        return stored["scores"]
+    writable = can_create_in(path.parent)  # checked before the evaluation, not after it
+    if not writable:
         log.warning("the dense-score cache %s is not writable: evaluating the dense model without caching",
                     path.parent)
-        return _evaluate(model, tokenizer, cfg)
     scores = _evaluate(model, tokenizer, cfg)
-    atomic_write_json(path, {"key": key, "scores": scores})
+    if writable and is_primary():
+        atomic_write_json(path, {"key": key, "scores": scores})
     return scores
+
+
+def _on_every_process(flag: bool) -> bool:
+    """Whether ``flag`` holds on every process (a collective in a multi-process run: every process calls it)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return flag
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(flag))))
 
 
 def _tracker(cfg: RunConfig, resolved: dict, run_id: str | None = None) -> Any:

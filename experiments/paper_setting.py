@@ -218,12 +218,19 @@ def plot_bits(points: list[Point], out: Path) -> str | None:
     fig.suptitle(f"{DELIVERABLES['bits']}, CoSpaDi on SmolLM2-135M, {figure_setting(points, 'bits')}; "
                  "relative to 16-bit")
     for ratio in sorted({r["ratio"] for r in rows}):
-        rs = [r for r in rows if r["ratio"] == ratio]
-        axes[0].plot([r["bits"] for r in rs], [r["rel_ppl"] for r in rs], marker="o", label=f"CR {ratio:g}")
-        acc = [r for r in rs if r["rel_acc"] is not None]
-        axes[1].plot([r["bits"] for r in acc], [r["rel_acc"] for r in acc], marker="o", label=f"CR {ratio:g}")
-    axes[0].set(xlabel="bits per coefficient value (8 = int8, 32 = float32)", ylabel="perplexity / 16-bit's")
-    axes[1].set(xlabel="bits per coefficient value (8 = int8, 32 = float32)", ylabel="accuracy / 16-bit's")
+        # The mantissa truncations (and float32) are one line; int8, a per-column scale, is another scheme: its own
+        # marker, so that the 8-to-10 segment does not read as a trend.
+        for ax, key in zip(axes, ("rel_ppl", "rel_acc")):
+            rs = [r for r in rows if r["ratio"] == ratio and r[key] is not None]
+            line = [r for r in rs if r["quantization"] != "int8"]
+            (drawn,) = ax.plot([r["bits"] for r in line], [r[key] for r in line], marker="o", label=f"CR {ratio:g}")
+            int8 = [r for r in rs if r["quantization"] == "int8"]
+            ax.plot([r["bits"] for r in int8], [r[key] for r in int8], linestyle="none", marker="s", mfc="none",
+                    markersize=8, color=drawn.get_color(), label=f"CR {ratio:g}, int8" if int8 else None)
+    axes[0].set(xlabel="bits per coefficient value (bf16 truncated; square: int8; 32 = float32)",
+                ylabel="perplexity / 16-bit's")
+    axes[1].set(xlabel="bits per coefficient value (bf16 truncated; square: int8; 32 = float32)",
+                ylabel="accuracy / 16-bit's")
     for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_xticks([8, 10, 12, 14, 16, 32], ["8", "10", "12", "14", "16", "32"])

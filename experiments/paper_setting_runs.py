@@ -17,6 +17,10 @@ memory). What this adds to ``-m``:
 - **Committed as it goes.** ``--commit`` commits each finished job's ``metrics.json`` (and its snapshots' and
   evaluations', which .gitignore keeps) at once, so a new work tree loses nothing; it first commits any finished
   job that a killed earlier call left uncommitted.
+- **All the cores on one job.** ``--processes N`` runs each job as N ``jax.distributed`` peers on this host with
+  ``method.parallel=matrices`` (each process fits its round-robin share of the units, with cores/N threads): on
+  the 2-core VM, 2 x 1 thread fit CoSpaDi about 1.7x faster than 1 x 2 threads. The placement keys stay out of a
+  run's identity, so a job resumes under either launch.
 - **A reduced setting, said in every name.** ``--ksvd-iterations``, ``--nsamples``, ``--seqlen`` replace the
   paper's T = 60 and 256 x 1024 where the machine cannot afford them: T only on jobs whose method has K-SVD (a
   low-rank config refuses the key), K-SVD snapshots cut to those below T, and neither where the sweep itself sets
@@ -28,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -101,6 +107,58 @@ def plan_jobs(sweep: str, *, ksvd_iterations: int | None = None, nsamples: int |
     return jobs
 
 
+def job_command(job: Job, processes: int = 1) -> list[str]:
+    """The Hydra app's command line for ``job``; with several processes, ``method.parallel=matrices`` (unless the
+    sweep point sets the placement itself), so that the processes share the units."""
+    command = [sys.executable, "-m", "cospadi_jax.run", "hydra.mode=RUN", *job.overrides]
+    if processes > 1 and not any(o.startswith("method.parallel=") for o in job.overrides):
+        command.append("method.parallel=matrices")
+    return command
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(command: list[str], processes: int = 1, log_dir: Path | None = None) -> int:
+    """Run ``command`` in this repository: once, or as ``processes`` jax.distributed peers on localhost, each with
+    its share of this process's cores as NumPy/Numba threads. Process 0 prints here; process i > 0 writes
+    ``<log_dir>/process<i>.log`` (appended). A peer that fails leaves the others waiting in a collective, so they are stopped.
+    Returns 0, or the exit status of the peer that failed."""
+    if processes < 1:
+        raise ValueError(f"processes must be >= 1, got {processes}")
+    if processes == 1:
+        return subprocess.run(command, cwd=REPO).returncode
+    threads = str(max(1, len(os.sched_getaffinity(0)) // processes))
+    env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{_free_port()}", "JAX_NUM_PROCESSES": str(processes),
+           "NUMBA_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}
+    log_dir = Path(log_dir or REPO)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    procs, status = [], 0
+    try:
+        for rank in range(processes):
+            log = None if rank == 0 else open(log_dir / f"process{rank}.log", "a")  # a resumed job keeps its earlier log
+            procs.append(subprocess.Popen(command, cwd=REPO, env={**env, "JAX_PROCESS_ID": str(rank)}, stdout=log,
+                                          stderr=subprocess.STDOUT if log else None))
+            if log:
+                log.close()  # the child holds its own descriptor
+        while True:
+            states = [p.poll() for p in procs]
+            status = next((rc for rc in states if rc), 0)  # the peer that failed, not those stopped below
+            if status or all(rc is not None for rc in states):
+                break
+            time.sleep(1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            p.wait()
+    return status
+
+
 def commit(job: Job) -> bool:
     """Commit the job's kept files (.gitignore keeps metrics.json, evaluation-*.json and the snapshots') and
     nothing else: other staged changes stay staged."""
@@ -125,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seqlen", type=int, help="reduced setting: calibration window length (paper: 1024)")
     parser.add_argument("--deadline-minutes", type=float, help="start no job after this many minutes")
     parser.add_argument("--commit", action="store_true", help="git-commit each finished job's metrics at once")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="run each job as N jax.distributed processes sharing the units (method.parallel=matrices)")
     args = parser.parse_args(argv)
     where = dict(w.split("=", 1) for w in args.where)
     jobs = plan_jobs(args.sweep, ksvd_iterations=args.ksvd_iterations, nsamples=args.nsamples, seqlen=args.seqlen,
@@ -138,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for job in jobs:
             print(f"  [{'done' if job.finished else 'todo'}] {job.run_name}\n         "
-                  f"python -m cospadi_jax.run hydra.mode=RUN {' '.join(job.overrides)}")
+                  f"python {' '.join(job_command(job, args.processes)[1:])}"
+                  + (f"  # x {args.processes} processes" if args.processes > 1 else ""))
         return 0
     t_start, durations, failed = time.monotonic(), [], []
     for i, job in enumerate(todo, 1):
@@ -148,8 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             break
         print(f"[{i}/{len(todo)}] {job.run_name}", flush=True)
         t0 = time.monotonic()
-        rc = subprocess.run([sys.executable, "-m", "cospadi_jax.run", "hydra.mode=RUN", *job.overrides],
-                            cwd=REPO).returncode
+        rc = launch(job_command(job, args.processes), args.processes, log_dir=job.output_dir)
         durations.append(time.monotonic() - t0)
         if rc != 0 or not job.finished:
             failed.append(job.run_name)

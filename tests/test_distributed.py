@@ -280,7 +280,8 @@ def test_compress_matrices_over_2_processes_equals_single_process(tmp_path):
 def test_hydra_app_two_processes_matrices_and_sharded_eval(tmp_path):
     """`python -m cospadi_jax.run method.parallel=matrices` launched as 2 processes x 2 devices (the same command
     on every process, as on a TPU pod): units spread over the processes, evaluation data-parallel over all 4
-    devices, only process 0 writes metrics.json; the perplexity equals a single-process run's."""
+    devices, only process 0 writes metrics.json; the perplexity equals a single-process run's. The dense scores
+    the single-process run cached are read by both processes, not re-evaluated."""
     from helpers import save_tiny_model_with_tokenizer
 
     tiny = save_tiny_model_with_tokenizer(tmp_path / "tiny", family="llama_gqa", tied=True, layers=2)
@@ -289,23 +290,26 @@ def test_hydra_app_two_processes_matrices_and_sharded_eval(tmp_path):
         return [sys.executable, "-m", "cospadi_jax.run", f"model.spec={tiny}", "model.name=tiny",
                 f"output_dir={out}", "logger.mode=disabled", "calib.nsamples=8", "calib.seqlen=32",
                 "calib.heldout_nsamples=4", "calib.batch_size=4", "calib.cache_dir=null", "eval.seqlen=32",
-                "eval.max_windows=6", "eval.dense_baseline=false", "method.ksvd_iterations=2",
+                "eval.max_windows=6", f"eval.dense_cache_dir={tmp_path / 'dense'}", "method.ksvd_iterations=2",
                 "method.power_iterations=2"]
 
+    single = subprocess.run(command(tmp_path / "single"), cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True,
+                            timeout=TIMEOUT_S, check=False)
+    assert single.returncode == 0, single.stderr[-4000:]
+    assert len(list((tmp_path / "dense").glob("dense-*.json"))) == 1
     port = free_port()
-    run_peer_processes(
+    logs = run_peer_processes(
         [[*command(tmp_path / "multi"), "method.parallel=matrices"]] * 2,
         [subprocess_env(JAX_NUM_CPU_DEVICES="2", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                         JAX_PROCESS_ID=str(i)) for i in range(2)],
         timeout=TIMEOUT_S, cwd=str(tmp_path))
-    single = subprocess.run(command(tmp_path / "single"), cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True,
-                            timeout=TIMEOUT_S, check=False)
-    assert single.returncode == 0, single.stderr[-4000:]
+    assert all("dense baseline read from" in out for out in logs), [out[-2000:] for out in logs]
     import json
 
     multi = json.loads((tmp_path / "multi" / "metrics.json").read_text())
     ref = json.loads((tmp_path / "single" / "metrics.json").read_text())
     assert multi["processes"] == 2 and multi["devices"] == 4 and ref["processes"] == 1
+    assert multi["dense"] == ref["dense"]
     ppl = multi["compressed"]["perplexity"]["embedded:heldout"]["perplexity"]
     assert ppl == pytest.approx(ref["compressed"]["perplexity"]["embedded:heldout"]["perplexity"], rel=1e-5)
     assert [m["path"] for m in multi["matrices"]] == [m["path"] for m in ref["matrices"]]

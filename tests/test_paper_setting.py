@@ -261,3 +261,40 @@ def test_commit_sweeps_up_finished_jobs_an_earlier_call_left_uncommitted(tmp_pat
     assert "methods/run0/metrics.json" in log and "methods/run1/metrics.json" in log and "run2" not in log
     assert "unrelated.txt" not in log  # other staged changes stay staged
     assert runs.commit(jobs[0]) is False  # nothing left to commit: idempotent
+
+
+def test_processes_launch_peers_that_share_the_units_and_stop_together(tmp_path, monkeypatch):
+    """``--processes N``: N peers of one jax.distributed run (one coordinator, ranks 0..N-1, cores/N threads each,
+    method.parallel=matrices unless the point sets it); a failing peer stops the others instead of leaving them
+    waiting in a collective."""
+    import os
+    import sys
+    import time
+
+    runs = _runs_script()
+    monkeypatch.setattr(runs, "REPO", tmp_path)
+    job = runs.Job(("experiment=x", "method=cospadi"), "run", tmp_path / "run")
+    assert runs.job_command(job)[-1] == "method=cospadi"
+    assert runs.job_command(job, 2)[-1] == "method.parallel=matrices"
+    placed = runs.Job(("experiment=x", "method.parallel=columns"), "run", tmp_path / "run")
+    assert not any("matrices" in arg for arg in runs.job_command(placed, 2))
+
+    record = ("import json, os; keys = ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID', "
+              "'NUMBA_NUM_THREADS', 'OPENBLAS_NUM_THREADS'); rank = os.environ['JAX_PROCESS_ID']; "
+              "open(f'rank{rank}.json', 'w').write(json.dumps({k: os.environ[k] for k in keys})); print('rank', rank)")
+    assert runs.launch([sys.executable, "-c", record], 3, log_dir=tmp_path / "logs") == 0
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
+    assert [s["JAX_PROCESS_ID"] for s in seen] == ["0", "1", "2"]
+    assert len({s["JAX_COORDINATOR_ADDRESS"] for s in seen}) == 1 and {s["JAX_NUM_PROCESSES"] for s in seen} == {"3"}
+    threads = str(max(1, len(os.sched_getaffinity(0)) // 3))
+    assert {s["NUMBA_NUM_THREADS"] for s in seen} == {s["OPENBLAS_NUM_THREADS"] for s in seen} == {threads}
+    assert (tmp_path / "logs" / "process1.log").read_text() == "rank 1\n"  # rank 0 prints to the runner's output
+
+    # Rank 1 fails at once; rank 0 would wait an hour for it (as in a collective): it is stopped, and the
+    # failure is returned.
+    hang = "import os, sys, time; sys.exit(7) if os.environ['JAX_PROCESS_ID'] == '1' else time.sleep(3600)"
+    t0 = time.monotonic()
+    assert runs.launch([sys.executable, "-c", hang], 2, log_dir=tmp_path / "logs") == 7
+    assert time.monotonic() - t0 < 60
+    with pytest.raises(ValueError, match="processes must be >= 1"):
+        runs.launch([sys.executable, "-c", "pass"], 0)
