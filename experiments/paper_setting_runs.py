@@ -19,8 +19,9 @@ memory). What this adds to ``-m``:
   job that a killed earlier call left uncommitted.
 - **All the cores on one job.** ``--processes N`` runs each job as N ``jax.distributed`` peers on this host with
   ``method.parallel=matrices`` (each process fits its round-robin share of the units, with cores/N threads): on
-  the 2-core VM, 2 x 1 thread fit CoSpaDi about 1.7x faster than 1 x 2 threads. The placement keys stay out of a
-  run's identity, so a job resumes under either launch.
+  the 2-core VM, 2 x 1 thread fit CoSpaDi's MLP units in about 49 s each against about 85 s for 1 x 2 threads
+  (both beside other work: a rough figure). The placement keys stay out of a run's identity, so a job resumes
+  under either launch.
 - **A reduced setting, said in every name.** ``--ksvd-iterations``, ``--nsamples``, ``--seqlen`` replace the
   paper's T = 60 and 256 x 1024 where the machine cannot afford them: T only on jobs whose method has K-SVD (a
   low-rank config refuses the key), K-SVD snapshots cut to those below T, and neither where the sweep itself sets
