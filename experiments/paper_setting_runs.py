@@ -125,9 +125,9 @@ def _free_port() -> int:
 
 def launch(command: list[str], processes: int = 1, log_dir: Path | None = None) -> int:
     """Run ``command`` in this repository: once, or as ``processes`` jax.distributed peers on localhost, each with
-    its share of this process's cores as NumPy/Numba threads. Process 0 prints here; process i > 0 writes
-    ``<log_dir>/process<i>.log`` (appended). A peer that fails leaves the others waiting in a collective, so they are stopped.
-    Returns 0, or the exit status of the peer that failed."""
+    its share of this process's cores as NumPy/Numba threads. Process 0 prints here; process i > 0 appends to
+    ``<log_dir>/process<i>.log``. A peer that fails leaves the others waiting in a collective, so they are
+    stopped. Returns 0, or the exit status of the peer that failed."""
     if processes < 1:
         raise ValueError(f"processes must be >= 1, got {processes}")
     if processes == 1:
@@ -140,7 +140,8 @@ def launch(command: list[str], processes: int = 1, log_dir: Path | None = None) 
     procs, status = [], 0
     try:
         for rank in range(processes):
-            log = None if rank == 0 else open(log_dir / f"process{rank}.log", "a")  # a resumed job keeps its earlier log
+            # appended: a resumed job keeps its earlier attempt's log
+            log = None if rank == 0 else open(log_dir / f"process{rank}.log", "a")
             procs.append(subprocess.Popen(command, cwd=REPO, env={**env, "JAX_PROCESS_ID": str(rank)}, stdout=log,
                                           stderr=subprocess.STDOUT if log else None))
             if log:
