@@ -30,7 +30,7 @@ from .config import EvalConf, RunConfig, export_path, register_configs, validate
 from .fileio import atomic_write_json, can_create_in, check_replaceable, check_writable
 from .identity import artifact_identity, digest, flatten
 from .report import engine_summary, model_size
-from .parallel import initialize, is_primary
+from .parallel import initialize, is_primary, on_every_process
 
 log = logging.getLogger("cospadi_jax")
 register_configs()
@@ -85,7 +85,7 @@ def _dense_baseline(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, Any
         if not isinstance(stored, dict) or stored.get("key") != key:
             log.warning("%s is unreadable or holds another setting's dense scores; re-evaluating", path)
             stored = None
-    if _on_every_process(stored is not None):
+    if on_every_process(stored is not None):
         log.info("dense baseline read from %s", path)
         return stored["scores"]
     writable = can_create_in(path.parent)  # checked before the evaluation, not after it
@@ -96,18 +96,6 @@ def _dense_baseline(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, Any
     if writable and is_primary():
         atomic_write_json(path, {"key": key, "scores": scores})
     return scores
-
-
-def _on_every_process(flag: bool) -> bool:
-    """Whether ``flag`` holds on every process (a collective in a multi-process run: every process calls it)."""
-    import jax
-
-    if jax.process_count() == 1:
-        return flag
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    return bool(np.all(multihost_utils.process_allgather(np.asarray(flag))))
 
 
 def _tracker(cfg: RunConfig, resolved: dict, run_id: str | None = None) -> Any:

@@ -227,11 +227,8 @@ def plot_bits(points: list[Point], out: Path) -> str | None:
             int8 = [r for r in rs if r["quantization"] == "int8"]
             ax.plot([r["bits"] for r in int8], [r[key] for r in int8], linestyle="none", marker="s", mfc="none",
                     markersize=8, color=drawn.get_color(), label=f"CR {ratio:g}, int8" if int8 else None)
-    axes[0].set(xlabel="bits per coefficient value (bf16 truncated; square: int8; 32 = float32)",
-                ylabel="perplexity / 16-bit's")
-    axes[1].set(xlabel="bits per coefficient value (bf16 truncated; square: int8; 32 = float32)",
-                ylabel="accuracy / 16-bit's")
-    for ax in axes:
+    for ax, ylabel in zip(axes, ("perplexity / 16-bit's", "accuracy / 16-bit's")):
+        ax.set(xlabel="bits per coefficient value (bf16 truncated; square: int8; 32 = float32)", ylabel=ylabel)
         ax.set_xscale("log", base=2)
         ax.set_xticks([8, 10, 12, 14, 16, 32], ["8", "10", "12", "14", "16", "32"])
         ax.grid(alpha=0.3)

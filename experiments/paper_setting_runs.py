@@ -123,7 +123,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(command: list[str], processes: int = 1, log_dir: Path | None = None) -> int:
+def launch(command: list[str], processes: int, log_dir: Path) -> int:
     """Run ``command`` in this repository: once, or as ``processes`` jax.distributed peers on localhost, each with
     its share of this process's cores as NumPy/Numba threads. Process 0 prints here; process i > 0 appends to
     ``<log_dir>/process<i>.log``. A peer that fails leaves the others waiting in a collective, so they are
@@ -135,7 +135,7 @@ def launch(command: list[str], processes: int = 1, log_dir: Path | None = None) 
     threads = str(max(1, len(os.sched_getaffinity(0)) // processes))
     env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{_free_port()}", "JAX_NUM_PROCESSES": str(processes),
            "NUMBA_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}
-    log_dir = Path(log_dir or REPO)
+    log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     procs, status = [], 0
     try:

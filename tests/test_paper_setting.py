@@ -297,4 +297,4 @@ def test_processes_launch_peers_that_share_the_units_and_stop_together(tmp_path,
     assert runs.launch([sys.executable, "-c", hang], 2, log_dir=tmp_path / "logs") == 7
     assert time.monotonic() - t0 < 60
     with pytest.raises(ValueError, match="processes must be >= 1"):
-        runs.launch([sys.executable, "-c", "pass"], 0)
+        runs.launch([sys.executable, "-c", "pass"], 0, log_dir=tmp_path)

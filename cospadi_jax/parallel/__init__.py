@@ -11,10 +11,11 @@ from cospadi_jax.parallel.mesh import (
     logical_sharding,
     logical_spec,
     make_mesh,
+    on_every_process,
     to_host,
     use_rules,
 )
 from cospadi_jax.parallel.units import assign_units, map_units
 
 __all__ = ["DEFAULT_MESH_AXIS", "SHARDING_RULES", "ShardingRules", "active_rules", "assign_units", "initialize",
-           "is_primary", "logical_sharding", "logical_spec", "make_mesh", "map_units", "to_host", "use_rules"]
+           "is_primary", "logical_sharding", "logical_spec", "make_mesh", "map_units", "on_every_process", "to_host", "use_rules"]

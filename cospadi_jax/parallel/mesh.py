@@ -225,6 +225,15 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
+def on_every_process(flag: bool) -> bool:
+    """Whether ``flag`` holds on every process (a collective in a multi-process run: every process must call it)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(flag))))
+
+
 def to_host(x: jax.Array | np.ndarray) -> np.ndarray:
     """Full value of a (possibly multi-process sharded) array as NumPy, on every process."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
