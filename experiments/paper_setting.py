@@ -40,8 +40,8 @@ if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paper_setting_claims import CLAIMS, evaluate_claims  # noqa: E402
 from paper_setting_data import (  # noqa: E402,F401  (re-exported for the notebook and the tests)
-    BITS, COLOURS, DELIVERABLES, DISPLAY, PPL_SOURCE, ROOT, TASK, MixedCalibrationError, MixedTError, Point,
-    bits_table, figure_setting, fmt, group, ksvd_curve, load_points, point_from_metrics, ug_table, unique)
+    BITS, COLOURS, DELIVERABLES, DISPLAY, PPL_SOURCE, ROOT, SAME_RUN, TASK, MixedCalibrationError, MixedTError,
+    Point, bits_table, figure_setting, fmt, group, ksvd_curve, load_points, point_from_metrics, ug_table, unique)
 
 # ----------------------------------------------------------------------------------------------- figures
 
@@ -296,7 +296,7 @@ def tables_markdown(by: dict[str, list[Point]], claims: list[dict[str, Any]], fi
                             [[f"{r['ratio']:g}", str(r["quantization"]), str(r["bits"]), fmt(r["ppl"]),
                               _acc(r["acc"], r["acc_stderr"]), fmt(r["rel_ppl"], 4), fmt(r["rel_acc"], 4)]
                              for r in bits_table(points)])
-        elif name == "ug":
+        elif name == "ug" and ug_table(points):  # else (uniform runs only, so far) the plain table
             lines += _table(["method", "UG CR", "global CR", "UG perplexity", "UG accuracy", "uniform CR",
                              "uniform perplexity", "uniform accuracy"],
                             [[r["method"], f"{r['ug_ratio']:g}", fmt(r["global_ratio"], 4), fmt(r["ppl"]),

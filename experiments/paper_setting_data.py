@@ -27,6 +27,10 @@ DELIVERABLES = {
     "bits": "Coefficient bit width (Fig. 3)",
     "ug": "Selective up/gate compression (Tables 6, 14)",
 }
+# A sweep point whose run another deliverable has already made (the same run name: the same identity config, so
+# the same fit) holds this file instead of a second fit: {"run": "<deliverable>/<run name>"}, relative to the root.
+# experiments/paper_setting_runs.py writes it.
+SAME_RUN = "same_run.json"
 PPL_SOURCE = "embedded:heldout"
 TASK = "kjv_lambada"
 KSVD_METHODS = ("cospadi", "cospadi_free")  # method.name values that run K-SVD (and have a T)
@@ -124,11 +128,12 @@ def point_from_metrics(metrics: dict[str, Any], deliverable: str, path: str, sna
 
 
 def load_points(root: Path | str = ROOT) -> list[Point]:
-    """Every metrics.json under ``root/<deliverable>/`` (run directories and their ``snapshots/T*``), sorted by
-    path. A directory that is not a deliverable is an error (a typo would silently drop its runs)."""
+    """Every metrics.json under ``root/<deliverable>/`` (run directories and their ``snapshots/T*``) and every run
+    that a deliverable shares with another (:data:`SAME_RUN`: the other's metrics, this deliverable's point),
+    sorted by path. A directory that is not a deliverable is an error (a typo would silently drop its runs)."""
     root = Path(root)
     points = []
-    for file in sorted(root.glob("*/**/metrics.json")):
+    for file in sorted([*root.glob("*/**/metrics.json"), *root.glob(f"*/*/{SAME_RUN}")]):
         rel = file.relative_to(root)
         deliverable = rel.parts[0]
         if deliverable == "figures":
@@ -136,13 +141,29 @@ def load_points(root: Path | str = ROOT) -> list[Point]:
         if deliverable not in DELIVERABLES:
             raise ValueError(f"{file}: {deliverable!r} is not a deliverable directory; move the run under one of "
                              f"{sorted(DELIVERABLES)} (the hydra.sweep.dir of experiment=paper_smollm2_<name>)")
+        if file.name == SAME_RUN and (file.parent / "metrics.json").is_file():
+            continue  # the point's own fit, made after the link, wins
+        source = same_run(file, root) if file.name == SAME_RUN else file
         snapshot = "snapshots" in rel.parts[:-1]
-        point = point_from_metrics(json.loads(file.read_text()), deliverable, rel.as_posix(), snapshot)
+        point = point_from_metrics(json.loads(source.read_text()), deliverable, rel.as_posix(), snapshot)
         if snapshot and rel.parts[-2] != f"T{point.T}":
             raise ValueError(f"{file}: the snapshot directory says {rel.parts[-2]} but its config has "
                              f"method.ksvd_iterations={point.T}; fix the snapshot's config or its directory name")
         points.append(point)
     return points + requantized_points(root)
+
+
+def same_run(file: Path, root: Path) -> Path:
+    """The metrics.json that a :data:`SAME_RUN` file names: a finished run of the same name in another deliverable
+    under ``root`` (any other is an error: a renamed or removed run would silently change a figure)."""
+    run = Path(json.loads(file.read_text())["run"])
+    metrics = root / run / "metrics.json"
+    elsewhere = len(run.parts) == 2 and run.parts[0] != file.parent.parent.name and run.name == file.parent.name
+    if run.is_absolute() or not elsewhere or not metrics.is_file():
+        raise ValueError(f"{file}: names {run.as_posix()!r}, which is not a finished run of the same name in another "
+                         f"deliverable under {root}; delete {file.name} and rerun experiments/paper_setting_runs.py "
+                         "(it links the run again, or fits it)")
+    return metrics
 
 
 def requantized_points(root: Path) -> list[Point]:

@@ -22,6 +22,10 @@ memory). What this adds to ``-m``:
   the 2-core VM, 2 x 1 thread fit CoSpaDi's MLP units in about 49 s each against about 85 s for 1 x 2 threads
   (both beside other work: a rough figure). The placement keys stay out of a run's identity, so a job resumes
   under either launch.
+- **No fit twice.** A point whose run another sweep has already finished (the same run name, so the same identity
+  config: e.g. power_iterations' 8, dict_update's power and rho's 2 are all methods' CoSpaDi at that CR) is not
+  fitted again: its directory gets a ``same_run.json`` naming that run, which ``experiments/paper_setting.py`` reads
+  as this sweep's point.
 - **A reduced setting, said in every name.** ``--ksvd-iterations``, ``--nsamples``, ``--seqlen`` replace the
   paper's T = 60 and 256 x 1024 where the machine cannot afford them: T only on jobs whose method has K-SVD (a
   low-rank config refuses the key), K-SVD snapshots cut to those below T, and neither where the sweep itself sets
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import socket
 import subprocess
@@ -43,6 +48,10 @@ from pathlib import Path
 
 from cospadi_jax.config import compose_config, sweep_points
 from cospadi_jax.methods import method_class
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # the sibling module, whether run or imported
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paper_setting_data import SAME_RUN  # noqa: E402
 
 SWEEPS = ("methods", "ksvd_iterations", "power_iterations", "rho", "dict_update", "calib_size", "ug", "ug_uniform")
 REPO = Path(__file__).resolve().parent.parent
@@ -56,7 +65,27 @@ class Job:
 
     @property
     def finished(self) -> bool:
-        return (self.output_dir / "metrics.json").is_file()
+        """Fitted and scored here, or linked to the same run of another sweep (:func:`link_same_runs`)."""
+        return (self.output_dir / "metrics.json").is_file() or (self.output_dir / SAME_RUN).is_file()
+
+
+def link_same_runs(jobs: list[Job]) -> list[Job]:
+    """Mark each unfinished job whose run another sweep under the same root has finished (a directory of the same
+    run name holding metrics.json) as finished, by writing ``<output_dir>/same_run.json`` = ``{"run": "<sweep
+    dir>/<run name>"}``. Returns the jobs linked."""
+    linked = []
+    for job in jobs:
+        if job.finished:
+            continue
+        root = job.output_dir.parent.parent
+        same = [m.parent for m in sorted(root.glob(f"*/{job.run_name}/metrics.json")) if m.parent != job.output_dir]
+        if same:
+            job.output_dir.mkdir(parents=True, exist_ok=True)
+            tmp = job.output_dir / f".{SAME_RUN}.tmp"  # renamed into place: never a half-written link
+            tmp.write_text(json.dumps({"run": same[0].relative_to(root).as_posix()}) + "\n")
+            tmp.replace(job.output_dir / SAME_RUN)
+            linked.append(job)
+    return linked
 
 
 def _value(value: object) -> str:
@@ -162,8 +191,8 @@ def launch(command: list[str], processes: int, log_dir: Path) -> int:
 
 
 def commit(job: Job) -> bool:
-    """Commit the job's kept files (.gitignore keeps metrics.json, evaluation-*.json and the snapshots') and
-    nothing else: other staged changes stay staged."""
+    """Commit the job's kept files (.gitignore keeps metrics.json, evaluation-*.json, same_run.json and the
+    snapshots') and nothing else: other staged changes stay staged."""
     path = str(job.output_dir)
     subprocess.run(["git", "add", "--", path], cwd=REPO, check=True)
     staged = subprocess.run(["git", "diff", "--cached", "--quiet", "--", path], cwd=REPO).returncode != 0
@@ -191,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     where = dict(w.split("=", 1) for w in args.where)
     jobs = plan_jobs(args.sweep, ksvd_iterations=args.ksvd_iterations, nsamples=args.nsamples, seqlen=args.seqlen,
                      where=where)
+    for job in link_same_runs(jobs):
+        print(f"linked {job.run_name}: the same run as {json.loads((job.output_dir / SAME_RUN).read_text())['run']}")
     todo = [j for j in jobs if not j.finished]
     print(f"{args.sweep}: {len(jobs)} jobs, {len(jobs) - len(todo)} finished, {len(todo)} to run")
     if args.commit:  # a call killed between a job's end and its commit left it finished but uncommitted

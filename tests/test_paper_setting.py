@@ -35,6 +35,26 @@ def test_grouping_snapshots_and_unknown_directories(tmp_path):
         ps.load_points(tmp_path)
 
 
+def test_a_run_shared_with_another_deliverable_is_its_point_there(tmp_path):
+    """same_run.json: the methods run's metrics as a point of power_iterations (no second fit); a link whose run is
+    missing, in its own deliverable or of another name is refused; the point's own fit, if made later, wins."""
+    write(tmp_path, "methods", "run-a", metrics("cospadi", 0.2, 27.0, power_iterations=8))
+    link = tmp_path / "power_iterations" / "run-a" / ps.SAME_RUN
+    link.parent.mkdir(parents=True)
+    link.write_text(json.dumps({"run": "methods/run-a"}))
+    by = ps.group(ps.load_points(tmp_path))
+    (shared,) = by["power_iterations"]
+    assert (shared.ppl, shared.power_iterations, shared.path) == (27.0, 8, "power_iterations/run-a/same_run.json")
+    assert [p.path for p in by["methods"]] == ["methods/run-a/metrics.json"]
+    write(tmp_path, "power_iterations", "run-a", metrics("cospadi", 0.2, 26.0, power_iterations=8))
+    assert [p.ppl for p in ps.group(ps.load_points(tmp_path))["power_iterations"]] == [26.0]
+    (link.parent / "metrics.json").unlink()
+    for target in ("methods/run-b", "power_iterations/run-a", "methods/other", "/abs/run-a"):
+        link.write_text(json.dumps({"run": target}))
+        with pytest.raises(ValueError, match="not a finished run of the same name in another deliverable"):
+            ps.load_points(tmp_path)
+
+
 def test_a_snapshot_whose_config_disagrees_with_its_directory_is_refused(tmp_path):
     write(tmp_path, "ksvd_iterations", "run/snapshots/T5", metrics(T=10))
     with pytest.raises(ValueError, match="snapshot directory says T5 but its config has method.ksvd_iterations=10"):
@@ -234,6 +254,25 @@ def test_session_sized_runs_restate_a_reduced_setting_only_where_it_applies(tmp_
     assert jobs[0].finished and not jobs[1].finished
     with pytest.raises(ValueError, match="unknown sweep 'method'"):
         runs.plan_jobs("method")
+
+
+def test_a_point_another_sweep_has_run_is_linked_not_fitted_again(tmp_path):
+    """power_iterations' p = 8 at CR 0.2 is methods' CoSpaDi at CR 0.2 (the same run name): with that run finished,
+    the point is linked to it and counts as finished; without it, or where the point has its own fit, nothing is
+    written."""
+    runs = _runs_script()
+    jobs = runs.plan_jobs("power_iterations", root=tmp_path)
+    (methods,) = runs.plan_jobs("methods", where={"method": "cospadi", "method.ratio": "0.2"}, root=tmp_path)
+    (same,) = [j for j in jobs if j.run_name == methods.run_name]
+    assert "method.power_iterations=8" in same.overrides
+    assert runs.link_same_runs(jobs) == [] and not any(j.finished for j in jobs)
+    methods.output_dir.mkdir(parents=True)
+    (methods.output_dir / "metrics.json").write_text("{}")
+    assert runs.link_same_runs(jobs) == [same] and [j for j in jobs if j.finished] == [same]
+    assert json.loads((same.output_dir / runs.SAME_RUN).read_text()) == {"run": f"methods/{methods.run_name}"}
+    assert sorted(p.name for p in same.output_dir.iterdir()) == [runs.SAME_RUN]  # no temporary file left
+    assert runs.link_same_runs(jobs) == []  # idempotent
+    assert runs.link_same_runs([methods]) == []  # its own fit: never linked
 
 
 def test_commit_sweeps_up_finished_jobs_an_earlier_call_left_uncommitted(tmp_path, monkeypatch):
