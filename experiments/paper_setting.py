@@ -4,10 +4,11 @@
 
 Reads every ``<root>/<deliverable>/**/metrics.json`` written by ``python -m cospadi_jax.run
 experiment=paper_smollm2_<deliverable>`` (and, for the K-SVD-iterations curve, the ``snapshots/T*/metrics.json``
-under a run directory: each a normal metrics.json whose ``config.method.ksvd_iterations`` is the snapshot's T),
-groups them by deliverable (the directory under the root), adds the bit-width points (the methods deliverable's
-CoSpaDi runs re-scored with ``task=evaluate eval.requantize=<width>``, which ``--requantize`` runs first: one fit
-per CR serves every width) and writes, deterministically:
+under a run directory: each a normal metrics.json whose ``config.method.ksvd_iterations`` is the snapshot's T; and
+the ``same_run.json`` links to a run of the same name in another deliverable), groups them by deliverable (the
+directory under the root), adds the bit-width points (the methods deliverable's CoSpaDi runs re-scored with
+``task=evaluate eval.requantize=<width>``, which ``--requantize`` runs first: one fit per CR serves every width)
+and writes, deterministically:
 
 - ``<root>/figures/<deliverable>.png``: one figure per deliverable that has points. Every title states the K-SVD
   T and calibration size of its points; a figure whose points differ in either is refused (:class:`MixedTError`,
