@@ -8,6 +8,8 @@
         global devices, gathered to the host, plus this rank's share of independent units.
     python tests/_distributed_worker.py compress OUT.npz COORDINATOR NUM_PROCESSES PROCESS_ID ARTIFACT_DIR
         (env JAX_NUM_CPU_DEVICES=2): compress(parallel="matrices") of a tiny model across the processes.
+    python tests/_distributed_worker.py grams OUT.npz COORDINATOR NUM_PROCESSES PROCESS_ID
+        calibration Grams of a tiny model, the batches shared between the processes.
 """
 
 from __future__ import annotations
@@ -183,12 +185,47 @@ def run_compress(out: str, coordinator: str, num_processes: int, process_id: int
     np.savez(out, **compress_tiny("matrices", artifact, finalize=jax.process_index() == 0))
 
 
+def tiny_gram_problem():
+    """A tiny random Llama and 10 windows of 32 tokens in batches of 4: 3 batches, the last one short."""
+    from helpers import tiny_hf_config
+
+    from cospadi_jax.models import random_model
+
+    model = random_model(tiny_hf_config("llama_gqa", True), seed=0)
+    return model, np.random.default_rng(1).integers(3, 96, size=(10, 32)).astype(np.int32), 4
+
+
+def run_grams(out: str, coordinator: str, num_processes: int, process_id: int) -> None:
+    """collect_grams across the processes; also records how many windows this process forwarded."""
+    from cospadi_jax import parallel as dist
+
+    assert dist.initialize(coordinator, num_processes, process_id), "jax.distributed did not start"
+    from cospadi_jax.calib import grams as grams_module
+
+    forwarded = []
+    embed = grams_module.embed_batches
+
+    def counting_embed(*args, **kwargs):
+        batches = embed(*args, **kwargs)
+        forwarded.extend(len(b) for b in batches)
+        return batches
+
+    grams_module.embed_batches = counting_embed
+    model, windows, batch_size = tiny_gram_problem()
+    grams = grams_module.collect_grams(model, windows, batch_size=batch_size, progress=False)
+    np.savez(out, windows_forwarded=np.asarray(sum(forwarded)), n_tokens=np.asarray(grams.n_tokens),
+             **{f"gram::{p}": g for p, g in grams.by_path.items()},
+             **{f"abs::{p}": a for p, a in grams.abs_sums.items()})
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     if mode == "single":
         run_single(out)
     elif mode == "multi":
         run_multi(out, sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    elif mode == "grams":
+        run_grams(out, sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
     elif mode == "compress":
         run_compress(out, sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
     else:

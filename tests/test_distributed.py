@@ -277,6 +277,30 @@ def test_compress_matrices_over_2_processes_equals_single_process(tmp_path):
             np.testing.assert_array_equal(np.asarray(getattr(f, name)).astype(expected.dtype), expected, err_msg=path)
 
 
+def test_calibration_grams_shared_by_2_processes_equal_single_process(tmp_path):
+    """Two processes forward 3 batches between them (round-robin: 4 + 2 windows and 4 windows), gather each batch's
+    Gram and sum in batch order: both hold the single process's Grams bit for bit, having forwarded half the data."""
+    from cospadi_jax.calib import collect_grams
+
+    port = free_port()
+    outs = [tmp_path / f"grams{i}.npz" for i in range(2)]
+    run_peer_processes(
+        [[sys.executable, str(WORKER), "grams", str(outs[i]), f"127.0.0.1:{port}", "2", str(i)] for i in range(2)],
+        [subprocess_env(JAX_NUM_CPU_DEVICES="1")] * 2, timeout=TIMEOUT_S)
+    model, windows, batch_size = worker.tiny_gram_problem()
+    reference = collect_grams(model, windows, batch_size=batch_size, progress=False)
+    expected = {**{f"gram::{p}": g for p, g in reference.by_path.items()},
+                **{f"abs::{p}": a for p, a in reference.abs_sums.items()}}
+    got = [dict(np.load(out)) for out in outs]
+    assert [int(g.pop("windows_forwarded")) for g in got] == [6, 4]
+    for rank, g in enumerate(got):
+        assert int(g.pop("n_tokens")) == reference.n_tokens == windows.size
+        assert sorted(g) == sorted(expected)
+        for name, value in expected.items():
+            assert g[name].dtype == np.float64
+            np.testing.assert_array_equal(g[name], value, err_msg=f"process {rank}: {name}")
+
+
 def test_hydra_app_two_processes_matrices_and_sharded_eval(tmp_path):
     """`python -m cospadi_jax.run method.parallel=matrices` launched as 2 processes x 2 devices (the same command
     on every process, as on a TPU pod): units spread over the processes, evaluation data-parallel over all 4

@@ -10,6 +10,7 @@ from ..data.calibration import sample_windows, tokenizer_fingerprint
 from ..data.text import load_text
 from ..fileio import can_create_in
 from ..models.transformer import CausalLM
+from ..parallel import on_every_process
 from .cache import GramKey, cached_path, load_grams, model_fingerprint, save_grams
 from .grams import Grams, collect_grams
 
@@ -55,7 +56,8 @@ def calibration_grams(model: CausalLM, tokenizer: Any, spec: CalibrationSpec, la
         raise ValueError(f"calibration seqlen {spec.seqlen} exceeds the model's max_position_embeddings "
                          f"{model.config.max_position_embeddings}; use a shorter seqlen.")
     path = cached_path(spec.cache_dir, key) if spec.cache_dir else None
-    if path is not None and path.exists():
+    # Decided together: a process that read the cache while its peers computed would leave them waiting on it.
+    if path is not None and on_every_process(path.exists()):
         return load_grams(path, key), key
     if path is not None and not can_create_in(path.parent):  # checked now, not after the forward passes
         log.warning("the Gram cache %s is not writable: computing the Grams without caching them", path.parent)

@@ -6,6 +6,7 @@ from cospadi_jax.parallel.mesh import (
     SHARDING_RULES,
     ShardingRules,
     active_rules,
+    gather_exact,
     initialize,
     is_primary,
     logical_sharding,
@@ -17,5 +18,6 @@ from cospadi_jax.parallel.mesh import (
 )
 from cospadi_jax.parallel.units import assign_units, map_units
 
-__all__ = ["DEFAULT_MESH_AXIS", "SHARDING_RULES", "ShardingRules", "active_rules", "assign_units", "initialize",
-           "is_primary", "logical_sharding", "logical_spec", "make_mesh", "map_units", "on_every_process", "to_host", "use_rules"]
+__all__ = ["DEFAULT_MESH_AXIS", "SHARDING_RULES", "ShardingRules", "active_rules", "assign_units", "gather_exact",
+           "initialize", "is_primary", "logical_sharding", "logical_spec", "make_mesh", "map_units", "on_every_process",
+           "to_host", "use_rules"]

@@ -243,6 +243,22 @@ def to_host(x: jax.Array | np.ndarray) -> np.ndarray:
     return np.asarray(x)
 
 
+def gather_exact(x: np.ndarray) -> np.ndarray:
+    """Every process's ``x`` (same shape and dtype on each) stacked in process order: [processes, *x.shape].
+
+    Bit-exact for any dtype: the bytes travel as uint32 words, so float64 survives JAX's default float32
+    canonicalization (``jax_enable_x64`` off). A collective in a multi-process run: every process must call it.
+    """
+    x = np.ascontiguousarray(x)
+    if jax.process_count() == 1:
+        return x[None]
+    from jax.experimental import multihost_utils
+
+    words = np.frombuffer(x.tobytes() + b"\0" * (-x.nbytes % 4), np.uint32)
+    gathered = np.asarray(multihost_utils.process_allgather(words))
+    return np.stack([np.frombuffer(row.tobytes()[: x.nbytes], x.dtype).reshape(x.shape) for row in gathered])
+
+
 # --------------------------------------------------------------------------- placement
 
 
