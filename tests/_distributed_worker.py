@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 import numpy as np
 
@@ -218,6 +219,20 @@ def run_grams(out: str, coordinator: str, num_processes: int, process_id: int) -
              **{f"abs::{p}": a for p, a in grams.abs_sums.items()})
 
 
+def run_late_primary(out: str, coordinator: str, num_processes: int, process_id: int, busy_s: float) -> None:
+    """The primary computes alone for ``busy_s`` before the first collective of the run; its peer waits there."""
+    from cospadi_jax import parallel as dist
+
+    assert dist.initialize(coordinator, num_processes, process_id), "jax.distributed did not start"
+    import jax.numpy as jnp
+
+    if dist.is_primary():
+        a, t0 = jnp.ones((512, 512)), time.perf_counter()
+        while time.perf_counter() - t0 < busy_s:
+            a = (a @ a / 512.0).block_until_ready()
+    np.savez(out, agreed=np.asarray(dist.on_every_process(True)))
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     if mode == "single":
@@ -228,5 +243,7 @@ if __name__ == "__main__":
         run_grams(out, sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
     elif mode == "compress":
         run_compress(out, sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
+    elif mode == "late_primary":
+        run_late_primary(out, sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6]))
     else:
-        raise SystemExit(f"unknown mode {mode!r}; use single or multi")
+        raise SystemExit(f"unknown mode {mode!r}; use single, multi, grams, compress or late_primary")

@@ -160,6 +160,18 @@ def test_map_units_union_equals_sequential(single8):
         np.testing.assert_allclose(r[f"unit{i}_D"], r[f"seq_unit{i}_D"], rtol=0, atol=1e-6)
 
 
+def test_first_collective_survives_a_primary_busy_past_the_gloo_connect_timeout(tmp_path):
+    """initialize() connects gloo while the processes are in step. Without that, the first collective after 40 s of
+    primary-only work (the fitting-time probe of a grouped run) failed: gloo gives up connecting after 30 s."""
+    port = free_port()
+    outs = [tmp_path / f"late{i}.npz" for i in range(2)]
+    run_peer_processes(
+        [[sys.executable, str(WORKER), "late_primary", str(outs[i]), f"127.0.0.1:{port}", "2", str(i), "40"]
+         for i in range(2)],
+        [subprocess_env(JAX_NUM_CPU_DEVICES="1")] * 2, timeout=TIMEOUT_S)
+    assert all(bool(np.load(o)["agreed"]) for o in outs)
+
+
 def test_two_processes_jax_distributed(tmp_path, reference_omp):
     """2 processes x 4 CPU devices via jax.distributed on localhost agree with one process."""
     port = free_port()

@@ -217,6 +217,10 @@ def initialize(
                 "call cospadi_jax.parallel.initialize() first thing in the program."
             ) from exc
         raise
+    # Connect the cross-process collectives now, while every process is in step (initialize returns together).
+    # gloo connects lazily at the first collective and gives up after 30 s: a process that first spends longer
+    # on its own work (the primary's fitting-time probe, say) would make that first collective fail.
+    on_every_process(True)
     return True
 
 
