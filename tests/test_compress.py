@@ -232,3 +232,26 @@ def test_a_knob_the_method_does_not_have_is_refused(tiny):
         compress(model, grams=grams, config=CoSpaDiConfig(name="svd_llm"), progress=False)
     with pytest.raises(ValueError, match="contradicts config.name"):
         compress(model, grams=grams, config=CoSpaDiConfig(), method="svd_llm", progress=False)
+
+
+def test_fit_seconds_exclude_reading_the_grams(tiny, monkeypatch):
+    """A matrix's fit time is the fit alone: a slow Gram cache (Basis Sharing's groups read theirs from a
+    compressed file for minutes) must not be booked as fitting."""
+    import time
+
+    import cospadi_jax.compress as compress_module
+    from cospadi_jax.calib import Grams
+
+    model, grams, _ = tiny
+    clock = {"skew": 0.0}  # reading a Gram takes an hour on this clock
+    monkeypatch.setattr(compress_module.time, "perf_counter", lambda: time.monotonic() + clock["skew"])
+
+    class SlowGrams(Grams):
+        def gram(self, path):
+            clock["skew"] += 3600.0
+            return super().gram(path)
+
+    slow = SlowGrams(grams.n_tokens, grams.by_path, grams.abs_sums)
+    _, report = compress(model, grams=slow, method="svd_llm", layers=(0,), proj_types=("q_proj",), progress=False)
+    (row,) = report.matrices
+    assert clock["skew"] >= 3600.0 and row.seconds < 600.0
