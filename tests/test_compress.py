@@ -239,12 +239,11 @@ def test_fit_seconds_exclude_reading_the_grams(tiny, monkeypatch):
     compressed file for minutes) must not be booked as fitting."""
     import time
 
-    import cospadi_jax.compress as compress_module
     from cospadi_jax.calib import Grams
 
     model, grams, _ = tiny
     clock = {"skew": 0.0}  # reading a Gram takes an hour on this clock
-    monkeypatch.setattr(compress_module.time, "perf_counter", lambda: time.monotonic() + clock["skew"])
+    monkeypatch.setattr(time, "perf_counter", lambda: time.monotonic() + clock["skew"])
 
     class SlowGrams(Grams):
         def gram(self, path):
