@@ -84,6 +84,26 @@ def test_figures_are_written_and_every_title_states_T(tmp_path, monkeypatch):
     assert "![rho](figures/rho.png)" in md and "| cospadi | 0.2 |" in md
 
 
+def test_a_collapsed_method_leaves_the_perplexity_axis_to_the_others_and_is_named_instead(tmp_path, monkeypatch):
+    full_tree(tmp_path)  # plain SVD at 7500-17500 PPL, over 100 x the dense 14.68; CoSpaDi† at 1350-3150 is not
+    assert ps.collapsed_methods(ps.group(ps.load_points(tmp_path))["methods"]) == {"svd": (7500.0, 17500.0)}
+    drawn = {}
+    save = ps._save
+
+    def spy(fig, out, name):
+        if name == "methods":
+            ppl, acc = fig.axes
+            drawn[name] = ({line.get_label() for line in ppl.lines}, {c.get_label() for c in acc.containers},
+                           ppl.get_title())
+        return save(fig, out, name)
+
+    monkeypatch.setattr(ps, "_save", spy)
+    ps.write_all(tmp_path)
+    ppl_lines, acc_lines, note = drawn["methods"]
+    assert "SVD" in acc_lines and "SVD" not in ppl_lines and "CoSpaDi†" in ppl_lines
+    assert note == "off scale (collapsed): SVD PPL 7.5e+03-1.8e+04"
+
+
 def test_mixed_T_in_one_figure_is_refused(tmp_path):
     write(tmp_path, "methods", "a", metrics("cospadi", 0.2, T=60))
     write(tmp_path, "methods", "b", metrics("cospadi", 0.3, T=1))
