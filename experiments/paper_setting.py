@@ -273,7 +273,8 @@ def plot_ug(points: list[Point], out: Path) -> str | None:
         axes[0].bar([j + 0.4 * i for j in x], [r[f"{key}ppl"] for r in rows], width=0.4, label=lab)
         axes[1].bar([j + 0.4 * i for j in x], [r[f"{key}acc"] or 0 for r in rows], width=0.4, label=lab,
                     yerr=[r[f"{key}acc_stderr"] or 0 for r in rows], capsize=3)
-    axes[0].set(ylabel="held-out perplexity", yscale="log")
+    _dense_lines(axes, points)
+    axes[0].set(ylabel="held-out perplexity")  # linear: on a log axis a bar's length is not its value
     axes[1].set(ylabel=f"{TASK} accuracy (± stderr)")
     for ax in axes:
         ax.set_xticks([j + 0.2 for j in x], labels, fontsize=7)
