@@ -136,13 +136,19 @@ class ArtifactWriter:
         """Indices of the finished units (without reading their factors)."""
         return _finished_indices(self.directory)
 
-    def finished_units(self, total: int | None = None) -> dict[int, tuple[list[Factors], list[dict]]]:
+    def finished_units(self, total: int | None = None, factors: bool = True
+                       ) -> dict[int, tuple[list[Factors], list[dict]]]:
         """Factors and report rows of every unit a previous run (or another process) finished; logs how many
-        of ``total`` units are reused."""
-        done = _read_units(self.directory, _finished_indices(self.directory))
+        of ``total`` units are reused. ``factors=False`` reads the rows only (factors ``[]``): a streamed run
+        resumed into a model larger than the host reads each unit's factors when it needs them (``unit``)."""
+        done = _read_units(self.directory, _finished_indices(self.directory), factors)
         if done and total is not None:
             log.info("resuming %s: %d of %d units reused", self.directory, len(done), total)
         return done
+
+    def unit(self, idx: int) -> tuple[list[Factors], list[dict]]:
+        """Factors and report rows of one finished unit."""
+        return _read_units(self.directory, [idx])[idx]
 
     def save_unit(self, idx: int, factors: list[Factors], rows: list[dict]) -> None:
         import jax
@@ -270,12 +276,13 @@ def _load_factors(unit_dir: Path) -> dict[str, list[dict[str, np.ndarray]]]:
     return _checkpointer().restore(unit_dir.resolve() / "factors")
 
 
-def _read_units(directory: Path, indices: list[int]) -> dict[int, tuple[list[Factors], list[dict]]]:
+def _read_units(directory: Path, indices: list[int], factors: bool = True
+                ) -> dict[int, tuple[list[Factors], list[dict]]]:
     out = {}
     for idx in indices:
         unit_dir = directory / "units" / f"{idx:05d}"
         try:
-            tree = _load_factors(unit_dir)
+            tree = _load_factors(unit_dir) if factors else {"factors": []}
             rows = json.loads((unit_dir / "report.json").read_text())
         except Exception as exc:
             raise CorruptCheckpointError(

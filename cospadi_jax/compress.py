@@ -100,9 +100,11 @@ def fit_and_save(unit_index: int, Ws: list[np.ndarray], paths: list[str], method
     return factors, rows
 
 
-def reused_units(artifact: Any, total: int | None = None) -> dict[int, tuple[list[Factors], list[MatrixReport]]]:
-    """The units an interrupted run finished (reused, never refitted: a resumed run is bit-identical)."""
-    return rows_from_artifact(artifact.finished_units(total)) if artifact is not None else {}
+def reused_units(artifact: Any, total: int | None = None, factors: bool = True
+                 ) -> dict[int, tuple[list[Factors], list[MatrixReport]]]:
+    """The units an interrupted run finished (reused, never refitted: a resumed run is bit-identical); with
+    ``factors=False`` their rows only (factors ``[]``, read later through ``artifact.unit``)."""
+    return rows_from_artifact(artifact.finished_units(total, factors)) if artifact is not None else {}
 
 
 def compress(
@@ -249,7 +251,9 @@ def compress(
         return fit_and_save(unit_index, Ws, paths, method, config, unit_grams or grams, heldout_grams, key,
                             ratios[unit_index] if ratios is not None else None, artifact)
 
-    done = reused_units(artifact, len(units))
+    # A streamed run that drops its factors must not read every finished unit's at once on resume: the compressed
+    # model may not fit the host. swap_in reads a reused unit's factors when its layer comes.
+    done = reused_units(artifact, len(units), factors=keep_factors or not streamed)
     report.units, report.units_reused = len(units), len(done)
     if sequential or streamed:
         def fit_block(indices: list[int], block_grams: Grams, block_layers: dict) -> None:
@@ -260,7 +264,7 @@ def compress(
                 done.update({i: fit(i, block_grams, block_layers) for i in indices})
 
         def swap_in(unit_index: int, block_layers: dict) -> None:
-            for path, f in zip(units[unit_index], done[unit_index][0]):
+            for path, f in zip(units[unit_index], done[unit_index][0] or artifact.unit(unit_index)[0]):
                 replace_projection(block_layers[parse_projection_path(path)[0]], path, f, mode=build_mode)
 
         def layer_done(index: int, stats: dict[str, float]) -> None:

@@ -9,10 +9,11 @@ from helpers import tiny_hf_config
 
 from cospadi_jax.calib import collect_grams
 from cospadi_jax.checkpoint import ArtifactWriter
-from cospadi_jax.compress import CalibrationSpec, compress
+from cospadi_jax.compress import CalibrationSpec, compress, work_units
 from cospadi_jax.methods import method_config
 from cospadi_jax.layers import replace_projection
 from cospadi_jax.models import get_module, random_model
+from cospadi_jax.models.paths import parse_projection_path
 from cospadi_jax.refine import factors_of
 from cospadi_jax.sequential import blocks
 from cospadi_jax.sources import ModelLayerSource
@@ -127,6 +128,38 @@ def test_an_interrupted_sequential_run_resumes_bit_identical(tiny, tmp_path):
                                **fast())
     assert report.units_reused == 17
     _equal(_factors(resumed), reference, list(reference))
+
+
+def test_a_streamed_sequential_run_resumes_reading_each_reused_unit_when_its_layer_comes(tiny, tmp_path,
+                                                                                          monkeypatch):
+    """A streamed run without kept factors (a model larger than the host) never reads every finished unit's
+    factors at once on resume: each reused unit is read once, when its block is swapped in."""
+    from cospadi_jax import checkpoint
+
+    model, windows = tiny
+    config = method_config("svd_llm", ratio=0.3)
+    streamed = dict(windows=windows, config=config, budget_gib=4.0, progress=False,
+                    calibration=CalibrationSpec(sequential=True, heldout_source=None))
+    reference, _ = compress(ModelLayerSource(model), **streamed)
+    meta = {"identity": {"run": "streamed-seq"}}
+    with pytest.raises(_Killed):  # dies inside the third layer (7 units per layer)
+        compress(ModelLayerSource(model), artifact=_DiesAfter(tmp_path, meta, after=17), **streamed)
+    reused = ArtifactWriter(tmp_path, meta).finished_indices()
+    reads: list[str] = []
+    load = checkpoint._load_factors
+    monkeypatch.setattr(checkpoint, "_load_factors", lambda unit_dir: reads.append(unit_dir.name) or load(unit_dir))
+    kept, report = compress(ModelLayerSource(model), artifact=ArtifactWriter(tmp_path, meta), keep_factors=False,
+                            **streamed)
+    assert kept == {} and report.units_reused == 17
+    assert sorted(reads) == [f"{i:05d}" for i in reused]  # each reused unit once
+    units = work_units(config, model.config.num_hidden_layers)
+    layer_of_read = [parse_projection_path(units[int(name)][0])[0] for name in reads]
+    assert layer_of_read == sorted(layer_of_read)  # when its layer comes, not all up front
+    resumed = {row["path"]: f for fs, rows in ArtifactWriter(tmp_path, meta).finished_units().values()
+               for f, row in zip(fs, rows)}
+    assert resumed.keys() == reference.keys()
+    for p, f in reference.items():
+        np.testing.assert_array_equal(resumed[p].A, f.A, err_msg=p)
 
 
 def test_streaming_sequential_equals_compress_sequential(tiny):

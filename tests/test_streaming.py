@@ -24,7 +24,7 @@ def tiny():
 
 
 @pytest.mark.parametrize("method", ["cospadi", "svd_llm"])
-def test_streaming_equals_whole_model_compress(tiny, tmp_path, method):
+def test_streaming_equals_whole_model_compress(tiny, tmp_path, method, monkeypatch):
     model, windows = tiny
     config = method_config(method, ratio=0.3, **(dict(ksvd_iterations=2, power_iterations=3) if method == "cospadi" else {}))
     compressed, whole = compress(model, grams=collect_grams(model, windows, progress=False), config=config,
@@ -46,11 +46,17 @@ def test_streaming_equals_whole_model_compress(tiny, tmp_path, method):
             np.testing.assert_allclose(np.asarray(getattr(factors[row.path], name)),
                                        np.asarray(getattr(reference, name)[...]), rtol=0, atol=1e-6,
                                        err_msg=f"{row.path} {name}")
-    # Every unit reached the artifact: a second streaming run reuses them all (nothing refitted).
+    # Every unit reached the artifact: a second streaming run reuses them all (nothing refitted), and without
+    # kept factors it reads none of them (on the plain rule no layer needs its compressed units).
+    from cospadi_jax import checkpoint
+
+    reads = []
+    load = checkpoint._load_factors
+    monkeypatch.setattr(checkpoint, "_load_factors", lambda unit_dir: reads.append(unit_dir) or load(unit_dir))
     kept, again = compress(ModelLayerSource(model), windows=windows, config=config, budget_gib=4.0,
                            artifact=artifact, keep_factors=False, progress=False)
     assert [r.seconds for r in again.matrices] == [r.seconds for r in report.matrices]
-    assert kept == {} and again.units_reused == again.units
+    assert kept == {} and again.units_reused == again.units and reads == []
 
 
 def test_memory_plan_for_llama3_8b_shapes():
