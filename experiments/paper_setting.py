@@ -71,9 +71,18 @@ def _dense_lines(axes: Any, points: list[Point]) -> None:
 def _ppl_acc_axes(title: str, xlabel: str) -> tuple[Any, Any]:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     axes[0].set(xlabel=xlabel, ylabel=f"held-out perplexity ({PPL_SOURCE})", yscale="log")
+    # Plain numbers (27, 30), not 2.7x10^1: a perplexity axis often spans less than a decade.
+    axes[0].yaxis.set_major_formatter(matplotlib.ticker.LogFormatter())
+    axes[0].yaxis.set_minor_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False))
     axes[1].set(xlabel=xlabel, ylabel=f"{TASK} accuracy (± stderr)")
     fig.suptitle(title)
     return fig, axes
+
+
+def _log2_x(axes: Any) -> None:
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))  # 1, 2, 4, not 2^0
 
 
 def _curves(axes: Any, lines: dict[str, list[tuple[float, Point]]], colours: dict[str, str] | None = None,
@@ -165,8 +174,7 @@ def _axis_plot(points: list[Point], out: Path, name: str, axis: str, xlabel: str
     _dense_lines(axes, points)
     _curves(axes, dict(sorted(lines.items())))
     if log2:
-        for ax in axes:
-            ax.set_xscale("log", base=2)
+        _log2_x(axes)
     return _save(fig, out, name)
 
 
@@ -228,8 +236,7 @@ def plot_calib(points: list[Point], out: Path) -> str | None:
         lines[f"{DISPLAY.get(p.method, p.method)}, seqlen {p.seqlen}, CR {p.ratio:g}"].append((p.nsamples, p))
     _dense_lines(axes, points)
     _curves(axes, dict(sorted(lines.items())))
-    for ax in axes:
-        ax.set_xscale("log", base=2)
+    _log2_x(axes)
     return _save(fig, out, "calib_size")
 
 
