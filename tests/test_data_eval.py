@@ -135,20 +135,15 @@ def test_non_finite_logits_raise(tiny_model):
 @requires_embedded
 @pytest.mark.real_weights
 @pytest.mark.slow
-def test_smollm2_perplexity_matches_pytorch(smollm2):
+def test_smollm2_perplexity_matches_pytorch(smollm2, smollm2_torch):
     """Same windows, same GGUF weights: our perplexity within 0.5% of transformers-PyTorch's."""
     import torch
-    from transformers import AutoModelForCausalLM
-
-    from cospadi_jax.models import embedded_model_path
 
     model, tok = smollm2
     windows = make_windows(tok, embedded_text("heldout"), seqlen=256, max_windows=3)
     ours = windows_perplexity(model, windows, batch_size=3, progress=False)
-    path = embedded_model_path("smollm2-135m")
-    ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     with torch.no_grad():
-        logits = ref(torch.from_numpy(windows).long()).logits[:, :-1].double()
+        logits = smollm2_torch(torch.from_numpy(windows).long()).logits[:, :-1].double()
         logp = torch.log_softmax(logits, -1).gather(-1, torch.from_numpy(windows[:, 1:]).long()[..., None])
     theirs = math.exp(-logp.mean().item())
     assert abs(ours.perplexity / theirs - 1) < 0.005, (ours.perplexity, theirs)

@@ -3,6 +3,8 @@ sampling is seeded and obeys top-p, and bad requests are refused."""
 
 from __future__ import annotations
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,15 +95,18 @@ def _hf_reference(family: str, tied: bool, tmp_path):
     return ref
 
 
-def _hf_greedy(ref, prompts, n: int) -> list[list[int]]:
-    """transformers' batched greedy generate with left padding."""
+def _hf_greedy(ref, prompts, n: int, **config) -> list[list[int]]:
+    """transformers' batched greedy generate with left padding: exactly n new tokens (``config`` overrides the
+    model's generation config, on a copy: the reference may be shared by the session)."""
     import torch
 
+    generation = copy.deepcopy(ref.generation_config)
+    generation.update(max_new_tokens=n, min_new_tokens=n, do_sample=False, **config)
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     with torch.no_grad():
-        out = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        out = ref.generate(input_ids=ids, attention_mask=mask, generation_config=generation)
     return out[:, width:].tolist()
 
 
@@ -116,21 +121,13 @@ def test_greedy_equals_transformers_generate(family, tmp_path):
 
 @pytest.mark.slow
 @requires_embedded
-def test_smollm2_greedy_equals_transformers():
+def test_smollm2_greedy_equals_transformers(smollm2, smollm2_torch):
     """32 greedy tokens of the real SmolLM2, batched with left padding, equal transformers-PyTorch's."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from cospadi_jax.models import embedded_model_path
-
-    model, tok = load_model("smollm2-135m")
+    model, tok = smollm2
     texts = ["The Lord is my shepherd; I shall not", "In the beginning God created the heaven and the earth. And"]
     prompts = [tok(t)["input_ids"] for t in texts]
-    path = embedded_model_path("smollm2-135m")
-    ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-    ref.generation_config.eos_token_id = None
-    ref.generation_config.pad_token_id = tok.pad_token_id
-    expected = _hf_greedy(ref, prompts, 32)
+    # No EOS, so neither side stops early.
+    expected = _hf_greedy(smollm2_torch, prompts, 32, eos_token_id=None, pad_token_id=tok.pad_token_id)
     ours = Generator(model).generate(prompts, 32, pad_token_id=tok.pad_token_id)
     assert ours == expected, [tok.decode(o) for o in ours] + [tok.decode(e) for e in expected]
 

@@ -58,15 +58,12 @@ def test_tokenizer_equals_transformers(gguf_file):
     assert tokenizer_fingerprint(mine) == tokenizer_fingerprint(theirs)
 
 
-def test_tensors_equal_transformers(gguf_file, smollm2):
+def test_tensors_equal_transformers(smollm2, smollm2_torch):
     """The q/k un-permutation rule and the dequantisation give transformers' weights exactly."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from cospadi_jax.models import projection_weight
 
     model, _ = smollm2
-    ref = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32)
+    ref = smollm2_torch
     for layer in (0, 17):
         for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj"):
             path = f"model.layers.{layer}.{proj}"

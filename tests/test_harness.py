@@ -129,11 +129,16 @@ def test_generate_until_equals_uncached_greedy(smollm2):
     contexts = ["The Lord is my shepherd;", "In the beginning God created the heaven", "And God said, Let there be"]
     gen_kwargs = {"until": ["."], "max_gen_toks": 10, "do_sample": False}
     got = lm.generate_until([SimpleNamespace(args=(c, gen_kwargs)) for c in contexts])
+    width = max(len(tok(c, add_special_tokens=False)["input_ids"]) for c in contexts) + 10
     for context, text in zip(contexts, got):
         tokens = tok(context, add_special_tokens=False)["input_ids"]
         new: list[int] = []
         for _ in range(10):  # greedy without a cache: the whole prefix every step
-            nxt = int(jnp.argmax(forward_logits(model, jnp.asarray([tokens + new]))[0, -1]))
+            # Right-padded to one width (one compile, not one per length): causal attention keeps the padding
+            # out of the logits at the prefix's last position.
+            prefix = tokens + new
+            ids = jnp.asarray([prefix + [0] * (width - len(prefix))])
+            nxt = int(jnp.argmax(forward_logits(model, ids)[0, len(prefix) - 1]))
             if nxt == tok.eos_token_id:
                 break
             new.append(nxt)
