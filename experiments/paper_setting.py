@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
@@ -47,9 +48,21 @@ from paper_setting_data import (  # noqa: E402,F401  (re-exported for the notebo
 # ----------------------------------------------------------------------------------------------- figures
 
 
+def _wrap_titles(fig: Any) -> None:
+    """Wrap every title wider than its room (the figure for a suptitle, its axes for an axes title): matplotlib
+    would cut it at the edge, and our titles carry the setting (T, calibration) that a reader must see."""
+    renderer = fig.canvas.get_renderer()
+    for text, room in [(t, fig.bbox.width) for t in fig.texts] + [(ax.title, ax.bbox.width) for ax in fig.axes]:
+        width = text.get_window_extent(renderer).width
+        if width > room:
+            line = text.get_text().replace("\n", " ")
+            text.set_text(textwrap.fill(line, max(20, int(len(line) * room / width * 0.95))))
+
+
 def _save(fig: Any, out: Path, name: str) -> str:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.png"
+    _wrap_titles(fig)
     fig.tight_layout()
     fig.savefig(path, dpi=110, metadata={"Software": None})  # no version string: the same bytes on every run
     plt.close(fig)

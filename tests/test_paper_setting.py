@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from paper_setting_tree import full_tree, load_script, metrics, write, write_evaluation
 
 ps = load_script()
@@ -61,14 +62,20 @@ def test_a_snapshot_whose_config_disagrees_with_its_directory_is_refused(tmp_pat
         ps.load_points(tmp_path)
 
 
-def test_figures_are_written_and_every_title_states_T(tmp_path, monkeypatch):
+def test_figures_are_written_and_every_title_states_T_within_the_figure(tmp_path, monkeypatch):
     full_tree(tmp_path)
-    titles = {}
+    titles, overflow = {}, []
     save = ps._save
 
     def spy(fig, out, name):
         titles[name] = (fig._suptitle.get_text() if fig._suptitle else "") + fig.axes[0].get_title()
-        return save(fig, out, name)
+        path = save(fig, out, name)
+        renderer = FigureCanvasAgg(fig).get_renderer()  # the closed figure's canvas no longer renders
+        for text, room in [(t, fig.bbox) for t in fig.texts] + [(ax.title, ax.bbox) for ax in fig.axes]:
+            box = text.get_window_extent(renderer)
+            if box.x0 < 0 or box.x1 > fig.bbox.x1 or box.width > room.width:  # matplotlib cuts it at the edge
+                overflow.append((name, text.get_text()))
+        return path
 
     monkeypatch.setattr(ps, "_save", spy)
     out = ps.write_all(tmp_path)
@@ -80,6 +87,7 @@ def test_figures_are_written_and_every_title_states_T(tmp_path, monkeypatch):
         expected = "K-SVD T = 0..100 (the x axis)" if name == "ksvd_iterations" else "K-SVD T = 60"
         assert expected in title, (name, title)
         assert ("calibration 256 x 1024 tokens" in title) == (name != "calib_size"), (name, title)
+    assert not overflow
     md = (tmp_path / "results.md").read_text()
     assert "![rho](figures/rho.png)" in md and "| cospadi | 0.2 |" in md
 
