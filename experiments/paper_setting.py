@@ -166,10 +166,11 @@ def plot_ksvd(points: list[Point], out: Path) -> str | None:
                          capsize=3, label=lab)
         longest = max(by_t.values(), key=lambda p: (len(p.objective), p.path))
         if longest.objective:
-            axes[2].plot(range(1, len(longest.objective) + 1), longest.objective, label=f"{lab} (T = {longest.T})")
+            # objective[t] is the error after t iterations; [0] after the first OMP on the initial dictionary.
+            axes[2].plot(range(len(longest.objective)), longest.objective, label=f"{lab} (T = {longest.T})")
     axes[0].set(xlabel="K-SVD iterations T", ylabel="held-out perplexity", yscale="log")
     axes[1].set(xlabel="K-SVD iterations T", ylabel=f"{TASK} accuracy (± stderr)")
-    axes[2].set(xlabel="iteration", ylabel="mean K-SVD objective over matrices", yscale="log")
+    axes[2].set(xlabel="K-SVD iteration t", ylabel="mean K-SVD objective over matrices", yscale="log")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
