@@ -10,8 +10,9 @@ dict_update, calib_size, ug, ug_uniform). Its jobs are the points of the experim
 experiment=... <point> <setting>`` process (the Hydra app, nothing re-implemented; one process per job frees its
 memory). What this adds to ``-m``:
 
-- **Resumable across sessions.** A job whose directory holds ``metrics.json`` is finished and skipped; a killed one
-  resumes from its artifact (the app's resume, bit-identical).
+- **Resumable across sessions.** A job whose directory holds its final ``metrics.json`` (with its snapshots scored,
+  if it keeps any) is finished and skipped; a killed one resumes from its artifact (the app's resume,
+  bit-identical).
 - **Session-sized.** ``--deadline-minutes``: no job starts after that many minutes; ``--where key=value`` picks a
   part of the sweep. Progress and an ETA (the mean of this call's finished jobs) are printed after every job.
 - **Committed as it goes.** ``--commit`` commits each finished job's ``metrics.json`` (and its snapshots' and
@@ -66,19 +67,31 @@ class Job:
     @property
     def finished(self) -> bool:
         """Fitted and scored here, or linked to the same run of another sweep (:func:`link_same_runs`)."""
-        return (self.output_dir / "metrics.json").is_file() or (self.output_dir / SAME_RUN).is_file()
+        return run_complete(self.output_dir) or (self.output_dir / SAME_RUN).is_file()
+
+
+def run_complete(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds the run's final ``metrics.json``. A run with K-SVD snapshots writes it once after
+    its own evaluation and again, with ``"snapshots"``, after evaluating them: a run killed in between is not done
+    (run again, it reuses every unit and evaluates only the snapshots still missing)."""
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return False
+    metrics = json.loads(path.read_text())
+    return "snapshots" in metrics or not metrics.get("config", {}).get("method", {}).get("ksvd_snapshots")
 
 
 def link_same_runs(jobs: list[Job]) -> list[Job]:
     """Mark each unfinished job whose run another sweep under the same root has finished (a directory of the same
-    run name holding metrics.json) as finished, by writing ``<output_dir>/same_run.json`` = ``{"run": "<sweep
+    run name holding its final metrics.json) as finished, by writing ``<output_dir>/same_run.json`` = ``{"run": "<sweep
     dir>/<run name>"}``. Returns the jobs linked."""
     linked = []
     for job in jobs:
         if job.finished:
             continue
         root = job.output_dir.parent.parent
-        same = [m.parent for m in sorted(root.glob(f"*/{job.run_name}/metrics.json")) if m.parent != job.output_dir]
+        same = [m.parent for m in sorted(root.glob(f"*/{job.run_name}/metrics.json"))
+                if m.parent != job.output_dir and run_complete(m.parent)]
         if same:
             job.output_dir.mkdir(parents=True, exist_ok=True)
             tmp = job.output_dir / f".{SAME_RUN}.tmp"  # renamed into place: never a half-written link

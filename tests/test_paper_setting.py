@@ -303,6 +303,22 @@ def test_a_point_another_sweep_has_run_is_linked_not_fitted_again(tmp_path):
     assert runs.link_same_runs([methods]) == []  # its own fit: never linked
 
 
+def test_a_snapshot_run_killed_before_its_snapshots_were_scored_is_not_finished(tmp_path):
+    """run.py writes a snapshot run's metrics.json after its own evaluation, then again with "snapshots": between
+    the two the job must stay to do (the next call evaluates the snapshots missing), and no other sweep links it."""
+    runs = _runs_script()
+    job = runs.Job(("experiment=x",), "run", tmp_path / "ksvd_iterations" / "run")
+    other = runs.Job(("experiment=y",), "run", tmp_path / "methods" / "run")
+    job.output_dir.mkdir(parents=True)
+    with_snapshots = {"config": {"method": {"ksvd_snapshots": [0, 5]}}}
+    (job.output_dir / "metrics.json").write_text(json.dumps(with_snapshots))
+    assert not job.finished and runs.link_same_runs([other]) == []
+    (job.output_dir / "metrics.json").write_text(json.dumps({**with_snapshots, "snapshots": []}))
+    assert job.finished and runs.link_same_runs([other]) == [other]
+    (job.output_dir / "metrics.json").write_text(json.dumps({"config": {"method": {"ksvd_snapshots": []}}}))
+    assert job.finished
+
+
 def test_commit_sweeps_up_finished_jobs_an_earlier_call_left_uncommitted(tmp_path, monkeypatch):
     """A runner killed between a job's end and its commit must not leave that job's metrics uncommitted for good:
     the next ``--commit`` call (even ``--list``) commits them, and only them."""
