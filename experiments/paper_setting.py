@@ -81,12 +81,18 @@ def _dense_lines(axes: Any, points: list[Point]) -> None:
             axes[1].axhline(dense.dense_acc, color="k", ls=":", lw=1, label="dense")
 
 
+def _plain_log_y(ax: Any) -> None:
+    """A log y axis labelled with plain numbers (27, 30), not 2.7x10^1: a perplexity axis often spans less than a
+    decade, where the default labels only one or two ticks."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.LogFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False))
+
+
 def _ppl_acc_axes(title: str, xlabel: str) -> tuple[Any, Any]:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    axes[0].set(xlabel=xlabel, ylabel=f"held-out perplexity ({PPL_SOURCE})", yscale="log")
-    # Plain numbers (27, 30), not 2.7x10^1: a perplexity axis often spans less than a decade.
-    axes[0].yaxis.set_major_formatter(matplotlib.ticker.LogFormatter())
-    axes[0].yaxis.set_minor_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False))
+    axes[0].set(xlabel=xlabel, ylabel=f"held-out perplexity ({PPL_SOURCE})")
+    _plain_log_y(axes[0])
     axes[1].set(xlabel=xlabel, ylabel=f"{TASK} accuracy (± stderr)")
     fig.suptitle(title)
     return fig, axes
@@ -168,9 +174,11 @@ def plot_ksvd(points: list[Point], out: Path) -> str | None:
         if longest.objective:
             # objective[t] is the error after t iterations; [0] after the first OMP on the initial dictionary.
             axes[2].plot(range(len(longest.objective)), longest.objective, label=f"{lab} (T = {longest.T})")
-    axes[0].set(xlabel="K-SVD iterations T", ylabel="held-out perplexity", yscale="log")
+    axes[0].set(xlabel="K-SVD iterations T", ylabel=f"held-out perplexity ({PPL_SOURCE})")
+    _plain_log_y(axes[0])
     axes[1].set(xlabel="K-SVD iterations T", ylabel=f"{TASK} accuracy (± stderr)")
-    axes[2].set(xlabel="K-SVD iteration t", ylabel="mean K-SVD objective over matrices", yscale="log")
+    # Linear: the objective spans about 2x, where a log axis labels one or two ticks.
+    axes[2].set(xlabel="K-SVD iteration t", ylabel="mean K-SVD objective over matrices")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -210,7 +218,8 @@ def plot_rho(points: list[Point], out: Path) -> str | None:
         acc = [p for p in xs if p.acc is not None]
         right.errorbar([p.rho for p in acc], [p.acc for p in acc], yerr=[_err(p) for p in acc], marker="s",
                        ls="--", capsize=3, color=c, label=f"accuracy, CR {ratio:g}")
-    left.set(xlabel="ρ = k/s", ylabel="held-out perplexity (solid)", yscale="log")
+    left.set(xlabel="ρ = k/s", ylabel="held-out perplexity (solid)")
+    _plain_log_y(left)
     right.set_ylabel(f"{TASK} accuracy ± stderr (dashed)")
     handles = left.get_legend_handles_labels(), right.get_legend_handles_labels()
     left.legend(handles[0][0] + handles[1][0], handles[0][1] + handles[1][1], fontsize=7, loc="upper center")

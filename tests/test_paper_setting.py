@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import matplotlib.ticker
 import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from paper_setting_tree import full_tree, load_script, metrics, write, write_evaluation
@@ -64,11 +65,15 @@ def test_a_snapshot_whose_config_disagrees_with_its_directory_is_refused(tmp_pat
 
 def test_figures_are_written_and_every_title_states_T_within_the_figure(tmp_path, monkeypatch):
     full_tree(tmp_path)
-    titles, overflow = {}, []
+    titles, overflow, sci_ticks = {}, [], []
     save = ps._save
 
     def spy(fig, out, name):
         titles[name] = (fig._suptitle.get_text() if fig._suptitle else "") + fig.axes[0].get_title()
+        for ax in fig.axes:  # 27, 30 on a perplexity axis, not 2.7x10^1 (LogFormatterSciNotation, the default)
+            if "perplexity" in ax.get_ylabel() and ax.get_yscale() == "log":
+                if type(ax.yaxis.get_major_formatter()) is not matplotlib.ticker.LogFormatter:
+                    sci_ticks.append((name, ax.get_ylabel()))
         path = save(fig, out, name)
         renderer = FigureCanvasAgg(fig).get_renderer()  # the closed figure's canvas no longer renders
         for text, room in [(t, fig.bbox) for t in fig.texts] + [(ax.title, ax.bbox) for ax in fig.axes]:
@@ -88,8 +93,36 @@ def test_figures_are_written_and_every_title_states_T_within_the_figure(tmp_path
         assert expected in title, (name, title)
         assert ("calibration 256 x 1024 tokens" in title) == (name != "calib_size"), (name, title)
     assert not overflow
+    assert not sci_ticks
     md = (tmp_path / "results.md").read_text()
     assert "![rho](figures/rho.png)" in md and "| cospadi | 0.2 |" in md
+
+
+def test_the_objective_panel_draws_objective_t_at_iteration_t_from_0(tmp_path, monkeypatch):
+    # objective[t] is the error after t K-SVD iterations ([0]: the first OMP on the initial dictionary), so a T = 100
+    # run has 101 entries, drawn at t = 0..100; the panel takes the mean over matrices of the longest run.
+    m = metrics("cospadi", 0.2, 27.0, T=100)
+    for i, row in enumerate(m["matrices"]):
+        row["objective"] = [(i + 1) / (t + 1) for t in range(101)]
+    write(tmp_path, "ksvd_iterations", "run-cr0.2", m)
+    short = metrics("cospadi", 0.2, 30.0, T=5)
+    for row in short["matrices"]:
+        row["objective"] = [1.0] * 6
+    write(tmp_path, "ksvd_iterations", "run-cr0.2/snapshots/T5", short)
+    drawn = {}
+    save = ps._save
+
+    def spy(fig, out, name):
+        if name == "ksvd_iterations":
+            (line,) = fig.axes[2].lines
+            drawn["x"], drawn["y"] = list(line.get_xdata()), list(line.get_ydata())
+        return save(fig, out, name)
+
+    monkeypatch.setattr(ps, "_save", spy)
+    ps.write_all(tmp_path)
+    mean_i = sum(range(1, len(m["matrices"]) + 1)) / len(m["matrices"])
+    assert drawn["x"] == list(range(101))
+    assert drawn["y"] == pytest.approx([mean_i / (t + 1) for t in range(101)])
 
 
 def test_a_collapsed_method_leaves_the_perplexity_axis_to_the_others_and_is_named_instead(tmp_path, monkeypatch):
