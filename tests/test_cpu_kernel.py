@@ -113,12 +113,37 @@ def test_power_update_equals_the_jax_reference(unused):
     S = dense_codes(codes, 30)
     D_ref, S_ref, n_unused_ref = update_dictionary(jnp.asarray(Y), jnp.asarray(D), jnp.asarray(S), unused=unused)
     E_t, D_t = np.ascontiguousarray((Y - D @ S).T), np.ascontiguousarray(D.T)
-    values, n_unused = power_update_cpu(E_t, D_t, codes, unused=unused, Y_t=np.ascontiguousarray(Y.T))
-    assert n_unused == int(n_unused_ref) and (n_unused > 0) == (unused == "reseed")
+    values, n_unused, n_lapack = power_update_cpu(E_t, D_t, codes, unused=unused, Y_t=np.ascontiguousarray(Y.T))
+    assert n_unused == int(n_unused_ref) and (n_unused > 0) == (unused == "reseed") and n_lapack == 0
     np.testing.assert_allclose(D_t.T, np.asarray(D_ref), atol=1e-10)
     S_new = dense_codes(codes._replace(values=values), 30)
     np.testing.assert_allclose(S_new, np.asarray(S_ref), atol=1e-10)
     np.testing.assert_allclose(E_t.T, Y - D_t.T @ S_new, atol=1e-10)  # the residual was kept up to date
+
+
+@pytest.mark.parametrize("max_steps", [cpu_kernel.EXACT_MAX_STEPS, 1])
+def test_exact_update_equals_the_svd_reference(max_steps, monkeypatch):
+    # Power steps to convergence, or LAPACK where they stop short (forced for every atom by a one-step cap): the
+    # top singular pair of each atom's residual as the JAX update's SVD gives it, up to the pair's sign.
+    monkeypatch.setattr(cpu_kernel, "EXACT_MAX_STEPS", max_steps)
+    D, Y = _problem(40, 30, 90, seed=6)
+    codes = batch_omp_cpu(D.T @ D, D.T @ Y, 7)
+    S = dense_codes(codes, 30)
+    D_ref, S_ref, _ = update_dictionary(jnp.asarray(Y), jnp.asarray(D), jnp.asarray(S), dict_update="exact")
+    D_ref, S_ref = np.asarray(D_ref), np.asarray(S_ref)
+    E_t, D_t = np.ascontiguousarray((Y - D @ S).T), np.ascontiguousarray(D.T)
+    values, n_unused, n_lapack = power_update_cpu(E_t, D_t, codes, power_iterations=1, exact=True)
+    assert n_unused == 0
+    assert n_lapack == 30 if max_steps == 1 else n_lapack < 30
+    sign = np.sign(np.sum(D_t.T * D_ref, axis=0))
+    np.testing.assert_allclose(D_t.T, D_ref * sign, atol=1e-9)
+    S_new = dense_codes(codes._replace(values=values), 30)
+    np.testing.assert_allclose(S_new, S_ref * sign[:, None], atol=1e-9)
+    np.testing.assert_allclose(E_t.T, Y - D_t.T @ S_new, atol=1e-10)
+    # power steps stop at the fixed count: p = 1 is not the exact pair on this problem
+    D1_t = np.ascontiguousarray(D.T)
+    power_update_cpu(np.ascontiguousarray((Y - D @ S).T), D1_t, codes, power_iterations=1)
+    assert np.max(np.abs(np.abs(np.sum(D1_t.T * D_ref, axis=0)) - 1)) > 1e-6
 
 
 def test_host_ksvd_equals_xla_ksvd_and_decreases():
@@ -131,10 +156,11 @@ def test_host_ksvd_equals_xla_ksvd_and_decreases():
     np.testing.assert_allclose(np.asarray(b.coefficients), np.asarray(a.coefficients), atol=1e-9)
     assert np.all(np.diff(b.objective) <= 1e-12)
     assert b.seconds["backend"] == "cpu_kernel" and b.seconds["omp"] > 0 and b.seconds["update"] > 0
-    # exact / mod updates: the kernel codes, JAX updates
-    c = ksvd(Y, 30, 8, 3, omp_backend="cpu_kernel", dict_update="mod")
-    d = ksvd(Y, 30, 8, 3, omp_backend="xla", dict_update="mod")
-    np.testing.assert_allclose(c.objective, d.objective, rtol=1e-9)
+    # exact: on the host; mod: the kernel codes, JAX updates
+    for update in ("exact", "mod"):
+        c = ksvd(Y, 30, 8, 3, omp_backend="cpu_kernel", dict_update=update)
+        d = ksvd(Y, 30, 8, 3, omp_backend="xla", dict_update=update)
+        np.testing.assert_allclose(c.objective, d.objective, rtol=1e-9)
 
 
 def test_auto_picks_the_kernel_on_cpu_and_falls_back_without_numba(monkeypatch):

@@ -6,7 +6,9 @@ update. Update variants:
 * ``power`` (paper default): sequential rank-1 atom updates, each by warm-started
   power iteration (default 8 iterations) on the residual restricted to the
   columns that use the atom;
-* ``exact``: the same sequential updates with the rank-1 term from an SVD;
+* ``exact``: the same sequential updates with the exact top singular pair: an SVD in JAX; on the
+  ``cpu_kernel`` backend power steps to convergence at working precision, LAPACK's SVD where they do not
+  converge (:func:`.cpu_kernel.power_update_cpu`);
 * ``mod``: all atoms at once by least squares, D = Y Sᵀ (S Sᵀ)⁻¹ (Engan 1999),
   then atoms renormalised (the norms move into S).
 
@@ -16,7 +18,7 @@ rank-1 updates are GEMVs over the global residual E = Y − D S, which is kept
 up to date. All data-dependent control flow is masks inside ``lax.fori_loop``.
 
 Modules: the loop every engine shares is :mod:`.ksvd_loop`, the update :mod:`.ksvd_update`, the fused host path
-(``omp_backend="cpu_kernel"`` with the power update) :mod:`.ksvd_host`; this one holds the arguments' checks, the
+(``omp_backend="cpu_kernel"`` with the power or exact update) :mod:`.ksvd_host`; this one holds the arguments' checks, the
 initial dictionary and :func:`ksvd`.
 """
 
@@ -137,8 +139,8 @@ def ksvd(
             Batch-OMP and ORMP (None: the backend's default, 16 MiB for xla, a quarter of the device's memory for
             gemm); ``method.omp_memory_mb`` in the configs.
         omp_backend: "auto" | "xla" | "cpu_kernel" | "gemm" (:mod:`.backend`). With ``cpu_kernel`` and
-            the power update the whole iteration runs on the host in fused Numba kernels
-            (:func:`.ksvd_host.host_steps`); the other updates stay in JAX.
+            the power or exact update the whole iteration runs on the host in fused Numba kernels
+            (:func:`.ksvd_host.host_steps`); ``mod`` stays in JAX.
         threads: CPU threads of the ``cpu_kernel`` backend (default: all); results do not depend on it.
         progress: show a tqdm bar with ETA over the iterations.
         sparse_coder: "omp" (Batch-OMP, the paper) or "ormp" (order-recursive matching pursuit, :mod:`.ormp`:
@@ -156,11 +158,11 @@ def ksvd(
     backend = resolve_omp_backend(omp_backend) if sparse_coder == "omp" else "xla"
     clock = PhaseClock(backend)
     k, s = int(n_atoms), int(sparsity)
-    if backend == "cpu_kernel" and dict_update == "power":
-        steps = host_steps(np.asarray(Y), k, s, clock, power_iterations=int(power_iterations), unused=unused,
-                            threads=threads)
+    if backend == "cpu_kernel" and dict_update in ("power", "exact"):
+        steps = host_steps(np.asarray(Y), k, s, clock, dict_update=dict_update, power_iterations=int(power_iterations),
+                           unused=unused, threads=threads)
         result = alternate(np.asarray(D), ksvd_iterations, steps, clock=clock, progress=progress,
-                           desc=f"K-SVD (power, {backend})", snapshots=snapshots)
+                           desc=f"K-SVD ({dict_update}, {backend})", snapshots=snapshots)
         for name, value in (("dictionary", result.dictionary), ("coefficients", result.coefficients)):
             check_finite(name, value)
         return result._replace(dictionary=jnp.asarray(result.dictionary), coefficients=jnp.asarray(result.coefficients))

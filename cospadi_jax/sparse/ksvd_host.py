@@ -1,8 +1,10 @@
-"""K-SVD with the power update entirely on the host (``omp_backend="cpu_kernel"``): BLAS GEMMs and the fused Numba
-Batch-OMP and power update of :mod:`.cpu_kernel`, as the two :class:`~.ksvd_loop.KSVDSteps` of the shared loop.
+"""K-SVD with the power or exact update entirely on the host (``omp_backend="cpu_kernel"``): BLAS GEMMs and the fused
+Numba Batch-OMP and atom update of :mod:`.cpu_kernel`, as the two :class:`~.ksvd_loop.KSVDSteps` of the shared loop.
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 
@@ -10,6 +12,8 @@ from cospadi_jax.sparse.ksvd_loop import KSVDSteps
 from cospadi_jax.sparse.omp import SparseCodes
 
 __all__ = ["dense_codes", "host_steps"]
+
+log = logging.getLogger(__name__)
 
 
 def dense_codes(codes: SparseCodes, n_atoms: int) -> np.ndarray:
@@ -22,8 +26,9 @@ def dense_codes(codes: SparseCodes, n_atoms: int) -> np.ndarray:
     return S
 
 
-def host_steps(Y, n_atoms, sparsity, clock, *, power_iterations, unused, threads) -> KSVDSteps:
-    """K-SVD steps with the power update entirely on the host: BLAS GEMMs, fused Numba OMP and update.
+def host_steps(Y, n_atoms, sparsity, clock, *, dict_update, power_iterations, unused, threads) -> KSVDSteps:
+    """K-SVD steps with the ``power`` or ``exact`` update entirely on the host: BLAS GEMMs, fused Numba OMP and
+    update (:func:`.cpu_kernel.power_update_cpu`).
 
     Y: [d, n] in the working dtype; D arrives as a NumPy [d, k] (unit-norm). The residual is kept transposed,
     Eᵀ [n, d], and updated in place by the atom updates, so the objective after an update is ‖E‖ with no
@@ -48,8 +53,11 @@ def host_steps(Y, n_atoms, sparsity, clock, *, power_iterations, unused, threads
 
     def update(D, S, codes):
         E_t, D_t = residual["E_t"], np.ascontiguousarray(D.T)
-        values, unused_count = power_update_cpu(E_t, D_t, codes, power_iterations=power_iterations, unused=unused,
-                                                Y_t=Y_t)
+        values, unused_count, n_lapack = power_update_cpu(E_t, D_t, codes, power_iterations=power_iterations,
+                                                          exact=dict_update == "exact", unused=unused, Y_t=Y_t)
+        if n_lapack:
+            log.debug("exact update: %d of %d atoms did not converge by power steps and took LAPACK's SVD",
+                      n_lapack, n_atoms)
         S = dense_codes(codes._replace(values=values), n_atoms)
         err = float(np.linalg.norm(E_t)) / y_norm
         clock.lap("update")
