@@ -195,7 +195,7 @@ def power_update_cpu(E_t: np.ndarray, D_t: np.ndarray, codes: SparseCodes, *, po
         exact: the exact rank-1 update (``dict_update="exact"``): power steps until successive iterates differ
             by at most ``EXACT_TOLERANCE_EPS`` machine epsilons, at most ``EXACT_MAX_STEPS`` of them, else
             LAPACK's SVD of the atom's residual. Warm-started, each step shrinks the error by (σ₂/σ₁)²; on
-            SmolLM2's whitened projections σ₂/σ₁ stayed below 0.45, so a handful of steps.
+            SmolLM2's whitened projections σ₂/σ₁ stayed below about 0.5, so a handful of steps.
         unused: "skip" (paper) or "reseed" (needs ``Y_t`` [n, d]).
 
     Returns:
