@@ -123,3 +123,23 @@ def run_peer_processes(commands: list[list[str]], envs: list[dict[str, str]], *,
         assert not timed_out and p.returncode == 0, (
             f"process {rank} {'timed out after ' + str(timeout) + ' s' if timed_out else 'failed'}:\n{log[-4000:]}")
     return logs
+
+
+def exact_update_by_svd(Y, D, S):
+    """The exact K-SVD dictionary update written plainly (NumPy, float64): for each atom in turn, the top singular
+    pair of the residual without it on the columns that use it, by LAPACK's SVD. Y [d, n], D [d, k], S [k, n].
+    Returns (D, S) with each atom's sign agreeing with its input (the pair's sign is free)."""
+    import numpy as np
+
+    D, S = np.array(D, np.float64), np.array(S, np.float64)
+    E = np.asarray(Y, np.float64) - D @ S
+    for i in range(D.shape[1]):
+        omega = np.flatnonzero(S[i])
+        if omega.size == 0:
+            continue
+        R = E[:, omega] + np.outer(D[:, i], S[i, omega])
+        U, sv, Vt = np.linalg.svd(R, full_matrices=False)
+        sign = 1.0 if U[:, 0] @ D[:, i] >= 0 else -1.0
+        D[:, i], S[i, omega] = sign * U[:, 0], sign * sv[0] * Vt[0]
+        E[:, omega] = R - np.outer(D[:, i], S[i, omega])
+    return D, S

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import x64  # noqa: F401  (fixture)
+from helpers import exact_update_by_svd, x64  # noqa: F401  (fixture)
 
 from cospadi_jax.sparse import ksvd, update_dictionary
 from cospadi_jax.sparse.ksvd import relative_error
@@ -33,6 +33,23 @@ def test_exact_update_objective_never_increases():
     # Across iterations (includes the greedy OMP step): non-increasing on this problem.
     assert np.all(np.diff(res.objective) <= 1e-12)
     assert res.objective[-1] < 0.9 * res.objective[0]
+
+
+@pytest.mark.parametrize("max_steps", [100, 1])
+def test_exact_update_is_the_svd_pair(max_steps):
+    # Power steps to convergence (100) or the SVD fallback for every atom (a one-step cap): the top singular pair
+    # of each atom's residual, as a plain SVD loop gives it.
+    rng = np.random.default_rng(4)
+    Y = rng.standard_normal((12, 80))
+    D = Y[:, :18] / np.linalg.norm(Y[:, :18], axis=0)
+    from cospadi_jax.sparse import batch_omp
+
+    S = np.asarray(batch_omp(D.T @ D, D.T @ Y, 3).to_dense(18))
+    De, Se, _ = update_dictionary(jnp.asarray(Y), jnp.asarray(D), jnp.asarray(S), dict_update="exact",
+                                  exact_max_steps=max_steps)
+    D_ref, S_ref = exact_update_by_svd(Y, D, S)
+    np.testing.assert_allclose(np.asarray(De), D_ref, atol=1e-10)
+    np.testing.assert_allclose(np.asarray(Se), S_ref, atol=1e-10)
 
 
 def test_power_with_many_iterations_matches_exact():

@@ -57,6 +57,7 @@ import numpy as np
 
 from .cpu_kernel_omp import build_omp_kernels
 from .cpu_kernel_power import build_power_update
+from .ksvd_update import EXACT_MAX_STEPS, EXACT_TOLERANCE_EPS
 from .omp import SparseCodes
 
 __all__ = ["batch_omp_cpu", "numba_available", "power_update_cpu", "require_numba", "set_threads"]
@@ -176,12 +177,6 @@ def atom_columns(indices: np.ndarray, n_nonzero: np.ndarray, n_atoms: int):
     return ptr, col[order].astype(np.int64), slot[order].astype(np.int64)
 
 
-# The exact update's stopping rule: successive iterates within a few dozen roundoffs of a unit vector (the change's
-# floor measured ~1 eps at d = 1536 in float32), and the steps allowed before LAPACK takes over.
-EXACT_TOLERANCE_EPS = 32
-EXACT_MAX_STEPS = 100
-
-
 def power_update_cpu(E_t: np.ndarray, D_t: np.ndarray, codes: SparseCodes, *, power_iterations: int = 8,
                      exact: bool = False, unused: str = "skip",
                      Y_t: np.ndarray | None = None) -> tuple[np.ndarray, int, int]:
@@ -192,10 +187,9 @@ def power_update_cpu(E_t: np.ndarray, D_t: np.ndarray, codes: SparseCodes, *, po
         D_t: dictionary transposed, [k, d], C-contiguous, unit-norm rows; updated in place.
         codes: the supports and values of S (values [n, s] are read; new values are returned).
         power_iterations: power steps per atom (≥ 1); ignored when ``exact``.
-        exact: the exact rank-1 update (``dict_update="exact"``): power steps until successive iterates differ
-            by at most ``EXACT_TOLERANCE_EPS`` machine epsilons, at most ``EXACT_MAX_STEPS`` of them, else
-            LAPACK's SVD of the atom's residual. Warm-started, each step shrinks the error by (σ₂/σ₁)²; on
-            SmolLM2's whitened projections σ₂/σ₁ stayed below about 0.5, so a handful of steps.
+        exact: the exact rank-1 update (``dict_update="exact"``), by :mod:`.ksvd_update`'s rule: power steps until
+            successive iterates differ by at most ``EXACT_TOLERANCE_EPS`` machine epsilons, at most
+            ``EXACT_MAX_STEPS`` of them, else LAPACK's SVD of the atom's residual.
         unused: "skip" (paper) or "reseed" (needs ``Y_t`` [n, d]).
 
     Returns:
