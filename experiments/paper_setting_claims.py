@@ -106,12 +106,15 @@ def solver_quality(by: By) -> Result:
 
 
 def solver_speed(by: By) -> Result:
-    """Claim 4b: the power update fits faster than the exact rank-1 update (fitting seconds, all attempts)."""
+    """Claim 4b: the power update is faster than the exact rank-1 update: the seconds of the dictionary-update phase,
+    summed over the units (the whole fit is reported beside it; its OMP share depends on what shared the CPU)."""
     pts = _solvers(by)
-    if pts is None or pts["power"].fit_seconds is None or pts["exact"].fit_seconds is None:
+    if pts is None or any("update" not in pts[u].phase_seconds for u in ("power", "exact")):
         return _missing(["power and exact at CR 0.2, with timings"])
-    p, e = pts["power"].fit_seconds, pts["exact"].fit_seconds
-    return f"fit {p:.0f} s (power) vs {e:.0f} s (exact), ratio {p / e:.2f}", p < e
+    p, e = pts["power"], pts["exact"]
+    pu, eu = p.phase_seconds["update"], e.phase_seconds["update"]
+    return (f"dictionary update {pu:.0f} s (power) vs {eu:.0f} s (exact), ratio {pu / eu:.2f}; whole fit "
+            f"{p.fit_seconds:.0f} s vs {e.fit_seconds:.0f} s", pu < eu)
 
 
 def _saturation(values: dict[Any, float]) -> Any:
@@ -271,8 +274,8 @@ CLAIMS = [
           "best rho ≈ 2 (a reviewer reads 1.6-1.8), Llama-3.2-1B", ("rho",), rho_sweep),
     Claim("4a. Solver quality: power >= exact rank-1 > MOD (ours: ppl power within 1 % of exact, exact below MOD, "
           "CR 0.2)", "avg acc 42.7 / 41.5 / 38.9 at CR 0.2", ("dict_update",), solver_quality),
-    Claim("4b. Solver speed: the power update is faster than the exact rank-1 update (ours: fitting seconds; exact = "
-          "warm-started power steps to convergence, LAPACK's SVD where they stall)", "Table 2 (faster)",
+    Claim("4b. Solver speed: the power update is faster than the exact rank-1 update (ours: update-phase seconds; "
+          "exact = warm-started power steps to convergence, an SVD where they stall)", "Table 2 (faster)",
           ("dict_update",), solver_speed),
     Claim("4c. K-SVD iterations: quality saturates near 50 (ours: ppl within 2 % of its best by T <= 60)",
           "accuracy stabilises after ≈ 50 iterations (Fig. 4 left)", ("ksvd_iterations",), ksvd_saturation),

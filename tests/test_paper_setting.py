@@ -229,6 +229,19 @@ def test_rho_bits_and_functional_error_claims(tmp_path):
     assert _claims(tmp_path)["10"]["holds"] is True
 
 
+def test_solver_claims_4a_4b(tmp_path):
+    # 4a: power within 1 % of exact in PPL and exact below MOD; 4b: the update phase, not the whole fit, is timed
+    for root, exact_ppl, exact_update in ((tmp_path / "a", 20.1, 90.0), (tmp_path / "b", 19.0, 30.0)):
+        for u, ppl, upd in (("power", 20.0, 60.0), ("exact", exact_ppl, exact_update), ("mod", 24.0, 5.0)):
+            write(root, "dict_update", u, metrics("cospadi", 0.2, ppl, dict_update=u, fit_s=100.0,
+                                                  phase_seconds={"omp": 50.0, "update": upd}))
+    a, b = _claims(tmp_path / "a"), _claims(tmp_path / "b")
+    assert a["4a"]["holds"] is True and b["4a"]["holds"] is False  # b: power 5 % above exact
+    assert a["4b"]["holds"] is True and b["4b"]["holds"] is False
+    assert b["4b"]["ours"] == "dictionary update 60 s (power) vs 30 s (exact), ratio 2.00; whole fit 100 s vs 100 s"
+    assert _claims(tmp_path / "none")["4b"]["holds"] is None
+
+
 def test_ug_global_ratio_and_claim_9(tmp_path):
     for m in ("cospadi", "svd_llm"):
         for u, g in ((0.4, 0.2), (0.5, 0.25)):
