@@ -6,9 +6,9 @@ update. Update variants:
 * ``power`` (paper default): sequential rank-1 atom updates, each by warm-started
   power iteration (default 8 iterations) on the residual restricted to the
   columns that use the atom;
-* ``exact``: the same sequential updates with the exact top singular pair: an SVD in JAX; on the
-  ``cpu_kernel`` backend power steps to convergence at working precision, LAPACK's SVD where they do not
-  converge (:func:`.cpu_kernel.power_update_cpu`);
+* ``exact``: the same sequential updates with the exact top singular pair: power steps run to
+  convergence at working precision, an SVD where they do not converge (the rule is in :mod:`.ksvd_update`;
+  the JAX path and the ``cpu_kernel`` one both follow it);
 * ``mod``: all atoms at once by least squares, D = Y Sᵀ (S Sᵀ)⁻¹ (Engan 1999),
   then atoms renormalised (the norms move into S).
 
@@ -18,8 +18,8 @@ rank-1 updates are GEMVs over the global residual E = Y − D S, which is kept
 up to date. All data-dependent control flow is masks inside ``lax.fori_loop``.
 
 Modules: the loop every engine shares is :mod:`.ksvd_loop`, the update :mod:`.ksvd_update`, the fused host path
-(``omp_backend="cpu_kernel"`` with the power or exact update) :mod:`.ksvd_host`; this one holds the arguments' checks, the
-initial dictionary and :func:`ksvd`.
+(``omp_backend="cpu_kernel"`` with the power or exact update) :mod:`.ksvd_host`; this one holds the arguments'
+checks, the initial dictionary and :func:`ksvd`.
 """
 
 from __future__ import annotations
