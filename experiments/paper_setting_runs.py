@@ -37,12 +37,15 @@ memory). What this adds to ``-m``:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,19 +168,41 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """SIGTERM raises SystemExit here instead of ending the process at once, so the ``finally`` blocks that stop a
+    job's processes run: a ``kill`` of this runner stops its peers too (they would otherwise keep fitting)."""
+    def unwind(signum, frame):
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set a handler
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def launch(command: list[str], processes: int, log_dir: Path) -> int:
     """Run ``command`` in this repository: once, or as ``processes`` jax.distributed peers on localhost, each with
     its share of this process's cores as NumPy/Numba threads. Process 0 prints here; process i > 0 appends to
     ``<log_dir>/process<i>.log``. A peer that fails leaves the others waiting in a collective, so they are
-    stopped. Returns 0, or the exit status of the peer that failed."""
+    stopped, as they are when this process gets SIGTERM or Ctrl-C. Returns 0, or the exit status of the peer that
+    failed."""
     if processes < 1:
         raise ValueError(f"processes must be >= 1, got {processes}")
-    if processes == 1:
+    with _sigterm_unwinds():
+        return _launch(command, processes, Path(log_dir))
+
+
+def _launch(command: list[str], processes: int, log_dir: Path) -> int:
+    if processes == 1:  # subprocess.run kills its child when an exception (SIGTERM's included) interrupts it
         return subprocess.run(command, cwd=REPO).returncode
     threads = str(max(1, len(os.sched_getaffinity(0)) // processes))
     env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{_free_port()}", "JAX_NUM_PROCESSES": str(processes),
            "NUMBA_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}
-    log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     procs, status = [], 0
     try:

@@ -427,3 +427,37 @@ def test_processes_launch_peers_that_share_the_units_and_stop_together(tmp_path,
     assert time.monotonic() - t0 < 60
     with pytest.raises(ValueError, match="processes must be >= 1"):
         runs.launch([sys.executable, "-c", "pass"], 0, log_dir=tmp_path)
+
+
+def test_sigterm_to_the_runner_stops_its_peers(tmp_path):
+    """``kill`` of a ``--processes 2`` runner stops both peers of its job (they kept fitting, orphaned, before)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parent.parent
+    peer = ("import os, time; open(f\"peer{os.environ['JAX_PROCESS_ID']}.pid\", 'w').write(str(os.getpid())); "
+            "time.sleep(3600)")
+    driver = (f"import pathlib, sys; sys.path.insert(0, {str(root / 'experiments')!r}); import paper_setting_runs as r; "
+              f"r.REPO = pathlib.Path({str(tmp_path)!r}); r.launch([sys.executable, '-c', {peer!r}], 2, r.REPO / 'logs')")
+    runner = subprocess.Popen([sys.executable, "-c", driver], cwd=root)
+    pid_files = [tmp_path / f"peer{rank}.pid" for rank in range(2)]
+    pids = []
+    try:
+        deadline = time.monotonic() + 120
+        while not all(f.is_file() and f.read_text() for f in pid_files):
+            assert runner.poll() is None and time.monotonic() < deadline, "the peers did not start"
+            time.sleep(0.2)
+        pids = [int(f.read_text()) for f in pid_files]
+        runner.send_signal(signal.SIGTERM)
+        assert runner.wait(timeout=60) == 128 + signal.SIGTERM  # it unwound (SIGTERM's default would be -15)
+        assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]  # stopped and reaped
+    finally:
+        runner.kill()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
